@@ -1,0 +1,122 @@
+"""Weight rescaling (WRS): periodically project kernels back to unit norm per channel."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from lpwd_optax import _common
+from lpwd_optax._common import MaskOrFn
+
+_MODES = ("output", "input")
+
+
+def _norm_axes(ndim: int, mode: str) -> tuple[int, ...]:
+    # Flax kernels keep the output channel last and the input channel second to last:
+    # conv (kh, kw, in, out), depthwise (kh, kw, 1, C), dense (in, out).
+    if mode == "output":
+        return tuple(range(ndim - 1))
+    return (ndim - 2,)
+
+
+def rescale_kernel(kernel: chex.Array, mode: str = "output", eps: float = 1e-12) -> chex.Array:
+    """Scale `kernel` to unit L2 norm per output channel (or per (kh, kw, out) position).
+
+    Args:
+      kernel: a Flax kernel with ndim >= 2, output channel last, input channel second to last.
+      mode: "output" normalizes over every axis but the last (WRS); "input" over the input
+        axis only, one norm per (kh, kw, out) position (WRS(IC)).
+      eps: guards all-zero channels, which stay zero.
+
+    Returns:
+      The rescaled kernel, in the kernel's dtype.
+    """
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}.")
+    if kernel.ndim < 2:
+        raise ValueError(f"rescale_kernel needs ndim >= 2, got shape {kernel.shape}.")
+    w = kernel.astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(jnp.square(w), axis=_norm_axes(w.ndim, mode), keepdims=True))
+    return (w / jnp.maximum(norm, eps)).astype(kernel.dtype)
+
+
+def weight_rescaling(
+    every: int,
+    *,
+    mode: str = "output",
+    mask: MaskOrFn = None,
+) -> optax.GradientTransformation:
+    """Weight rescaling (WRS): after every `every`-th update, kernels get unit norm per channel.
+
+    .. math::
+      \\theta_{t+1} = \\begin{cases}
+        \\mathrm{rescale}(\\theta_t + u_t) & (t + 1) \\bmod k = 0 \\\\
+        \\theta_t + u_t & \\text{otherwise}
+      \\end{cases}
+
+    so the transform emits `rescale(theta + u) - theta` on those steps and `u` otherwise. In a
+    network with BatchNorm after each conv the rescale does not change the function, but it
+    resets the effective learning rate that a growing weight norm would shrink. Parameters
+    outside the mask (norm scales, biases) are meant to get ordinary weight decay: chain a
+    `weight_decay` with the complementary mask. Place it LAST in a chain.
+
+    Args:
+      every: k >= 1, the rescaling period in steps.
+      mode: "output" (WRS: per output channel, over all other axes) or "input" (WRS(IC): per
+        (kh, kw, out) position, over the input axis).
+      mask: a pytree of bools or a callable; defaults to `default_decay_mask` (kernels).
+
+    Returns:
+      An `optax.GradientTransformation` whose state is the step count.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, lpwd_optax
+      >>> opt = optax.chain(optax.sgd(0.1), lpwd_optax.weight_rescaling(1))
+      >>> params = {"kernel": jnp.full((3, 2), 2.0)}
+      >>> updates, _ = opt.update({"kernel": jnp.zeros((3, 2))}, opt.init(params), params)
+      >>> round(float(jnp.linalg.norm((params["kernel"] + updates["kernel"])[:, 0])), 6)
+      1.0
+
+    References:
+      Liu et al., "Weight Rescaling: Effective and Robust Regularization for Deep Neural
+      Networks with Batch Normalization" (arXiv:2102.03497).
+    """
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"weight_rescaling: every must be an int >= 1, got {every!r}.")
+    if mode not in _MODES:
+        raise ValueError(f"weight_rescaling: mode must be one of {_MODES}, got {mode!r}.")
+    transform = "weight_rescaling"
+
+    def init_fn(params):
+        _common.require_params(params, transform)
+        _check_kernels(params, _common.resolve_mask(mask, params, transform))
+        return _common.CountState(count=_common.init_count())
+
+    def update_fn(updates, state, params=None):
+        _common.require_params(params, transform)
+        masks = _common.resolve_mask(mask, params, transform)
+        leaves_u, treedef = jax.tree_util.tree_flatten(updates)
+        leaves_p = treedef.flatten_up_to(params)
+
+        def rescaled(leaves_u):
+            return [
+                (rescale_kernel(p + u, mode) - p).astype(u.dtype) if m else u
+                for u, p, m in zip(leaves_u, leaves_p, masks)
+            ]
+
+        due = (state.count + 1) % every == 0
+        out = jax.lax.cond(due, rescaled, lambda leaves: leaves, leaves_u)
+        return treedef.unflatten(out), _common.CountState(optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _check_kernels(params, masks) -> None:
+    for (path, leaf), m in zip(_common.leaves_with_paths(params), masks):
+        if m and jnp.ndim(leaf) < 2:
+            raise ValueError(
+                f"weight_rescaling: '{path}' has shape {jnp.shape(leaf)}; only kernels "
+                "(ndim >= 2) can be rescaled per channel. Exclude it with `mask`."
+            )
