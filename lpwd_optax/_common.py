@@ -8,7 +8,6 @@ a per-leaf decay `d_t` is computed) lives here, resolved once per update.
 from __future__ import annotations
 
 import numbers
-import re
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, TypeAlias
 
@@ -50,7 +49,24 @@ def _key_name(key: Any) -> str:
 
 
 def path_str(path: Sequence[Any]) -> str:
-    """`(DictKey('a'), SequenceKey(0), ...)` -> `"a/0/..."`; drops NNX's trailing `.value`."""
+    """Joins a pytree key path with "/": `(DictKey('a'), SequenceKey(0), ...)` -> `"a/0/..."`.
+
+    A trailing `GetAttrKey('value')`, which `nnx.Variable` adds, is dropped, so an `nnx.State`
+    and a linen params dict with the same modules give the same strings.
+
+    Args:
+      path: a key path from `jax.tree_util.tree_flatten_with_path`, or plain names and ints.
+
+    Returns:
+      The "/"-joined key names.
+
+    Example:
+      >>> import jax
+      >>> params = {"stages": [{"conv": {"kernel": 0.0}}]}
+      >>> path, _ = jax.tree_util.tree_flatten_with_path(params)[0][0]
+      >>> path_str(path)
+      'stages/0/conv/kernel'
+    """
     names = [_key_name(k) for k in path]
     if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and names[-1] == "value":
         names = names[:-1]
@@ -72,34 +88,37 @@ def _is_scalar_or_schedule(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic)) and np.ndim(x) == 0
 
 
-def _flatten_up_to_params(tree: Any, params: Any, what: str) -> list[Any]:
-    """Leaves of `tree` in params' leaf order; a ValueError names the first mismatching path."""
-    params_treedef = jax.tree_util.tree_structure(params)
-    is_leaf = lambda x: x is None or callable(x)
-    try:
-        return params_treedef.flatten_up_to(tree)
-    except (ValueError, TypeError):
-        pass
+def _is_rate_leaf(x: Any) -> bool:
+    # Schedules are leaves; NNX Variables are callable too, but they are pytree nodes.
+    if x is None:
+        return True
+    return callable(x) and jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(x))
+
+
+def flatten_like_params(tree: Any, params: Any, what: str) -> list[Any]:
+    """Leaves of `tree` in params' leaf order; a ValueError names the first mismatching path.
+
+    Trees match when their leaf paths match ("/"-joined names), so a plain dict mask fits an
+    `nnx.State` of the same layout.
+    """
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, _is_rate_leaf)
+    tree_paths = [path_str(p) for p, _ in flat]
     param_paths = [p for p, _ in leaves_with_paths(params)]
-    tree_paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree, is_leaf)[0]]
+    if tree_paths == param_paths:
+        return [leaf for _, leaf in flat]
     for i, (pp, tp) in enumerate(zip(param_paths, tree_paths)):
         if pp != tp:
             raise ValueError(
                 f"{what} does not match the params: leaf {i} is '{tp}' in the {what} but "
                 f"'{pp}' in the params."
             )
-    if len(param_paths) != len(tree_paths):
-        longer, name = (
-            (param_paths, "params") if len(param_paths) > len(tree_paths) else (tree_paths, what)
-        )
-        first_extra = longer[min(len(param_paths), len(tree_paths))]
-        raise ValueError(
-            f"{what} does not match the params: '{first_extra}' is in the {name} only "
-            f"({len(tree_paths)} leaves in the {what}, {len(param_paths)} in the params)."
-        )
+    longer, name = (
+        (param_paths, "params") if len(param_paths) > len(tree_paths) else (tree_paths, what)
+    )
+    first_extra = longer[min(len(param_paths), len(tree_paths))]
     raise ValueError(
-        f"{what} does not match the params: same leaf paths but a different tree structure "
-        f"({jax.tree_util.tree_structure(tree, is_leaf)} vs {params_treedef})."
+        f"{what} does not match the params: '{first_extra}' is in the {name} only "
+        f"({len(tree_paths)} leaves in the {what}, {len(param_paths)} in the params)."
     )
 
 
@@ -140,7 +159,7 @@ def resolve_mask(mask: MaskOrFn, params: Any, transform: str) -> list[bool]:
         mask = default_decay_mask
     if callable(mask):
         mask = mask(params)
-    flat = _flatten_up_to_params(mask, params, f"{transform} mask")
+    flat = flatten_like_params(mask, params, f"{transform} mask")
     out = []
     for (path, _), m in zip(leaves_with_paths(params), flat):
         if isinstance(m, jax.core.Tracer):
@@ -190,7 +209,7 @@ class DecaySpec(NamedTuple):
     def per_leaf_rates(self, params: Any) -> list[ScalarOrSchedule]:
         if _is_scalar_or_schedule(self.rate):
             return [self.rate] * len(jax.tree_util.tree_leaves(params))
-        rates = _flatten_up_to_params(self.rate, params, f"{self.transform} rate tree")
+        rates = flatten_like_params(self.rate, params, f"{self.transform} rate tree")
         for (path, _), r in zip(leaves_with_paths(params), rates):
             if not _is_scalar_or_schedule(r):
                 raise TypeError(
@@ -311,8 +330,3 @@ def per_leaf_decays(
     spec = make_decay_spec(rate, learning_rate, transform, max_decay=None)
     masks = resolve_mask(mask, params, transform)
     return [spec.decay(r, step) if m else None for m, r in zip(masks, spec.per_leaf_rates(params))]
-
-
-def natural_key(text: str) -> list[Any]:
-    """Sort key under which `blocks_10` follows `blocks_9`."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]

@@ -49,9 +49,16 @@ class SGDMomentum:
         return u
 
 
-def run(method: str, theta0: Params, targets: Params, optimizer, steps: int,
-        rate: Callable[[str, int], float], lr: Callable[[int], float] | None,
-        decayed: set[str]) -> Params:
+def run(
+    method: str,
+    theta0: Params,
+    targets: Params,
+    optimizer,
+    steps: int,
+    rate: Callable[[str, int], float],
+    lr: Callable[[int], float] | None,
+    decayed: set[str],
+) -> Params:
     """Literal loops of each method; `rate(name, t)` is lambda for leaf `name` at step t.
 
     The per-step decay is d_t = rate * lr(t) when `lr` is given, else rate.
@@ -64,8 +71,9 @@ def run(method: str, theta0: Params, targets: Params, optimizer, steps: int,
     for t in range(steps):
         if method == "wd":  # theta_{t+1} = theta_t + u_t - d_t theta_t
             u = optimizer.step(t, loss_grad(theta, targets))
-            theta = {k: theta[k] + u[k] - (d(k, t) * theta[k] if k in decayed else 0.0)
-                     for k in theta}
+            theta = {
+                k: theta[k] + u[k] - (d(k, t) * theta[k] if k in decayed else 0.0) for k in theta
+            }
         elif method == "l2":  # g <- g + lambda theta
             g = loss_grad(theta, targets)
             g = {k: g[k] + (rate(k, t) * theta[k] if k in decayed else 0.0) for k in g}
@@ -73,8 +81,10 @@ def run(method: str, theta0: Params, targets: Params, optimizer, steps: int,
             theta = {k: theta[k] + u[k] for k in theta}
         elif method == "rwd":  # theta_{t+1} = (1 - d_t)(theta_t + u_t)
             u = optimizer.step(t, loss_grad(theta, targets))
-            theta = {k: (1 - d(k, t)) * (theta[k] + u[k]) if k in decayed else theta[k] + u[k]
-                     for k in theta}
+            theta = {
+                k: (1 - d(k, t)) * (theta[k] + u[k]) if k in decayed else theta[k] + u[k]
+                for k in theta
+            }
         elif method == "pwd":  # Algorithm 2 (and 3, with per-layer rates)
             pre = {k: (1 - d(k, t)) * theta[k] if k in decayed else theta[k] for k in theta}
             u = optimizer.step(t, loss_grad(pre, targets))

@@ -22,13 +22,18 @@ LAYER_RATE = {"dense/kernel": 0.02, "dense/bias": 0.0, "out/kernel": 0.08}
 
 
 def _tree(flat):
-    return {"dense": {"kernel": flat["dense/kernel"], "bias": flat["dense/bias"]},
-            "out": {"kernel": flat["out/kernel"]}}
+    return {
+        "dense": {"kernel": flat["dense/kernel"], "bias": flat["dense/bias"]},
+        "out": {"kernel": flat["out/kernel"]},
+    }
 
 
 def _flat(tree):
-    return {"dense/kernel": tree["dense"]["kernel"], "dense/bias": tree["dense"]["bias"],
-            "out/kernel": tree["out"]["kernel"]}
+    return {
+        "dense/kernel": tree["dense"]["kernel"],
+        "dense/bias": tree["dense"]["bias"],
+        "out/kernel": tree["out"]["kernel"],
+    }
 
 
 def _problem(seed=0):
@@ -39,13 +44,15 @@ def _problem(seed=0):
 
 
 def _jax_loss(params, targets):
-    return sum(jnp.sum(jnp.log(jnp.cosh(p - t)))
-               for p, t in zip(jax.tree.leaves(params), jax.tree.leaves(targets)))
+    return sum(
+        jnp.sum(jnp.log(jnp.cosh(p - t)))
+        for p, t in zip(jax.tree.leaves(params), jax.tree.leaves(targets))
+    )
 
 
 # Schedules are inputs, shared verbatim by both sides (jnp works on Python ints too).
 def lr_schedule_adam(t):
-    return 1e-2 * 0.98 ** t
+    return 1e-2 * 0.98**t
 
 
 def lr_schedule_sgdm(t):
@@ -100,8 +107,16 @@ def test_decoupled_decay_matches_reference_loop(method, opt_name, rate_kind):
     make_opt, make_ref, lr = OPTIMIZERS[opt_name]
     rate, ref_rate = _rates(rate_kind)
     theta0, targets = _problem()
-    expected = reference.run(method, theta0, targets, make_ref(lambda t: float(lr(t))), STEPS,
-                             ref_rate, lambda t: float(lr(t)), DECAYED)
+    expected = reference.run(
+        method,
+        theta0,
+        targets,
+        make_ref(lambda t: float(lr(t))),
+        STEPS,
+        ref_rate,
+        lambda t: float(lr(t)),
+        DECAYED,
+    )
 
     params = jax.tree.map(jnp.asarray, _tree(theta0))
     tx = FACTORIES[method](rate, learning_rate=lr)
@@ -122,8 +137,9 @@ def test_l2_matches_reference_loop(opt_name, scheduled):
     rate, ref_rate = (rate_schedule, _rates("scheduled")[1]) if scheduled else (0.3, None)
     ref_rate = ref_rate or (lambda k, t: 0.3)
     theta0, targets = _problem(1)
-    expected = reference.run("l2", theta0, targets, make_ref(lambda t: float(lr(t))), STEPS,
-                             ref_rate, None, DECAYED)
+    expected = reference.run(
+        "l2", theta0, targets, make_ref(lambda t: float(lr(t))), STEPS, ref_rate, None, DECAYED
+    )
     opt = optax.chain(lo.l2_regularization(rate), make_opt(lr))
     got = _train_optax(opt, jax.tree.map(jnp.asarray, _tree(theta0)), _tree(targets), STEPS)
     for k, v in _flat(got).items():
@@ -150,8 +166,9 @@ def test_pwd_gradient_points_are_rwd_points_shifted_by_one_decay():
         chex.assert_trees_all_close(phi, psi, rtol=1e-6, atol=1e-7)
     # ...but the evaluated weights differ from the stored ones by exactly one decay.
     theta = lo.evaluated_params(phi, rate, 10, learning_rate=lr)
-    np.testing.assert_allclose(theta["out"]["kernel"] * (1 - rate * lr), phi["out"]["kernel"],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        theta["out"]["kernel"] * (1 - rate * lr), phi["out"]["kernel"], rtol=1e-6
+    )
     np.testing.assert_array_equal(theta["dense"]["bias"], phi["dense"]["bias"])
 
 
@@ -163,18 +180,20 @@ def test_pre_decay_and_evaluated_params_are_inverse():
         phi = lo.pre_decay_params(params, rate, learning_rate=lr_schedule_adam, step=step)
         back = lo.evaluated_params(phi, rate, step, learning_rate=lr_schedule_adam)
         chex.assert_trees_all_close(back, params, rtol=1e-6)
-    np.testing.assert_allclose(phi["out"]["kernel"],
-                               params["out"]["kernel"] * (1 - 0.4 * lr_schedule_adam(7)),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        phi["out"]["kernel"], params["out"]["kernel"] * (1 - 0.4 * lr_schedule_adam(7)), rtol=1e-6
+    )
 
 
 finite = st.floats(-10, 10, allow_nan=False, width=32)
 
 
 @settings(max_examples=60, deadline=None)
-@given(theta=hnp.arrays(np.float32, (5, 3), elements=finite),
-       u=hnp.arrays(np.float32, (5, 3), elements=finite),
-       rate=st.floats(0.0, 0.999))
+@given(
+    theta=hnp.arrays(np.float32, (5, 3), elements=finite),
+    u=hnp.arrays(np.float32, (5, 3), elements=finite),
+    rate=st.floats(0.0, 0.999),
+)
 def test_rwd_never_increases_magnitude_and_never_opposes(theta, u, rate):
     """Paper eq. 8: |theta + u'| <= |theta + u| entrywise, and R_op(RWD) is exactly 0."""
     params, updates = {"w": jnp.asarray(theta)}, {"w": jnp.asarray(u)}
@@ -186,9 +205,11 @@ def test_rwd_never_increases_magnitude_and_never_opposes(theta, u, rate):
 
 
 @settings(max_examples=40, deadline=None)
-@given(theta=hnp.arrays(np.float32, (4, 4), elements=finite),
-       u=hnp.arrays(np.float32, (4, 4), elements=finite),
-       rate=st.floats(0.01, 0.9))
+@given(
+    theta=hnp.arrays(np.float32, (4, 4), elements=finite),
+    u=hnp.arrays(np.float32, (4, 4), elements=finite),
+    rate=st.floats(0.01, 0.9),
+)
 def test_wd_opposing_penalty_rate_matches_reference(theta, u, rate):
     params, updates = {"w": jnp.asarray(theta)}, {"w": jnp.asarray(u)}
     tx = lo.weight_decay(rate)
@@ -196,8 +217,9 @@ def test_wd_opposing_penalty_rate_matches_reference(theta, u, rate):
     p = lo.penalties(updates, out)
     np.testing.assert_allclose(np.asarray(p["w"]), rate * theta, rtol=1e-5, atol=1e-5)
     expected = reference.opposing_penalty_rate(theta, u, np.asarray(p["w"]))
-    np.testing.assert_allclose(float(lo.opposing_penalty_rate(params, updates, p)), expected,
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        float(lo.opposing_penalty_rate(params, updates, p)), expected, rtol=1e-5, atol=1e-6
+    )
 
 
 def test_wd_with_unit_decay_leaves_only_the_update():
@@ -215,8 +237,12 @@ def test_rate_zero_equals_base_optimizer(opt_name):
     theta0, targets = _problem(4)
     params = jax.tree.map(jnp.asarray, _tree(theta0))
     base = _train_optax(make_opt(lr), params, _tree(targets), 5)
-    for tx in (lo.weight_decay(0.0, learning_rate=lr), lo.real_time_weight_decay(0.0),
-               lo.pre_weight_decay(0.0, learning_rate=lr), lo.weight_decay(0.0)):
+    for tx in (
+        lo.weight_decay(0.0, learning_rate=lr),
+        lo.real_time_weight_decay(0.0),
+        lo.pre_weight_decay(0.0, learning_rate=lr),
+        lo.weight_decay(0.0),
+    ):
         got = _train_optax(optax.chain(make_opt(lr), tx), params, _tree(targets), 5)
         # PWD/RWD form (1 - 0) * (theta + u) - theta: equal up to one rounding per step.
         chex.assert_trees_all_close(got, base, rtol=1e-6, atol=1e-7)
@@ -231,9 +257,12 @@ def test_l2_equals_wd_with_plain_sgd():
     lr, rate = 0.1, 0.05
     coupled = optax.chain(lo.l2_regularization(rate), optax.sgd(lr))
     decoupled = optax.chain(optax.sgd(lr), lo.weight_decay(rate, learning_rate=lr))
-    chex.assert_trees_all_close(_train_optax(coupled, params, _tree(targets), 20),
-                                _train_optax(decoupled, params, _tree(targets), 20),
-                                rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(
+        _train_optax(coupled, params, _tree(targets), 20),
+        _train_optax(decoupled, params, _tree(targets), 20),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_weight_decay_equals_optax_adamw():
@@ -241,6 +270,9 @@ def test_weight_decay_equals_optax_adamw():
     params = jax.tree.map(jnp.asarray, _tree(theta0))
     ours = optax.chain(optax.adam(1e-2), lo.weight_decay(0.1, learning_rate=1e-2))
     adamw = optax.adamw(1e-2, weight_decay=0.1, mask=lo.default_decay_mask)
-    chex.assert_trees_all_close(_train_optax(ours, params, _tree(targets), 20),
-                                _train_optax(adamw, params, _tree(targets), 20),
-                                rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(
+        _train_optax(ours, params, _tree(targets), 20),
+        _train_optax(adamw, params, _tree(targets), 20),
+        rtol=1e-6,
+        atol=1e-7,
+    )

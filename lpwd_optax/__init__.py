@@ -1,0 +1,61 @@
+"""lpwd_optax: weight-decay regularizers for JAX as composable Optax transforms.
+
+Place coupled regularizers (`l2_regularization`, `adaptive_weight_decay`,
+`randomized_weight_decay`) FIRST in an `optax.chain`, before the optimizer; place decoupled
+ones (`weight_decay`, `real_time_weight_decay`, `pre_weight_decay`, `weight_rescaling`) LAST,
+after it, where they see the optimizer's final update.
+"""
+
+from lpwd_optax._common import default_decay_mask, path_str
+from lpwd_optax.adaptive import (
+    adaptive_weight_decay,
+    decay_coefficients,
+    randomized_weight_decay,
+)
+from lpwd_optax.decay import (
+    evaluated_params,
+    l2_regularization,
+    lpwd_adam,
+    pre_decay_params,
+    pre_weight_decay,
+    real_time_weight_decay,
+    rwd_adam,
+    weight_decay,
+)
+from lpwd_optax.diagnostics import layer_statistics, opposing_penalty_rate, penalties
+from lpwd_optax.layerwise import (
+    convnext_rules,
+    depth_labels,
+    depth_table,
+    layerwise_schedule,
+    swin_rules,
+)
+from lpwd_optax.rescaling import rescale_kernel, weight_rescaling
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "adaptive_weight_decay",
+    "convnext_rules",
+    "decay_coefficients",
+    "default_decay_mask",
+    "depth_labels",
+    "depth_table",
+    "evaluated_params",
+    "l2_regularization",
+    "layer_statistics",
+    "layerwise_schedule",
+    "lpwd_adam",
+    "opposing_penalty_rate",
+    "path_str",
+    "penalties",
+    "pre_decay_params",
+    "pre_weight_decay",
+    "randomized_weight_decay",
+    "real_time_weight_decay",
+    "rescale_kernel",
+    "rwd_adam",
+    "swin_rules",
+    "weight_decay",
+    "weight_rescaling",
+]

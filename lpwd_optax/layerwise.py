@@ -1,0 +1,567 @@
+"""Layer-wise rates for LPWD: the depth of every parameter and a rate that grows with it.
+
+LPWD gives the leaves of layer `i` (of `n`, counted from the input) the rate
+`lambda_i = rate * max_scale * i / n`, so shallow layers are decayed little and deep layers much.
+A "layer" is one parameterized module: the leaves whose paths differ only in their last key
+(`.../Dense_0/kernel` and `.../Dense_0/bias`) share a label.
+
+`depth_labels` finds the labels once, outside the training step, either from the forward pass
+(the order in which `apply_fn` first uses each module's params; works for any model) or from the
+param paths alone (natural sort, optionally grouped by regex rules). `layerwise_schedule` turns
+the labels into per-leaf rates for `pre_weight_decay` (or any transform taking a rate tree), and
+`depth_table` prints what LPWD will do.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, TypeAlias
+
+import jax
+import jax.extend.core as jex_core
+import numpy as np
+
+from lpwd_optax._common import flatten_like_params, path_str
+
+Schedule: TypeAlias = Callable[[Any], Any]
+# A rule maps a "/"-joined leaf path to a group: a number, a tuple of numbers, None (the regex's
+# groups read as ints) or a callable `re.Match -> number | tuple`.
+GroupSpec: TypeAlias = float | tuple[float, ...] | Callable[[re.Match], Any] | None
+Rules: TypeAlias = Sequence[tuple[str | re.Pattern, GroupSpec]]
+
+__all__ = [
+    "convnext_rules",
+    "depth_labels",
+    "depth_table",
+    "layerwise_schedule",
+    "path_str",
+    "swin_rules",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Paths
+
+
+def _natural_key(name: str) -> tuple[Any, ...]:
+    # "blocks_10" -> ("blocks_", 10, ""): digit runs compare as numbers, so 9 < 10.
+    parts = re.split(r"(\d+)", name)
+    return tuple(int(p) if i % 2 else p for i, p in enumerate(parts))
+
+
+def _natural_path_key(path: tuple[str, ...]) -> tuple[Any, ...]:
+    # Per component, so a module's children stay together ("a/x" < "a_b/y").
+    return tuple(_natural_key(name) for name in path)
+
+
+class _Leaf:
+    """One param leaf: its position, its path names, and the module it belongs to."""
+
+    __slots__ = ("index", "leaf", "module", "names", "path")
+
+    def __init__(self, index: int, path: Sequence[Any], leaf: Any):
+        self.index = index
+        self.leaf = leaf
+        self.path = path_str(path)
+        self.names = tuple(self.path.split("/"))
+        self.module = self.names[:-1]
+
+
+def _leaves(tree: Any, what: str) -> tuple[list[_Leaf], Any]:
+    if tree is None:
+        raise ValueError(f"{what} is None; pass the model's params (a pytree of arrays).")
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    if not flat:
+        raise ValueError(f"{what} has no leaves.")
+    return [_Leaf(i, p, x) for i, (p, x) in enumerate(flat)], treedef
+
+
+def _match_structure(tree: Any, params: Any, what: str, *, allow_scalar: bool = False) -> list:
+    """Leaves of `tree` in the params' leaf order; a mismatch names the first differing path."""
+    if allow_scalar and (tree is None or callable(tree) or isinstance(tree, numbers.Number)):
+        return [tree] * jax.tree_util.tree_structure(params).num_leaves
+    return flatten_like_params(tree, params, what)
+
+
+# --------------------------------------------------------------------------------------------
+# Rules (path mode, and grouping in forward mode)
+
+# Group keys of the presets: the stem first, then (stage, position in stage), then the head.
+_LAST = 1_000_000
+_ROOT = r"^(?:params/)?"  # linen's {"params": ...} collection, if present
+
+convnext_rules: tuple[tuple[str, GroupSpec], ...] = (
+    (_ROOT + r"stem/", 0),
+    (_ROOT + r"stages/(\d+)/downsample/", lambda m: (int(m[1]) + 1, 0)),
+    (_ROOT + r"stages/(\d+)/blocks/(\d+)/", lambda m: (int(m[1]) + 1, int(m[2]) + 1)),
+    (_ROOT + r"norm_pre/", (_LAST, 0)),
+    (_ROOT + r"head/", (_LAST, 1)),
+)
+"""ConvNeXt: `stem` -> 1, each stage's downsample then each block consecutive, `head` last."""
+
+swin_rules: tuple[tuple[str, GroupSpec], ...] = (
+    (_ROOT + r"(?:patch_embed|absolute_pos_embed)(?:/|$)", 0),
+    (_ROOT + r"layers/(\d+)/downsample/", lambda m: (int(m[1]) + 1, 0)),
+    (_ROOT + r"layers/(\d+)/blocks/(\d+)/", lambda m: (int(m[1]) + 1, int(m[2]) + 1)),
+    (_ROOT + r"norm/", (_LAST, 0)),
+    (_ROOT + r"head/", (_LAST, 1)),
+)
+"""Swin: `patch_embed` -> 1, each stage's downsample then each block consecutive, `norm`, `head`."""
+
+
+def _as_group_key(value: Any, where: str) -> tuple[float, ...]:
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return (value,)
+    if isinstance(value, tuple) and all(
+        isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value
+    ):
+        return value
+    raise TypeError(f"{where}: a group must be a number or a tuple of numbers, got {value!r}.")
+
+
+def _compile_rules(rules: Rules) -> list[tuple[re.Pattern, GroupSpec]]:
+    if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
+        raise TypeError("rules must be a sequence of (regex, group) pairs.")
+    compiled = []
+    for rule in rules:
+        if not (isinstance(rule, (tuple, list)) and len(rule) == 2):
+            raise TypeError(f"each rule must be a (regex, group) pair, got {rule!r}.")
+        pattern, group = rule
+        try:
+            compiled.append((re.compile(pattern), group))
+        except (re.error, TypeError) as e:
+            raise ValueError(f"rule {pattern!r} is not a valid regex: {e}") from e
+    return compiled
+
+
+def _rule_key(path: str, rules: list[tuple[re.Pattern, GroupSpec]]) -> tuple[float, ...]:
+    for pattern, group in rules:
+        m = pattern.search(path)
+        if m is None:
+            continue
+        where = f"rule {pattern.pattern!r} on '{path}'"
+        if group is None:
+            try:
+                return tuple(int(g) for g in m.groups())
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{where}: group None needs all regex groups to be ints.") from e
+        if callable(group):
+            group = group(m)
+        return _as_group_key(group, where)
+    raise ValueError(
+        f"no rule matches the param '{path}'; add a rule for it (a catch-all such as "
+        "(r'.*', float('inf')) puts unmatched params last)."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Forward-pass order: where each param leaf is first consumed in the traced computation
+
+# Primitives that only re-view a value (a cast for mixed precision, a reshape before a bias add):
+# their output stands for the same param, and the param counts as used where the view is used.
+_VIEW_PRIMITIVES = frozenset(
+    {
+        "bitcast_convert_type",
+        "broadcast_in_dim",
+        "convert_element_type",
+        "copy",
+        "copy_p",
+        "device_put",
+        "expand_dims",
+        "mesh_cast",
+        "optimization_barrier",
+        "pvary",
+        "reduce_precision",
+        "reshape",
+        "reshard",
+        "sharding_constraint",
+        "squeeze",
+        "transpose",
+    }
+)
+
+
+def _as_jaxpr(x: Any) -> jex_core.Jaxpr | None:
+    if isinstance(x, jex_core.ClosedJaxpr):
+        return x.jaxpr
+    if isinstance(x, jex_core.Jaxpr):
+        return x
+    return None
+
+
+def _sub_jaxprs(eqn: Any, ins: list[int | None]) -> list[tuple[Any, list[int | None], bool]]:
+    """(inner jaxpr, the params its invars stand for, whether its outvars are the eqn's)."""
+    if eqn.primitive.name == "while":
+        nc, nb = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
+        return [
+            (eqn.params["cond_jaxpr"].jaxpr, ins[:nc] + ins[nc + nb :], False),
+            (eqn.params["body_jaxpr"].jaxpr, ins[nc:], True),
+        ]
+    subs = []
+    for value in eqn.params.values():
+        for x in value if isinstance(value, (tuple, list)) else (value,):
+            jaxpr = _as_jaxpr(x)
+            if jaxpr is None:
+                continue
+            # Call-like primitives (jit, remat, scan, custom_jvp/vjp, shard_map) pass their
+            # operands 1:1; cond's branches get all operands but the branch index (the first).
+            k = len(jaxpr.invars)
+            inner = ins[len(ins) - k :] if k <= len(ins) else [None] * k
+            subs.append((jaxpr, inner, len(jaxpr.outvars) == len(eqn.outvars)))
+    return subs
+
+
+def _first_uses(jaxpr: Any, in_leaves: list[int | None]) -> dict[int, int]:
+    """Maps leaf index -> index of the first equation (in execution order) that consumes it."""
+    first: dict[int, int] = {}
+    counter = [0]
+
+    def walk(jaxpr: Any, in_leaves: list[int | None]) -> list[int | None]:
+        env = {v: leaf for v, leaf in zip(jaxpr.invars, in_leaves) if leaf is not None}
+        read = lambda v: None if isinstance(v, jex_core.Literal) else env.get(v)
+        for eqn in jaxpr.eqns:
+            position = counter[0]
+            counter[0] += 1
+            ins = [read(v) for v in eqn.invars]
+            if all(leaf is None for leaf in ins):
+                continue  # nothing of ours flows in, so nothing inside can consume a param
+            if eqn.primitive.name in _VIEW_PRIMITIVES:
+                for v, leaf in zip(eqn.outvars, ins):
+                    if leaf is not None:
+                        env[v] = leaf
+                continue
+            subs = _sub_jaxprs(eqn, ins)
+            passed = set()
+            outs: list[int | None] = [None] * len(eqn.outvars)
+            for inner, inner_ins, outs_match in subs:
+                passed.update(leaf for leaf in inner_ins if leaf is not None)
+                inner_outs = walk(inner, inner_ins)
+                if outs_match:
+                    outs = [o if o is not None else i for o, i in zip(outs, inner_outs)]
+            for leaf in ins:
+                if leaf is not None and leaf not in passed:
+                    first[leaf] = min(first.get(leaf, position), position)
+            for v, leaf in zip(eqn.outvars, outs):
+                if leaf is not None:
+                    env[v] = leaf
+        return [read(v) for v in jaxpr.outvars]
+
+    walk(jaxpr, in_leaves)
+    return first
+
+
+def _is_traceable_input(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
+
+
+def _trace_first_uses(
+    params: Any, n_leaves: int, apply_fn: Callable, example_args: tuple, example_kwargs: dict
+) -> dict[int, int]:
+    # Arrays and ShapeDtypeStructs are traced; everything else (train=False, None, strings, an
+    # rng object) is closed over as is, so Python branching on it keeps working.
+    leaves, treedef = jax.tree_util.tree_flatten((example_args, example_kwargs))
+    dynamic = [i for i, x in enumerate(leaves) if _is_traceable_input(x)]
+
+    def forward(params, dynamic_leaves):
+        full = list(leaves)
+        for i, x in zip(dynamic, dynamic_leaves):
+            full[i] = x
+        args, kwargs = jax.tree_util.tree_unflatten(treedef, full)
+        return apply_fn(params, *args, **kwargs)
+
+    try:
+        closed = jax.make_jaxpr(forward)(params, [leaves[i] for i in dynamic])
+    except Exception as e:
+        name = getattr(apply_fn, "__name__", type(apply_fn).__name__)
+        raise ValueError(
+            f"depth_labels could not trace apply_fn {name}(params, *example_args, "
+            f"**example_kwargs): {type(e).__name__}: {e}. Check that the example inputs have "
+            "the shapes and dtypes the model expects, or call depth_labels(params) for "
+            "path-based labels."
+        ) from e
+    invars = closed.jaxpr.invars
+    if len(invars) != n_leaves + len(dynamic):
+        raise RuntimeError(
+            f"depth_labels: traced {len(invars)} inputs, expected {n_leaves} params + "
+            f"{len(dynamic)} example arrays."
+        )
+    return _first_uses(closed.jaxpr, list(range(n_leaves)) + [None] * len(dynamic))
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+
+
+def depth_labels(
+    params: Any,
+    apply_fn: Callable[..., Any] | None = None,
+    *example_args: Any,
+    rules: Rules | None = None,
+    **example_kwargs: Any,
+) -> Any:
+    """Depth label `i in {1..n}` of every param leaf: 1 for the first layer, n for the last.
+
+    A layer is one parameterized module, i.e. all leaves whose paths differ only in the last
+    key; they share a label. Two ways to order the layers:
+
+    - Forward pass (`apply_fn` given): `apply_fn(params, *example_args, **example_kwargs)` is
+      traced with `jax.make_jaxpr` (nothing is computed) and each leaf gets the index
+      `u(leaf)` of the first equation, in execution order, that consumes it. Calls, `remat`,
+      `scan`, `cond`, `while` and custom-derivative bodies are followed inside; pure views of a
+      param (dtype casts, reshapes, transposes, broadcasts) do not count as uses, their first
+      use does. Layers are ranked by `min u` over their leaves, ties by natural path order.
+      Layers whose params are never used (e.g. a head that `apply_fn` skips) all get the last
+      label `n` and a warning.
+    - Paths (`apply_fn=None`): layers in natural sort order of their "/"-joined paths
+      (`blocks_9` < `blocks_10`, `stages/1` < `stages/10`).
+
+    `rules` replace the per-module grouping: a list of `(regex, group)` pairs; each leaf takes
+    the group of the first regex found (`re.search`) in its "/"-joined path. `group` is a number,
+    a tuple of numbers, `None` (the regex's groups read as ints) or a callable
+    `re.Match -> number | tuple`. Groups are labelled 1..n in order of their group value
+    (path mode) or of their first use (forward mode); all leaves of one group share a label.
+    A leaf no rule matches is an error. `convnext_rules` and `swin_rules` are presets.
+
+    Example arrays in `example_args` / `example_kwargs` may be `jax.ShapeDtypeStruct`; other
+    values (`train=False`, `rng=None`) are passed to `apply_fn` unchanged.
+
+    Args:
+      params: a pytree of arrays or `jax.ShapeDtypeStruct`s: a linen params dict (with or
+        without the `{"params": ...}` collection) or an `nnx.State`.
+      apply_fn: optional `apply_fn(params, *example_args, **example_kwargs)`, the model's pure
+        forward function. Without it, labels come from the paths.
+      *example_args: example inputs for `apply_fn`.
+      rules: optional sequence of `(regex, group)` pairs, see above.
+      **example_kwargs: example keyword inputs for `apply_fn`.
+
+    Returns:
+      A pytree with the structure of `params` whose leaves are Python ints in `1..n`, every
+      value in `1..n` used.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      >>> from lpwd_optax.layerwise import depth_labels
+      >>> class MLP(nn.Module):
+      ...   @nn.compact
+      ...   def __call__(self, x):
+      ...     x = nn.relu(nn.Dense(8, name="z_in")(x))  # names sort against call order
+      ...     return nn.Dense(2, name="a_out")(x)
+      >>> model = MLP()
+      >>> x = jnp.ones((1, 4))
+      >>> params = model.init(jax.random.key(0), x)
+      >>> depth_labels(params, model.apply, x)["params"]
+      {'a_out': {'bias': 2, 'kernel': 2}, 'z_in': {'bias': 1, 'kernel': 1}}
+      >>> depth_labels(params)["params"]["a_out"]["kernel"]  # from the paths alone
+      1
+      >>> depth_labels({"stem": {"w": 0}, "head": {"w": 0}}, rules=[("stem", 0), ("head", 1)])
+      {'head': {'w': 2}, 'stem': {'w': 1}}
+
+    References:
+      "Layer-wise Pre-Weight Decay", ICLR 2024 submission (LPWD).
+    """
+    leaves, treedef = _leaves(params, "params")
+    compiled = None if rules is None else _compile_rules(rules)
+
+    def group_of(leaf: _Leaf) -> tuple:
+        if compiled is None:
+            return ("module", _natural_path_key(leaf.module))
+        return ("rule", _rule_key(leaf.path, compiled))
+
+    groups: dict[tuple, list[_Leaf]] = {}
+    for leaf in leaves:
+        groups.setdefault(group_of(leaf), []).append(leaf)
+
+    if apply_fn is None:
+        if example_args or example_kwargs:
+            raise TypeError("example inputs were given without an apply_fn.")
+        order = sorted(groups)
+        rank = {g: i + 1 for i, g in enumerate(order)}
+    else:
+        if not callable(apply_fn):
+            raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}.")
+        first = _trace_first_uses(params, len(leaves), apply_fn, example_args, example_kwargs)
+        if not first:
+            raise ValueError(
+                "apply_fn used none of the params in its forward pass; check that it reads "
+                "them from its first argument."
+            )
+        used = {
+            g: min(first[x.index] for x in members if x.index in first)
+            for g, members in groups.items()
+            if any(x.index in first for x in members)
+        }
+        order = sorted(used, key=lambda g: (used[g], g))
+        rank = {g: i + 1 for i, g in enumerate(order)}
+        unused = sorted(g for g in groups if g not in used)
+        if unused:
+            paths = [x.path for g in unused for x in groups[g]]
+            warnings.warn(
+                f"depth_labels: apply_fn never used {len(paths)} param leaves (e.g. "
+                f"{', '.join(paths[:3])}); they get the last label {len(order) + 1}.",
+                stacklevel=2,
+            )
+            rank.update({g: len(order) + 1 for g in unused})
+
+    labels = [0] * len(leaves)
+    for g, members in groups.items():
+        for leaf in members:
+            labels[leaf.index] = rank[g]
+    return jax.tree_util.tree_unflatten(treedef, labels)
+
+
+def _check_depths(depths: Any) -> tuple[list[int], Any]:
+    flat, treedef = jax.tree_util.tree_flatten_with_path(depths)
+    if not flat:
+        raise ValueError("depths has no leaves; pass the output of depth_labels.")
+    out = []
+    for path, d in flat:
+        if isinstance(d, bool) or not isinstance(d, numbers.Integral):
+            raise TypeError(
+                f"depth at '{path_str(path)}' must be an int (from depth_labels), got {d!r}."
+            )
+        if d < 1:
+            raise ValueError(f"depth at '{path_str(path)}' must be >= 1, got {d}.")
+        out.append(int(d))
+    return out, treedef
+
+
+def _scaled(schedule: Schedule, scale: float) -> Schedule:
+    def scaled_schedule(step):
+        return schedule(step) * scale
+
+    scaled_schedule.scale = scale  # lets depth_table and users see the layer's multiplier
+    return scaled_schedule
+
+
+def layerwise_schedule(depths: Any, rate: float | Schedule, *, max_scale: float = 2.0) -> Any:
+    """Per-leaf LPWD rates that grow linearly with depth, up to `max_scale * rate`.
+
+    .. math::
+      \\lambda_i = \\lambda \\cdot s_{max} \\cdot \\frac{i}{n}
+
+    for a leaf at depth `i` of `n = max(depths)` (paper eq. 9 with its choice
+    `max_i lambda_i = 2 lambda`, i.e. `max_scale = 2`). The shallowest layer gets
+    `s_max * rate / n`, the deepest `s_max * rate`; with `max_scale = 2` the mean over evenly
+    spread layers is about `rate`, so the rate keeps its usual meaning.
+
+    Args:
+      depths: a pytree of ints >= 1, typically `depth_labels(params, ...)`.
+      rate: lambda, a float >= 0 or a schedule `step -> float` (a schedule's values are not
+        checked here; the transform that uses the rates checks them).
+      max_scale: the ratio of the deepest layer's rate to `rate`, > 0.
+
+    Returns:
+      A pytree shaped like `depths`: float leaves if `rate` is a float, else schedule leaves
+      `step -> rate(step) * max_scale * i / n`. Pass it as the `rate` of `pre_weight_decay`
+      (or of any transform here that takes a per-leaf rate tree).
+
+    Example:
+      >>> from lpwd_optax.layerwise import layerwise_schedule
+      >>> layerwise_schedule({"a": 1, "b": 2, "c": 4}, 0.1)
+      {'a': 0.05, 'b': 0.1, 'c': 0.2}
+      >>> rates = layerwise_schedule({"a": 1, "b": 2}, lambda step: 0.1 / (1 + step))
+      >>> round(rates["b"](1), 6)
+      0.1
+
+    References:
+      "Layer-wise Pre-Weight Decay", ICLR 2024 submission (LPWD), eq. 9.
+    """
+    flat, treedef = _check_depths(depths)
+    if isinstance(max_scale, bool) or not isinstance(max_scale, numbers.Real):
+        raise TypeError(f"max_scale must be a number, got {max_scale!r}.")
+    if not (math.isfinite(max_scale) and max_scale > 0):
+        raise ValueError(f"max_scale must be a finite number > 0, got {max_scale}.")
+    if not callable(rate):
+        if isinstance(rate, bool) or not (
+            isinstance(rate, numbers.Real) or (hasattr(rate, "dtype") and np.ndim(rate) == 0)
+        ):
+            raise TypeError(f"rate must be a float >= 0 or a schedule, got {rate!r}.")
+        rate = float(rate)
+        if not (math.isfinite(rate) and rate >= 0):
+            raise ValueError(f"rate must be a finite number >= 0, got {rate}.")
+    n = max(flat)
+    scales = [max_scale * i / n for i in flat]
+    if callable(rate):
+        leaves = [_scaled(rate, s) for s in scales]
+    else:
+        leaves = [rate * s for s in scales]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _format_rate(r: Any) -> str:
+    if r is None:
+        return "-"
+    if callable(r):
+        try:
+            return f"{float(r(0)):.4g} (t=0)"
+        except Exception:
+            return "schedule"
+    return f"{float(r):.4g}"
+
+
+def depth_table(params: Any, labels: Any, rates: Any = None) -> str:
+    """A printable table of every param leaf's path, shape, depth label and rate.
+
+    Rows are sorted by label, then by natural path order, so the table reads from the input
+    layer (label 1, smallest LPWD rate) to the output layer (label n, largest rate); a footer
+    says how the rates grow with depth. Schedules are shown by their value at step 0.
+
+    Args:
+      params: the params pytree (arrays or `jax.ShapeDtypeStruct`s).
+      labels: the matching pytree of depth labels, from `depth_labels`.
+      rates: optional per-leaf rates (a pytree shaped like `params`, e.g. from
+        `layerwise_schedule`), or one float or schedule for every leaf.
+
+    Returns:
+      The table as a string.
+
+    Example:
+      >>> import numpy as np
+      >>> from lpwd_optax.layerwise import depth_table, layerwise_schedule
+      >>> params = {"in": {"kernel": np.zeros((4, 8))}, "out": {"kernel": np.zeros((8, 2))}}
+      >>> labels = {"in": {"kernel": 1}, "out": {"kernel": 2}}
+      >>> print(depth_table(params, labels, layerwise_schedule(labels, 0.1)))
+      label  path        shape   rate
+          1  in/kernel   (4, 8)  0.1
+          2  out/kernel  (8, 2)  0.2
+      2 layers; rate 0.1 at depth 1 (shallowest) up to 0.2 at depth 2 (deepest).
+
+    References:
+      "Layer-wise Pre-Weight Decay", ICLR 2024 submission (LPWD).
+    """
+    leaves, _ = _leaves(params, "params")
+    label_list = _match_structure(labels, params, "labels")
+    rate_list = _match_structure(rates, params, "rates", allow_scalar=True)
+    rows = []
+    for leaf, label, r in zip(leaves, label_list, rate_list):
+        shape = tuple(int(d) for d in np.shape(leaf.leaf))
+        rows.append((label, _natural_path_key(leaf.names), leaf.path, str(shape), r))
+    rows.sort(key=lambda row: (row[0], row[1]))
+    header = ("label", "path", "shape") + (("rate",) if rates is not None else ())
+    body = [
+        (str(label), path, shape) + ((_format_rate(r),) if rates is not None else ())
+        for label, _, path, shape, r in rows
+    ]
+    widths = [max(len(row[c]) for row in [header, *body]) for c in range(len(header))]
+
+    def line(row):
+        cells = [row[0].rjust(widths[0])] + [c.ljust(w) for c, w in zip(row[1:], widths[1:])]
+        return "  ".join(cells).rstrip()
+
+    lines = [line(header), *(line(row) for row in body)]
+    n = max(int(label) for label, *_ in rows)
+    if rates is not None:
+        by_label = {}
+        for label, _, _, _, r in rows:
+            by_label.setdefault(label, _format_rate(r))
+        lines.append(
+            f"{n} layers; rate {by_label[min(by_label)]} at depth {min(by_label)} (shallowest) "
+            f"up to {by_label[max(by_label)]} at depth {max(by_label)} (deepest)."
+        )
+    else:
+        lines.append(f"{n} layers.")
+    return "\n".join(lines)

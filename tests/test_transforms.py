@@ -1,0 +1,304 @@
+"""Properties every transform has: jit without retrace, inject_hyperparams, dtype, state size,
+NNX and linen trees, sharded execution, and clear errors on bad input."""
+
+from __future__ import annotations
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+import lpwd_optax as lo
+
+LR = 1e-2
+
+
+def _lpwd(params):
+    depths = lo.depth_labels(params)
+    return lo.pre_weight_decay(lo.layerwise_schedule(depths, 0.1), learning_rate=LR)
+
+
+# name -> (factory(params) -> transform, place in the chain, keeps only a step count)
+CASES = {
+    "l2": (lambda p: lo.l2_regularization(0.1), "first", True),
+    "wd": (lambda p: lo.weight_decay(0.1, learning_rate=LR), "last", True),
+    "rwd": (lambda p: lo.real_time_weight_decay(0.1, learning_rate=LR), "last", True),
+    "pwd": (lambda p: lo.pre_weight_decay(0.1, learning_rate=LR), "last", True),
+    "lpwd": (_lpwd, "last", True),
+    "adadecay": (lambda p: lo.adaptive_weight_decay(0.1), "first", True),
+    "randomized": (
+        lambda p: lo.randomized_weight_decay(0.1, key=jax.random.key(0)),
+        "first",
+        False,
+    ),
+    "wrs": (lambda p: lo.weight_rescaling(2), "last", True),
+}
+
+
+def _chain(name, params, base=None):
+    make, place, _ = CASES[name]
+    base = base or optax.adam(LR)
+    tx = make(params)
+    return optax.chain(tx, base) if place == "first" else optax.chain(base, tx)
+
+
+def _params(dtype=jnp.float32, seed=0):
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    return {
+        "conv": {
+            "kernel": jax.random.normal(k1, (3, 3, 4, 8), dtype),
+            "bias": jnp.zeros((8,), dtype),
+        },
+        "fc": {
+            "kernel": jax.random.normal(k2, (8, 16), dtype),
+            "bias": jax.random.normal(k3, (16,), dtype),
+        },
+    }
+
+
+def _grads(params, seed):
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(100 + seed), len(leaves))
+    return treedef.unflatten([jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+
+
+def _run(opt, params, steps, step_fn=None):
+    state = opt.init(params)
+    step_fn = step_fn or opt.update
+    for i in range(steps):
+        updates, state = step_fn(_grads(params, i), state, params)
+        params = optax.apply_updates(params, updates)
+    return params, state
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_jit_without_retrace(name):
+    params = _params()
+    opt = _chain(name, params)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(grads, state, params):
+        return opt.update(grads, state, params)
+
+    chex.clear_trace_counter()
+    jitted, _ = _run(opt, params, 4, step)
+    eager, _ = _run(opt, params, 4)
+    chex.assert_trees_all_close(jitted, eager, rtol=1e-5, atol=1e-6)
+
+
+INJECT = {
+    "l2": (lo.l2_regularization, {"rate": 0.1}, ()),
+    "wd": (lo.weight_decay, {"rate": 0.1, "learning_rate": LR}, ()),
+    "rwd": (lo.real_time_weight_decay, {"rate": 0.1, "learning_rate": LR}, ()),
+    "pwd": (lo.pre_weight_decay, {"rate": 0.1, "learning_rate": LR}, ()),
+    "adadecay": (lo.adaptive_weight_decay, {"rate": 0.1, "alpha": 4.0}, ()),
+    "wrs": (lo.weight_rescaling, {"every": 1, "mode": "output"}, ("every", "mode")),
+}
+
+
+@pytest.mark.parametrize("name", INJECT)
+def test_works_inside_inject_hyperparams(name):
+    factory, kwargs, static = INJECT[name]
+    tx = optax.inject_hyperparams(factory, static_args=("mask", *static))(**kwargs)
+    params = _params()
+    grads = _grads(params, 0)
+    update = jax.jit(chex.assert_max_traces(tx.update, n=1))
+    chex.clear_trace_counter()
+    state = tx.init(params)
+    out, state = update(grads, state, params)
+    chex.assert_trees_all_close(
+        out,
+        factory(**kwargs).update(grads, factory(**kwargs).init(params), params)[0],
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    if "rate" in kwargs:  # a new rate takes effect without recompiling
+        state.hyperparams["rate"] = jnp.full_like(state.hyperparams["rate"], 0.2)
+        out2, _ = update(grads, state, params)
+        fresh = factory(**{**kwargs, "rate": 0.2})
+        chex.assert_trees_all_close(
+            out2, fresh.update(grads, fresh.init(params), params)[0], rtol=1e-5, atol=1e-6
+        )
+        assert not np.allclose(out2["fc"]["kernel"], out["fc"]["kernel"])
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_keeps_bf16_update_dtype(name):
+    params = _params(jnp.bfloat16)
+    opt = _chain(name, params)
+    updates, _ = opt.update(_grads(params, 0), opt.init(params), params)
+    chex.assert_trees_all_equal_dtypes(updates, params)
+
+
+@pytest.mark.parametrize("name", [n for n, c in CASES.items() if c[2]])
+def test_state_is_a_step_count(name):
+    params = _params()
+    tx = CASES[name][0](params)
+    leaves = jax.tree.leaves(tx.init(params))
+    assert all(np.size(x) == 1 for x in leaves), [np.shape(x) for x in leaves]
+    state_bytes = sum(x.nbytes for x in jax.tree.leaves(_chain(name, params).init(params)))
+    adam_bytes = sum(x.nbytes for x in jax.tree.leaves(optax.adam(LR).init(params)))
+    assert state_bytes <= adam_bytes + 4
+
+
+class NNXNet(nnx.Module):
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(4, 8, (3, 3), rngs=rngs)
+        self.norm = nnx.LayerNorm(8, rngs=rngs)
+        self.fc = nnx.Linear(8, 16, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc(self.norm(self.conv(x)).mean(axis=(1, 2)))
+
+
+class LinenNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.LayerNorm()(nn.Conv(8, (3, 3))(x))
+        return nn.Dense(16)(x.mean(axis=(1, 2)))
+
+
+def _nnx_state():
+    _, state = nnx.split(NNXNet(nnx.Rngs(0)), nnx.Param)
+    return state
+
+
+def _linen_params():
+    return LinenNet().init(jax.random.key(0), jnp.ones((1, 6, 6, 4)))["params"]
+
+
+@pytest.mark.parametrize("tree", ["nnx", "linen"])
+@pytest.mark.parametrize("name", CASES)
+def test_works_on_nnx_state_and_linen_params(name, tree):
+    params = _nnx_state() if tree == "nnx" else _linen_params()
+    opt = _chain(name, params)
+    new, _ = _run(opt, params, 2, jax.jit(opt.update))
+    chex.assert_trees_all_equal_structs(new, params)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(new))
+    # Decayed kernels moved differently from the base optimizer alone; norm scales did not.
+    base, _ = _run(optax.adam(LR), params, 2)
+    paths = dict(lo._common.leaves_with_paths(new))
+    base_paths = dict(lo._common.leaves_with_paths(base))
+    kernel = next(p for p in paths if p.endswith("kernel"))
+    scale = next(p for p in paths if p.endswith("scale"))
+    assert not np.allclose(paths[kernel], base_paths[kernel], rtol=0, atol=1e-7)
+    if CASES[name][1] == "last":
+        np.testing.assert_allclose(paths[scale], base_paths[scale], rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_sharded_over_eight_devices_equals_one_device(name):
+    assert jax.device_count() >= 8
+    params = _params()
+    opt = _chain(name, params)
+    single, _ = _run(opt, params, 3, jax.jit(opt.update))
+
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(8), ("model",))
+    spec = lambda x: PartitionSpec(*([None] * (x.ndim - 1)), "model") if x.ndim else PartitionSpec()
+    shard = lambda t: jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, spec(x))), t)
+    sharded_params = shard(params)
+    state = jax.jit(opt.init)(sharded_params)
+    step = jax.jit(opt.update)
+    p = sharded_params
+    for i in range(3):
+        updates, state = step(shard(_grads(params, i)), state, p)
+        p = optax.apply_updates(p, updates)
+    assert len(p["fc"]["kernel"].sharding.device_set) == 8
+    chex.assert_trees_all_close(jax.device_get(p), single, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input
+
+
+DECOUPLED = [lo.weight_decay, lo.real_time_weight_decay, lo.pre_weight_decay]
+RATED = [*DECOUPLED, lo.l2_regularization, lo.adaptive_weight_decay]
+
+
+@pytest.mark.parametrize("factory", RATED)
+def test_negative_rate_is_rejected(factory):
+    with pytest.raises(ValueError, match="rate must be a finite number >= 0"):
+        factory(-0.1)
+    with pytest.raises(ValueError, match=r"rate at 'conv/bias' must be a finite number"):
+        factory(jax.tree.map(lambda x: -1.0, _params())).init(_params())
+
+
+@pytest.mark.parametrize(
+    "factory", [lo.real_time_weight_decay, lo.pre_weight_decay, lo.weight_decay]
+)
+def test_per_step_decay_at_or_above_one_is_rejected(factory):
+    with pytest.raises(ValueError, match="per-step decay"):
+        factory(2.0)
+    with pytest.raises(ValueError, match="per-step decay"):
+        factory(0.5, learning_rate=4.0)
+    with pytest.raises(ValueError, match="per-step decay"):
+        factory(lambda t: 1.5 + 0 * t)
+    with pytest.raises(ValueError, match=r"at 'conv/bias'.*per-step decay"):
+        factory(jax.tree.map(lambda x: 3.0, _params())).init(_params())
+
+
+def test_every_below_one_is_rejected():
+    for every in (0, -3, 1.5, True):
+        with pytest.raises(ValueError, match="every must be an int >= 1"):
+            lo.weight_rescaling(every)
+    with pytest.raises(ValueError, match="mode"):
+        lo.weight_rescaling(1, mode="sideways")
+
+
+def test_mismatched_mask_names_the_first_mismatching_path():
+    params = _params()
+    mask = {"conv": {"kernel": True, "bias": False}, "fcc": {"kernel": True, "bias": False}}
+    with pytest.raises(ValueError, match=r"mask does not match the params.*'fcc/bias'.*'fc/bias'"):
+        lo.weight_decay(0.1, mask=mask).init(params)
+    short = {"conv": {"kernel": True, "bias": False}}
+    with pytest.raises(ValueError, match=r"'fc/bias' is in the params only"):
+        lo.real_time_weight_decay(0.1, mask=short).init(params)
+
+
+def test_mismatched_rate_tree_names_the_first_mismatching_path():
+    params = _params()
+    rates = {"conv": {"kernel": 0.1, "bias": 0.0}, "fc": {"kernel": 0.1, "gamma": 0.0}}
+    with pytest.raises(ValueError, match=r"rate tree does not match.*'fc/gamma'.*'fc/bias'"):
+        lo.pre_weight_decay(rates).init(params)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_missing_params_is_a_clear_error(name):
+    params = _params()
+    tx = CASES[name][0](params)
+    state = tx.init(params)
+    with pytest.raises(ValueError, match="needs the current params"):
+        tx.update(_grads(params, 0), state)
+    with pytest.raises(ValueError, match="needs the current params"):
+        tx.init(None)
+
+
+def test_wrs_on_a_vector_is_rejected():
+    with pytest.raises(ValueError, match="'conv/bias' has shape"):
+        lo.weight_rescaling(1, mask=lambda p: jax.tree.map(lambda x: True, p)).init(_params())
+
+
+def test_default_mask_follows_timm():
+    params = {
+        "stage": {
+            "blocks_0": {
+                "attn": {
+                    "relative_position_bias_table": jnp.ones((9, 3)),
+                    "qkv": {"kernel": jnp.ones((4, 12)), "bias": jnp.ones((12,))},
+                },
+                "gamma": jnp.ones((4,)),
+            }
+        }
+    }
+    mask = lo.default_decay_mask(params)
+    blk = mask["stage"]["blocks_0"]
+    assert blk["attn"]["qkv"]["kernel"] is True
+    assert blk["attn"]["qkv"]["bias"] is False
+    assert blk["attn"]["relative_position_bias_table"] is False
+    assert blk["gamma"] is False
