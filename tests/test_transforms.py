@@ -11,6 +11,8 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import lpwd_optax as lo
@@ -302,3 +304,66 @@ def test_default_mask_follows_timm():
     assert blk["attn"]["qkv"]["bias"] is False
     assert blk["attn"]["relative_position_bias_table"] is False
     assert blk["gamma"] is False
+
+
+@pytest.mark.parametrize("name", ["wd", "rwd", "pwd", "l2", "adadecay", "wrs"])
+def test_runs_under_pmap(name):
+    """Replicated over 8 devices with pmap (each device a different gradient), every replica
+    equals the single-device update of its own gradient."""
+    params = _params()
+    opt = _chain(name, params)
+    grads = [_grads(params, i) for i in range(8)]
+    state = opt.init(params)
+    stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+    replicate = lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (8, *x.shape)), t)
+    out, _ = jax.pmap(opt.update)(stack(grads), replicate(state), replicate(params))
+    for i in (0, 5):
+        expected, _ = opt.update(grads[i], state, params)
+        chex.assert_trees_all_close(
+            jax.tree.map(lambda x, i=i: x[i], out), expected, rtol=1e-5, atol=1e-6
+        )
+
+
+def _random_tree(draw, depth=0):
+    keys = draw(
+        st.lists(st.text("abcxyz_", min_size=1, max_size=4), min_size=1, max_size=3, unique=True)
+    )
+    tree = {}
+    for k in keys:
+        if depth < 2 and draw(st.booleans()):
+            tree[k] = _random_tree(draw, depth + 1)
+        else:
+            shape = tuple(draw(st.lists(st.integers(1, 4), min_size=0, max_size=3)))
+            seed = draw(st.integers(0, 2**16))
+            tree[k] = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+    return tree
+
+
+@st.composite
+def trees_and_updates(draw):
+    params = _random_tree(draw)
+    seed = draw(st.integers(0, 2**16))
+    rng = np.random.default_rng(seed)
+    updates = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
+    return params, updates
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=trees_and_updates(), rate=st.floats(0.0, 0.9), lr=st.floats(0.01, 1.0))
+def test_one_step_equations_on_generated_trees(data, rate, lr):
+    params, u = data
+    d = rate * lr
+    mask = lo.default_decay_mask(params)
+    cases = {
+        "wd": (lo.weight_decay(rate, learning_rate=lr), lambda p, u: u - d * p),
+        "rwd": (
+            lo.real_time_weight_decay(rate, learning_rate=lr),
+            lambda p, u: (1 - d) * (p + u) - p,
+        ),
+        "pwd": (lo.pre_weight_decay(rate, learning_rate=lr), lambda p, u: (1 - d) * (p + u) - p),
+        "l2": (lo.l2_regularization(rate), lambda p, g: g + rate * p),
+    }
+    for tx, expected in cases.values():
+        out, _ = tx.update(u, tx.init(params), params)
+        want = jax.tree.map(lambda p, u, m, f=expected: f(p, u) if m else u, params, u, mask)
+        chex.assert_trees_all_close(out, want, rtol=1e-5, atol=1e-6)
