@@ -1,0 +1,100 @@
+"""Epoch checkpoints with orbax: async saves, the last few kept, corrupted ones skipped.
+
+Each checkpoint holds three items: `state` (the full `TrainState`, enough to continue exactly),
+`meta` (JSON: epoch, metric history, a fingerprint of the params) and, for PWD/LPWD,
+`evaluated` (the paper's weights `theta_t`, not the stored pre-decayed `phi_t`).
+
+Restoring walks from the newest checkpoint back: one that fails to load or whose params do not
+match the fingerprint saved with it is reported, moved to `<directory>.corrupted/`, and the
+previous one is tried.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+Verify = Callable[[Any, dict[str, Any]], str | None]  # (state, meta) -> error message or None
+
+
+class Checkpointer:
+    def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        self._options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
+        )
+        self._manager = self._open()
+
+    def _open(self) -> ocp.CheckpointManager:
+        return ocp.CheckpointManager(
+            self.directory, options=self._options, item_names=("state", "meta", "evaluated")
+        )
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, state: Any, meta: dict[str, Any], evaluated: Any = None) -> None:
+        """Starts an (async) save of `state`, `meta` and optional `evaluated` weights."""
+        items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        if evaluated is not None:
+            items["evaluated"] = ocp.args.StandardSave(evaluated)
+        self._manager.save(step, args=ocp.args.Composite(**items))
+
+    def restore_latest(
+        self, abstract_state: Any, verify: Verify | None = None
+    ) -> tuple[int, Any, dict[str, Any]] | None:
+        """(step, state, meta) of the newest good checkpoint, or None when there is none.
+
+        Args:
+          abstract_state: the state's structure as `jax.ShapeDtypeStruct`s with shardings.
+          verify: optional check of a restored (state, meta); returns an error message or None.
+        """
+        self._manager.wait_until_finished()
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                restored = self._manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state),
+                        meta=ocp.args.JsonRestore(),
+                    ),
+                )
+                error = verify(restored["state"], restored["meta"]) if verify else None
+            except Exception as e:  # orbax raises many types for unreadable files
+                error = f"{type(e).__name__}: {e}"
+            if error is None:
+                return step, restored["state"], restored["meta"]
+            self._quarantine(step, error)
+        return None
+
+    def _quarantine(self, step: int, error: str) -> None:
+        message = (
+            f"checkpoint {step} in {self.directory} is corrupted ({error.splitlines()[0][:300]}); "
+            f"moved to {self.directory}.corrupted/ and falling back to the previous one"
+        )
+        logging.warning(message)
+        print(f"WARNING: {message}", flush=True)
+        if jax.process_index() == 0:
+            target = os.path.join(f"{self.directory}.corrupted", str(step))
+            shutil.rmtree(target, ignore_errors=True)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.move(os.path.join(self.directory, str(step)), target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"quarantine checkpoint {step}")
+        self._manager.close()
+        self._manager = self._open()
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()

@@ -1,0 +1,367 @@
+"""Run the LPWD paper's hyperparameter grid (Table 2), or any subset, and tabulate the results.
+
+Each cell of the grid (dataset x model x optimizer x method x lr x lambda x seed) is one run of
+`experiments.cifar` in its own process and its own directory under --output_dir. The sweep is
+resumable: a cell with a summary.json is skipped, and a cell with checkpoints continues from
+them (--resume). Cells can run in parallel processes, each optionally pinned to its own GPU.
+
+Afterwards it writes results.csv (one row per cell) and table.md / table.csv in the style of
+the paper's Table 1: for every method and column (dataset, model, optimizer), the cell with the
+best "mean of the best 10 test top-1" over the lr x lambda grid, as mean +- std.
+
+Examples:
+
+    # The full Table 2 grid for ConvNeXt-T on CIFAR-10 (long: 8 methods x 5 lr x 7 lambda).
+    python -m experiments.sweep --output_dir=runs/table2 --datasets=cifar10
+
+    # A quick subset on the offline digits data, two cells at a time.
+    python -m experiments.sweep --output_dir=runs/mini --methods=wd,lpwd --optimizers=adam \\
+        --lrs=1e-3 --weight_decays=0.5,0.05 --parallel_processes=2 -- --preset=quickstart
+
+Arguments after `--` are passed to every run (e.g. --epochs, --preset, --model_overrides).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import itertools
+import json
+import os
+import queue
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from experiments.config import METHODS, OPTIMIZERS
+
+# The paper's Table 2.
+TABLE2_LRS = {"adam": (1e-3, 5e-4, 1e-4, 5e-5, 1e-5), "sgdm": (0.1, 0.05, 0.01, 0.005, 0.001)}
+TABLE2_WEIGHT_DECAYS = (0.5, 0.1, 0.05, 0.01, 0.005, 0.001, 0.0005)
+BASE_LR = {"adam": 1e-4, "sgdm": 1e-2}
+BASE_WEIGHT_DECAY = 1e-2
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Methods without a decay rate: one cell per lr.
+NO_RATE_METHODS = ("baseline",)
+
+SUMMARY_FIELDS = (
+    "best10_mean",
+    "best10_std",
+    "best_top1",
+    "final_top1",
+    "mean_rop",
+    "epochs",
+    "wall_time_s",
+)
+RESULT_FIELDS = (
+    "dataset",
+    "model",
+    "optimizer",
+    "method",
+    "lr",
+    "weight_decay",
+    "seed",
+    "status",
+    "best10_mean",
+    "best10_std",
+    "best_top1",
+    "final_top1",
+    "mean_rop",
+    "epochs",
+    "wall_time_s",
+    "run_dir",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    dataset: str
+    model: str
+    optimizer: str
+    method: str
+    lr: float
+    weight_decay: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        dataset = re.sub(r"[^A-Za-z0-9]+", "_", self.dataset.removeprefix("folder:")).strip("_")
+        return (
+            f"{dataset}-{self.model}-{self.optimizer}-{self.method}-lr{self.lr:g}"
+            f"-wd{self.weight_decay:g}-s{self.seed}"
+        )
+
+    def flags(self) -> list[str]:
+        return [
+            f"--dataset={self.dataset}",
+            f"--model={self.model}",
+            f"--optimizer={self.optimizer}",
+            f"--method={self.method}",
+            f"--lr={self.lr!r}",
+            f"--weight_decay={self.weight_decay!r}",
+            f"--seed={self.seed}",
+        ]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def _names(text: str, allowed: Sequence[str] | None = None) -> list[str]:
+    names = [x for x in text.split(",") if x]
+    bad = [x for x in names if allowed is not None and x not in allowed]
+    if bad:
+        raise ValueError(f"unknown {bad}; choose from {list(allowed)}")
+    return names
+
+
+def build_grid(
+    *,
+    datasets: Sequence[str],
+    models: Sequence[str],
+    optimizers: Sequence[str],
+    methods: Sequence[str],
+    lrs: str,
+    weight_decays: str,
+    seeds: Sequence[int],
+) -> list[Cell]:
+    """All cells. `lrs`/`weight_decays`: 'table2', 'base' or a comma-separated list."""
+    cells = []
+    for dataset, model, optimizer, method, seed in itertools.product(
+        datasets, models, optimizers, methods, seeds
+    ):
+        lr_values = {"table2": TABLE2_LRS[optimizer], "base": (BASE_LR[optimizer],)}.get(lrs)
+        lr_values = _floats(lrs) if lr_values is None else lr_values
+        wd_values = {"table2": TABLE2_WEIGHT_DECAYS, "base": (BASE_WEIGHT_DECAY,)}.get(
+            weight_decays
+        )
+        wd_values = _floats(weight_decays) if wd_values is None else wd_values
+        if method in NO_RATE_METHODS:
+            wd_values = (0.0,)
+        for lr, wd in itertools.product(lr_values, wd_values):
+            cells.append(Cell(dataset, model, optimizer, method, lr, wd, seed))
+    return cells
+
+
+def cell_done(run_dir: str) -> bool:
+    return os.path.exists(os.path.join(run_dir, "summary.json"))
+
+
+def run_cell(
+    cell: Cell, output_dir: str, extra_flags: Sequence[str], env: dict[str, str]
+) -> tuple[Cell, int, float]:
+    """Runs (or resumes) one cell in a subprocess; its output goes to <run_dir>/log.txt."""
+    run_dir = os.path.abspath(os.path.join(output_dir, cell.name))
+    os.makedirs(run_dir, exist_ok=True)
+    resume = os.path.isdir(os.path.join(run_dir, "checkpoints"))
+    command = [
+        # The cell's own flags come after the shared ones, so the grid always wins.
+        sys.executable,
+        "-m",
+        "experiments.cifar",
+        *extra_flags,
+        *cell.flags(),
+        f"--output_dir={run_dir}",
+        "--no-progress",
+        *(["--resume"] if resume else []),
+    ]
+    start = time.time()
+    with open(os.path.join(run_dir, "log.txt"), "a") as log:
+        log.write(f"$ {' '.join(command)}\n")
+        log.flush()
+        code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    return cell, code, time.time() - start
+
+
+def run_sweep(
+    cells: Sequence[Cell],
+    output_dir: str,
+    extra_flags: Sequence[str] = (),
+    *,
+    parallel_processes: int = 1,
+    gpus: Sequence[str] = (),
+) -> dict[str, int]:
+    """Runs every unfinished cell; returns counts of done/skipped/failed cells."""
+    todo = [c for c in cells if not cell_done(os.path.join(output_dir, c.name))]
+    counts = dict(skipped=len(cells) - len(todo), done=0, failed=0)
+    print(f"{len(cells)} cells: {counts['skipped']} finished, {len(todo)} to run", flush=True)
+    free_gpus: queue.Queue[str | None] = queue.Queue()
+    for i in range(parallel_processes):
+        free_gpus.put(gpus[i % len(gpus)] if gpus else None)
+
+    def work(cell: Cell) -> tuple[Cell, int, float]:
+        gpu = free_gpus.get()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu
+        try:
+            return run_cell(cell, output_dir, extra_flags, env)
+        finally:
+            free_gpus.put(gpu)
+
+    with ThreadPoolExecutor(max_workers=parallel_processes) as pool:
+        for cell, code, seconds in pool.map(work, todo):
+            status = "ok" if code == 0 else f"FAILED (exit {code}, see log.txt)"
+            counts["done" if code == 0 else "failed"] += 1
+            print(f"[{cell.name}] {status} in {seconds:.0f} s", flush=True)
+    return counts
+
+
+def collect(cells: Sequence[Cell], output_dir: str) -> list[dict[str, Any]]:
+    """One row per cell with its summary's numbers (status 'missing' when not finished)."""
+    rows = []
+    for cell in cells:
+        run_dir = os.path.join(output_dir, cell.name)
+        row: dict[str, Any] = {**dataclasses.asdict(cell), "run_dir": run_dir, "status": "missing"}
+        path = os.path.join(run_dir, "summary.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                summary = json.load(f)
+            row.update({k: summary[k] for k in SUMMARY_FIELDS})
+            row["status"] = "ok"
+        rows.append(row)
+    return rows
+
+
+def best_per_method(rows: Sequence[dict[str, Any]]) -> tuple[list[str], dict[tuple, dict]]:
+    """Columns (dataset/model/optimizer) and, per (method, column), the best finished row."""
+    columns: list[str] = []
+    best: dict[tuple, dict] = {}
+    for row in rows:
+        column = f"{row['dataset']} {row['model']} {row['optimizer']}"
+        if column not in columns:
+            columns.append(column)
+        if row["status"] != "ok":
+            continue
+        key = (row["method"], column)
+        if key not in best or row["best10_mean"] > best[key]["best10_mean"]:
+            best[key] = row
+    return columns, best
+
+
+def table_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """Table 1 style: methods x columns, 'mean +- std (lr, lambda)' of the best cell."""
+    columns, best = best_per_method(rows)
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    lines = [
+        "| method | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for method in methods:
+        cells = []
+        for column in columns:
+            row = best.get((method, column))
+            cells.append(
+                "-"
+                if row is None
+                else f"{row['best10_mean']:.2f} +- {row['best10_std']:.2f} "
+                f"(lr {row['lr']:g}, λ {row['weight_decay']:g})"
+            )
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(rows: Sequence[dict[str, Any]], output_dir: str) -> None:
+    with open(os.path.join(output_dir, "results.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=RESULT_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    _, best = best_per_method(rows)
+    with open(os.path.join(output_dir, "table.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["method", "column", "best10_mean", "best10_std", "lr", "weight_decay"])
+        for (method, column), row in best.items():
+            writer.writerow(
+                [
+                    method,
+                    column,
+                    row["best10_mean"],
+                    row["best10_std"],
+                    row["lr"],
+                    row["weight_decay"],
+                ]
+            )
+    with open(os.path.join(output_dir, "table.md"), "w") as f:
+        f.write(table_markdown(rows))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--output_dir", required=True, help="One sub-directory per cell.")
+    parser.add_argument("--datasets", default="cifar10", help="Comma-separated datasets.")
+    parser.add_argument("--models", default="convnext_tiny_cifar", help="Comma-separated models.")
+    parser.add_argument("--optimizers", default="adam,sgdm", help="Comma-separated: adam,sgdm.")
+    parser.add_argument(
+        "--methods",
+        default="baseline,l2,wd,lpwd",
+        help=f"Comma-separated methods from {','.join(METHODS)} (Table 1: baseline,l2,wd,lpwd).",
+    )
+    parser.add_argument(
+        "--lrs",
+        default="table2",
+        help="'table2' (the paper's 5 rates per optimizer), 'base' (1e-4 Adam / 1e-2 SGDM) "
+        "or a comma-separated list.",
+    )
+    parser.add_argument(
+        "--weight_decays",
+        default="table2",
+        help="'table2' (the paper's 7 rates), 'base' (1e-2) or a comma-separated list.",
+    )
+    parser.add_argument("--seeds", default="0", help="Comma-separated seeds.")
+    parser.add_argument("--parallel_processes", type=int, default=1, help="Cells run at once.")
+    parser.add_argument(
+        "--gpus",
+        default="",
+        help="Comma-separated GPU ids; each process gets one (CUDA_VISIBLE_DEVICES), round robin.",
+    )
+    parser.add_argument("--dry_run", action="store_true", help="List the cells and exit.")
+    parser.add_argument(
+        "--table_only", action="store_true", help="Only (re)write the tables from finished cells."
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    args = build_parser().parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    cells = build_grid(
+        datasets=_names(args.datasets),
+        models=_names(args.models),
+        optimizers=_names(args.optimizers, OPTIMIZERS),
+        methods=_names(args.methods, METHODS),
+        lrs=args.lrs,
+        weight_decays=args.weight_decays,
+        seeds=[int(s) for s in _names(args.seeds)],
+    )
+    os.makedirs(args.output_dir, exist_ok=True)
+    if args.dry_run:
+        for cell in cells:
+            print(cell.name)
+        return 0
+    failed = 0
+    if not args.table_only:
+        counts = run_sweep(
+            cells,
+            args.output_dir,
+            extra,
+            parallel_processes=args.parallel_processes,
+            gpus=_names(args.gpus),
+        )
+        failed = counts["failed"]
+    rows = collect(cells, args.output_dir)
+    write_results(rows, args.output_dir)
+    print(table_markdown(rows), end="")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

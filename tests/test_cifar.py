@@ -1,0 +1,277 @@
+"""End-to-end tests of experiments/cifar.py: outputs, resume, corruption, NaNs, multi-process."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments import cifar, data, writers
+from tests import _cifar_helpers as helpers
+
+SUMMARY_LINE = re.compile(
+    r"^mean \+- std of the best 10 test top-1: \d+\.\d\d \+- \d+\.\d\d$", re.M
+)
+EPOCHS = 3
+STEPS_PER_EPOCH = 4
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    path = tmp_path_factory.getbasetemp() / "jax_compilation_cache"
+    helpers.enable_compilation_cache(path)
+    return str(path)
+
+
+@pytest.fixture(autouse=True)
+def data_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("LPWD_OPTAX_CACHE", str(tmp_path_factory.getbasetemp() / "data_cache"))
+
+
+def flags(out, cache_dir, *extra):
+    return helpers.run_flags(out, cache_dir, "--method=lpwd", f"--epochs={EPOCHS}", *extra)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, cache_dir):
+    """An uninterrupted LPWD run on digits; several tests compare against it."""
+    out = tmp_path_factory.mktemp("full") / "run"
+    assert cifar.main(flags(out, cache_dir)) == 0
+    return out
+
+
+def test_digits_run_writes_everything_and_learns(full_run, capsys):
+    with open(full_run / "summary.json") as f:
+        summary = json.load(f)
+    assert SUMMARY_LINE.match(summary["summary_line"])
+    history = summary["history"]
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]  # the loss falls
+    assert all(0.0 <= r["rop"] <= 1.0 for r in history)  # defined for LPWD
+    assert summary["steps"] == EPOCHS * STEPS_PER_EPOCH and summary["devices"] == 8
+    records = writers.read_jsonl(str(full_run / "metrics.jsonl"))
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert {"train_loss", "test_top1", "rop"} <= records[0].keys()
+    assert any(k.startswith("layers/head/fc/") for k in records[0])
+    assert glob.glob(str(full_run / "tensorboard" / "events.out.tfevents.*"))
+    assert sorted(int(s) for s in os.listdir(full_run / "checkpoints")) == [4, 8, 12]
+    assert os.path.isdir(full_run / "checkpoints" / "12" / "evaluated")  # PWD/LPWD's theta_t
+    params = helpers.read_params(full_run)
+    assert "head/fc/kernel" in params and params["head/fc/kernel"].shape == (8, 10)
+    with open(full_run / "config.json") as f:
+        assert json.load(f)["method"] == "lpwd"
+
+
+def test_summary_line_is_printed(tmp_path, cache_dir, capsys):
+    out = tmp_path / "run"
+    assert cifar.main(flags(out, cache_dir, "--epochs=1", "--method=wd")) == 0
+    stdout = capsys.readouterr().out
+    assert SUMMARY_LINE.search(stdout)
+    assert "epoch 1/1: train loss" in stdout and "R_op" in stdout
+
+
+def test_resume_after_a_kill_equals_the_uninterrupted_run(tmp_path, cache_dir, full_run, capsys):
+    out = tmp_path / "run"
+    # Stop abruptly in the middle of epoch 2: only the epoch-1 checkpoint exists.
+    assert cifar.main(flags(out, cache_dir, "--stop_after_steps=6")) == 3
+    assert os.listdir(out / "checkpoints") == ["4"]
+    assert not os.path.exists(out / "summary.json")
+    assert cifar.main(flags(out, cache_dir, "--resume")) == 0
+    assert "resumed at step 4" in capsys.readouterr().out
+    assert helpers.max_abs_diff(helpers.read_params(out), helpers.read_params(full_run)) == 0.0
+    with open(out / "summary.json") as f, open(full_run / "summary.json") as g:
+        resumed, reference = json.load(f), json.load(g)
+    assert [r["test_top1"] for r in resumed["history"]] == [
+        r["test_top1"] for r in reference["history"]
+    ]
+    assert [r["epoch"] for r in writers.read_jsonl(str(out / "metrics.jsonl"))] == [1, 2, 3]
+
+
+def test_corrupted_latest_checkpoint_falls_back_to_the_previous(
+    tmp_path, cache_dir, full_run, capsys
+):
+    out = helpers.copy_run(full_run, tmp_path / "run")
+    for path in glob.glob(os.path.join(out, "checkpoints", "12", "state", "**"), recursive=True):
+        if os.path.isfile(path):
+            with open(path, "wb") as f:
+                f.write(b"\0garbage")
+    os.remove(os.path.join(out, "summary.json"))
+    assert cifar.main(flags(out, cache_dir, "--resume")) == 0
+    stdout = capsys.readouterr().out
+    assert "checkpoint 12" in stdout and "corrupted" in stdout
+    assert "resumed at step 8" in stdout
+    assert helpers.max_abs_diff(helpers.read_params(out), helpers.read_params(full_run)) == 0.0
+
+
+def test_existing_checkpoints_need_resume(tmp_path, cache_dir, full_run):
+    out = helpers.copy_run(full_run, tmp_path / "run")
+    with pytest.raises(ValueError, match="--resume"):
+        cifar.train_and_evaluate(cifar.parse_config(flags(out, cache_dir)))
+
+
+def test_non_finite_gradients_stop_the_run_and_keep_the_last_good_checkpoint(
+    tmp_path, cache_dir, monkeypatch, capsys
+):
+    real_batches = data.batches
+
+    def poisoned(ds, *args, epoch, train=True, **kwargs):
+        for batch in real_batches(ds, *args, epoch=epoch, train=train, **kwargs):
+            if train and epoch == 1:
+                batch["image"][:] = np.nan
+            yield batch
+
+    monkeypatch.setattr(data, "batches", poisoned)
+    out = tmp_path / "run"
+    assert cifar.main(flags(out, cache_dir)) == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss or gradients at step 5" in err
+    assert "last good checkpoint is step 4" in err
+    assert os.listdir(out / "checkpoints") == ["4"]
+    assert not os.path.exists(out / "summary.json")
+
+
+def test_image_folder_run_with_pmap(tmp_path, cache_dir, capsys):
+    root = helpers.write_image_folder(tmp_path / "images")
+    out = tmp_path / "run"
+    code = cifar.main(
+        helpers.run_flags(
+            out,
+            cache_dir,
+            f"--dataset=folder:{root}",
+            "--parallel=pmap",
+            "--method=wd",
+            "--optimizer=sgdm",
+            "--lr=0.05",
+            "--batch_size=24",
+            "--eval_batch_size=24",
+            "--epochs=3",
+        )
+    )
+    assert code == 0
+    stdout = capsys.readouterr().out
+    assert SUMMARY_LINE.search(stdout)
+    with open(out / "summary.json") as f:
+        summary = json.load(f)
+    assert summary["history"][-1]["train_loss"] < summary["history"][0]["train_loss"]
+    assert summary["history"][0]["rop"] is not None
+    assert os.path.isdir(out / "checkpoints" / "9")
+    # The pmap run resumes from its own checkpoints too.
+    assert (
+        cifar.main(
+            helpers.run_flags(
+                out,
+                cache_dir,
+                f"--dataset=folder:{root}",
+                "--parallel=pmap",
+                "--method=wd",
+                "--optimizer=sgdm",
+                "--lr=0.05",
+                "--batch_size=24",
+                "--eval_batch_size=24",
+                "--epochs=4",
+                "--resume",
+            )
+        )
+        == 0
+    )
+    assert "resumed at step 9" in capsys.readouterr().out
+
+
+def test_bad_dataset_path_is_a_clear_error(tmp_path, cache_dir):
+    with pytest.raises((FileNotFoundError, ValueError), match="nowhere"):
+        cifar.main(
+            helpers.run_flags(tmp_path / "r", cache_dir, f"--dataset=folder:{tmp_path}/nowhere")
+        )
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cifar.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in (
+        "--model",
+        "--dataset",
+        "--optimizer",
+        "--method",
+        "--lr",
+        "--weight_decay",
+        "--epochs",
+        "--batch_size",
+        "--seed",
+        "--output_dir",
+        "--data_dir",
+        "--parallel",
+        "--resume",
+        "--coordinator_address",
+        "--num_processes",
+        "--process_id",
+        "--steps_per_epoch",
+        "--preset",
+    ):
+        assert flag in text
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_together_and_agree(tmp_path, cache_dir, full_run):
+    """Two processes (2 CPU devices each) with jax.distributed on localhost: both end with the
+    same weights, equal to the single-process 8-device run of the same configuration."""
+    out = tmp_path / "run"
+    port = _free_port()
+    worker = os.path.join(os.path.dirname(__file__), "_multiprocess_worker.py")
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
+    env.pop("XLA_FLAGS", None)
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                worker,
+                "2",
+                "--",
+                *flags(out, cache_dir),
+                f"--coordinator_address=localhost:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        for i in range(2)
+    ]
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=400)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    results = []
+    for p, text in zip(procs, outputs):
+        assert p.returncode == 0, text[-3000:]
+        results.append(json.loads(text.split("RESULT ", 1)[1].splitlines()[0]))
+    assert [r["process_index"] for r in results] == [0, 1]
+    assert all(r["process_count"] == 2 and r["devices"] == 4 for r in results)
+    assert results[0]["fingerprint"] == results[1]["fingerprint"]
+    assert results[0]["top1"] == results[1]["top1"]
+    with open(full_run / "summary.json") as f:
+        single = json.load(f)
+    np.testing.assert_allclose(
+        results[0]["train_loss"], [r["train_loss"] for r in single["history"]], rtol=1e-5
+    )
+    assert helpers.max_abs_diff(helpers.read_params(out), helpers.read_params(full_run)) < 1e-5

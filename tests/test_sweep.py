@@ -1,0 +1,161 @@
+"""experiments/sweep.py on a 2-cell grid, then zero_shot_decay.py and plots.py on its runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import pytest
+
+from experiments import plots, sweep, zero_shot_decay
+from tests import _cifar_helpers as helpers
+
+
+def test_grid_follows_table2():
+    cells = sweep.build_grid(
+        datasets=["cifar10"],
+        models=["m"],
+        optimizers=["adam", "sgdm"],
+        methods=["baseline", "wd"],
+        lrs="table2",
+        weight_decays="table2",
+        seeds=[0],
+    )
+    # baseline: one cell per lr; wd: 5 lr x 7 lambda; for each optimizer.
+    assert len(cells) == 2 * (5 + 5 * 7)
+    assert {c.lr for c in cells if c.optimizer == "sgdm"} == {0.1, 0.05, 0.01, 0.005, 0.001}
+    assert {c.weight_decay for c in cells if c.method == "wd"} == set(sweep.TABLE2_WEIGHT_DECAYS)
+    base = sweep.build_grid(
+        datasets=["cifar10"],
+        models=["m"],
+        optimizers=["adam"],
+        methods=["lpwd"],
+        lrs="base",
+        weight_decays="base",
+        seeds=[0],
+    )
+    assert [(c.lr, c.weight_decay) for c in base] == [(1e-4, 1e-2)]
+    assert len({c.name for c in cells}) == len(cells)
+
+
+def test_table_picks_the_best_cell_per_method():
+    rows = [
+        dict(
+            dataset="d",
+            model="m",
+            optimizer="adam",
+            method="wd",
+            lr=1e-3,
+            weight_decay=0.1,
+            status="ok",
+            best10_mean=80.0,
+            best10_std=1.0,
+        ),
+        dict(
+            dataset="d",
+            model="m",
+            optimizer="adam",
+            method="wd",
+            lr=1e-4,
+            weight_decay=0.1,
+            status="ok",
+            best10_mean=82.5,
+            best10_std=0.5,
+        ),
+        dict(
+            dataset="d",
+            model="m",
+            optimizer="adam",
+            method="lpwd",
+            lr=1e-4,
+            weight_decay=0.1,
+            status="missing",
+        ),
+    ]
+    table = sweep.table_markdown(rows)
+    assert "| wd | 82.50 +- 0.50 (lr 0.0001, λ 0.1) |" in table
+    assert "| lpwd | - |" in table
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    path = tmp_path_factory.getbasetemp() / "jax_compilation_cache"
+    helpers.enable_compilation_cache(path)
+    return str(path)
+
+
+@pytest.mark.slow
+def test_two_cell_sweep_resumes_and_tabulates_then_figures(tmp_path, cache_dir, capsys):
+    out = tmp_path / "sweep"
+    shared = [
+        helpers.TINY_MODEL_FLAGS[1],
+        "--batch_size=64",
+        "--steps_per_epoch=4",
+        "--eval_batch_size=128",
+        "--epochs=2",
+        f"--compilation_cache_dir={cache_dir}",
+    ]
+    argv = [
+        f"--output_dir={out}",
+        "--datasets=digits",
+        "--models=convnext_atto_cifar",
+        "--methods=wd,lpwd",
+        "--optimizers=adam",
+        "--lrs=3e-3",
+        "--weight_decays=0.5",
+        "--parallel_processes=2",
+        "--",
+        *shared,
+    ]
+    assert sweep.main(argv) == 0
+    first = capsys.readouterr().out
+    assert "2 cells: 0 finished, 2 to run" in first
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["method"], r["status"]) for r in rows] == [("wd", "ok"), ("lpwd", "ok")]
+    assert all(0 <= float(r["best10_mean"]) <= 100 for r in rows)
+    table = (out / "table.md").read_text()
+    assert "| wd |" in table and "| lpwd |" in table and "+-" in table
+    assert (out / "table.csv").exists()
+
+    # Resumable: finished cells are skipped.
+    assert sweep.main(argv) == 0
+    assert "2 cells: 2 finished, 0 to run" in capsys.readouterr().out
+
+    run_dirs = [r["run_dir"] for r in rows]
+    # Fig. 3a on one run: no training, accuracy after decaying the weights.
+    assert (
+        zero_shot_decay.main(
+            [
+                f"--run_dir={run_dirs[0]}",
+                "--lambdas=0,0.05",
+                "--steps=20",
+                "--batch_size=120",
+                f"--compilation_cache_dir={cache_dir}",
+            ]
+        )
+        == 0
+    )
+    with open(os.path.join(run_dirs[0], "zero_shot_decay.json")) as f:
+        zero_shot = json.load(f)["results"]
+    with open(os.path.join(run_dirs[0], "summary.json")) as f:
+        final_top1 = json.load(f)["final_top1"]
+    assert zero_shot[0]["lambda_s"] == 0.0
+    assert zero_shot[0]["top1"] == pytest.approx(final_top1, abs=1e-6)  # no decay: unchanged
+
+    # Figures.
+    figs = tmp_path / "figs"
+    assert plots.main(["curves", *run_dirs, f"--out={figs}/fig1.png"]) == 0
+    assert plots.main(["rop", *run_dirs, f"--out={figs}/fig2.png"]) == 0
+    assert plots.main(["rop_grid", str(out), "--method=wd", f"--out={figs}/fig2g.png"]) == 0
+    assert (
+        plots.main(
+            ["zero_shot", os.path.join(run_dirs[0], "zero_shot_decay.json"), f"--out={figs}/3a.png"]
+        )
+        == 0
+    )
+    assert plots.main(["heatmap", str(out), f"--out_dir={figs}", "--diff=lpwd,wd"]) == 0
+    for name in ("fig1.png", "fig2.png", "fig2g.png", "3a.png"):
+        assert (figs / name).stat().st_size > 1000
+    assert list(figs.glob("heatmap_*.png"))
