@@ -1,0 +1,562 @@
+"""models/: shapes, timm's param counts, determinism, drop path, depthwise paths, converter errors.
+
+No torch needed; tests/test_timm_parity.py compares the numbers with timm itself.
+"""
+
+import functools
+import math
+import re
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import models
+from models import convert, layers, swin
+from models.convnext import stage_strides
+
+# Exact parameter counts of timm 1.0.31's models (num_classes=1000 unless noted), computed with
+# sum(p.numel() for p in timm.create_model(name, **kwargs).parameters()). They match timm's
+# published sizes (convnext_atto 3.7M, convnext_tiny 28.6M, swin_tiny 28.3M, ...).
+TIMM_PARAM_COUNTS = {
+    "convnext_atto": 3_695_520,
+    "convnext_femto": 5_217_784,
+    "convnext_pico": 9_045_672,
+    "convnext_nano": 15_593_560,
+    "convnext_tiny": 28_589_128,
+    "convnext_small": 50_223_688,
+    "convnext_base": 88_591_464,
+    "convnext_large": 197_767_336,
+    "swin_tiny_patch4_window7_224": 28_288_354,
+    "swin_small_patch4_window7_224": 49_606_258,
+    "swin_base_patch4_window7_224": 87_768_224,
+    # timm.create_model("convnext_atto", num_classes=10, patch_size=2), etc.
+    "convnext_atto_cifar": 3_382_810,
+    "convnext_tiny_cifar": 27_861_514,
+    # timm.create_model("swin_tiny_patch4_window7_224", num_classes=10, img_size=32,
+    #                   patch_size=2, window_size=4)
+    "swin_tiny_cifar": 27_505_108,
+}
+
+
+def abstract_model(name, **kwargs):
+    """The model with shapes only (no arrays allocated, no init compute)."""
+    return nnx.eval_shape(lambda: models.create_model(name, **kwargs))
+
+
+def flat_params(model_or_state):
+    state = model_or_state
+    if isinstance(model_or_state, nnx.Module):
+        state = nnx.state(model_or_state, nnx.Param)
+    return {path: var for path, var in nnx.to_flat_state(state)}
+
+
+def param_count(model):
+    return sum(math.prod(v.shape) for v in flat_params(model).values())
+
+
+# Narrow, shallow versions of the CIFAR presets: same code paths, a fraction of the time.
+SMALL_CONVNEXT = dict(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32))
+SMALL_SWIN = dict(embed_dim=8, depths=(2, 2, 1, 1), num_heads=(1, 1, 2, 2))
+
+
+def small_convnext(**kwargs):
+    return models.create_model("convnext_atto_cifar", **{**SMALL_CONVNEXT, **kwargs})
+
+
+def small_swin(**kwargs):
+    return models.create_model("swin_tiny_cifar", **{**SMALL_SWIN, **kwargs})
+
+
+def images(batch, size=32, seed=0):
+    return jax.random.normal(jax.random.key(seed), (batch, size, size, 3))
+
+
+# --------------------------------------------------------------------------- registry, shapes
+
+
+def test_list_models():
+    names = models.list_models()
+    for variant in ("atto", "femto", "pico", "nano", "tiny", "small", "base", "large"):
+        assert f"convnext_{variant}" in names
+        assert f"convnext_{variant}_cifar" in names
+    for variant in ("tiny", "small", "base"):
+        assert f"swin_{variant}_patch4_window7_224" in names
+        assert f"swin_{variant}_cifar" in names
+    assert models.list_models("swin_*_cifar") == [
+        "swin_base_cifar",
+        "swin_small_cifar",
+        "swin_tiny_cifar",
+    ]
+
+
+@pytest.mark.parametrize("name", sorted(TIMM_PARAM_COUNTS))
+def test_param_count_equals_timm(name):
+    num_classes = 10 if name.endswith("_cifar") else 1000
+    assert param_count(abstract_model(name, num_classes=num_classes)) == TIMM_PARAM_COUNTS[name]
+
+
+@pytest.mark.parametrize(
+    "name, size, num_classes",
+    [
+        ("convnext_atto", 224, 1000),
+        ("convnext_tiny", 224, 7),
+        ("convnext_atto_cifar", 32, 10),
+        ("convnext_tiny_cifar", 32, 100),
+        ("swin_tiny_patch4_window7_224", 224, 1000),
+        ("swin_tiny_cifar", 32, 10),
+        ("swin_base_cifar", 32, 100),
+    ],
+)
+def test_output_shape(name, size, num_classes):
+    fm = models.functional_model(abstract_model(name, num_classes=num_classes))
+    x = jax.ShapeDtypeStruct((3, size, size, 3), jnp.float32)
+    out = jax.eval_shape(fm.apply, fm.params, x)
+    assert out.shape == (3, num_classes) and out.dtype == jnp.float32
+
+
+def test_default_num_classes():
+    assert abstract_model("convnext_atto").num_classes == 1000
+    assert abstract_model("convnext_atto_cifar").num_classes == 10
+    assert abstract_model("swin_tiny_cifar").num_classes == 10
+
+
+def test_convnext_param_paths_and_shapes():
+    params = flat_params(abstract_model("convnext_atto"))
+    expected = {
+        ("stem", "conv", "kernel"): (4, 4, 3, 40),
+        ("stem", "norm", "scale"): (40,),
+        ("stages", 0, "blocks", 1, "conv_dw", "kernel"): (7, 7, 1, 40),
+        ("stages", 0, "blocks", 1, "mlp", "fc1", "kernel"): (40, 160),
+        ("stages", 0, "blocks", 1, "mlp", "fc2", "kernel"): (160, 40),
+        ("stages", 0, "blocks", 1, "gamma"): (40,),
+        ("stages", 1, "downsample", "norm", "scale"): (40,),
+        ("stages", 1, "downsample", "conv", "kernel"): (2, 2, 40, 80),
+        ("stages", 3, "blocks", 1, "norm", "bias"): (320,),
+        ("head", "norm", "scale"): (320,),
+        ("head", "fc", "kernel"): (320, 1000),
+    }
+    for path, shape in expected.items():
+        assert params[path].shape == shape, path
+    assert not any(p[:3] == ("stages", 0, "downsample") for p in params)  # patch 4: none
+
+
+def test_convnext_stage_strides_follow_timm():
+    # timm: stage 0 downsamples only after a stride-2 stem; patch 8 would need dilation.
+    assert stage_strides(4) == [1, 2, 2, 2]
+    assert stage_strides(2) == [2, 2, 2, 2]
+    assert stage_strides(1) == [1, 2, 2, 2]
+    with pytest.raises(ValueError, match="dilated"):
+        stage_strides(8)
+    params = flat_params(abstract_model("convnext_atto_cifar"))
+    assert params[("stem", "conv", "kernel")].shape == (2, 2, 3, 40)
+    assert params[("stages", 0, "downsample", "conv", "kernel")].shape == (2, 2, 40, 40)
+
+
+def test_stem_patch_size_alias():
+    a = abstract_model("convnext_atto", stem_patch_size=1)
+    b = abstract_model("convnext_atto", patch_size=1)
+    assert a.patch_size == b.patch_size == 1
+    assert param_count(a) == param_count(b)
+
+
+def test_swin_param_paths_and_windows():
+    model = abstract_model("swin_tiny_cifar")
+    params = flat_params(model)
+    assert params[("patch_embed", "proj", "kernel")].shape == (2, 2, 3, 96)
+    assert params[("layers", 1, "downsample", "norm", "scale")].shape == (384,)
+    assert params[("layers", 1, "downsample", "reduction", "kernel")].shape == (384, 192)
+    assert ("layers", 1, "downsample", "reduction", "bias") not in params
+    assert params[("layers", 0, "blocks", 1, "attn", "qkv", "bias")].shape == (288,)
+    assert params[("head", "fc", "kernel")].shape == (768, 10)
+    assert not any(p[:3] == ("layers", 0, "downsample") for p in params)
+    # Stages at 16, 8, 4, 2: windows 4, 4, 4 (no shift: resolution == window), 2 (clamped).
+    windows = [(s.resolution, s.blocks[1].window, s.blocks[1].shift) for s in model.layers]
+    assert windows == [
+        ((16, 16), (4, 4), (2, 2)),
+        ((8, 8), (4, 4), (2, 2)),
+        ((4, 4), (4, 4), (0, 0)),
+        ((2, 2), (2, 2), (0, 0)),
+    ]
+    table = ("layers", 3, "blocks", 0, "attn", "relative_position_bias_table")
+    assert params[table].shape == (9, 24)
+    rpb = [p for p in params if p[-1] == "relative_position_bias_table"]
+    assert len(rpb) == 12
+
+
+def test_swin_224_windows():
+    model = abstract_model("swin_tiny_patch4_window7_224")
+    windows = [(s.resolution, s.blocks[-1].window, s.blocks[-1].shift) for s in model.layers]
+    assert windows == [
+        ((56, 56), (7, 7), (3, 3)),
+        ((28, 28), (7, 7), (3, 3)),
+        ((14, 14), (7, 7), (3, 3)),
+        ((7, 7), (7, 7), (0, 0)),
+    ]
+
+
+def test_unknown_model_and_bad_input_size():
+    with pytest.raises(ValueError, match="unknown model"):
+        models.create_model("resnet50")
+    fm = models.functional_model(abstract_model("swin_tiny_cifar"))
+    with pytest.raises(ValueError, match="img_size"):
+        jax.eval_shape(fm.apply, fm.params, jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+
+
+# --------------------------------------------------------------------------- swin helpers
+
+
+def test_window_and_shift_clamping():
+    assert swin.window_and_shift((16, 16), (4, 4), (2, 2)) == ((4, 4), (2, 2))
+    assert swin.window_and_shift((4, 4), (4, 4), (2, 2)) == ((4, 4), (0, 0))
+    assert swin.window_and_shift((2, 2), (4, 4), (2, 2)) == ((2, 2), (0, 0))
+    assert swin.window_and_shift((8, 3), (7, 7), (3, 3)) == ((7, 3), (3, 0))
+
+
+def test_relative_position_index():
+    # 2x2 window, table of 3x3 offsets: index = (dh + 1) * 3 + (dw + 1), dh/dw = query - key.
+    expected = np.array([[4, 3, 1, 0], [5, 4, 2, 1], [7, 6, 4, 3], [8, 7, 5, 4]])
+    np.testing.assert_array_equal(swin.relative_position_index((2, 2)), expected)
+    index = swin.relative_position_index((7, 7))
+    assert index.shape == (49, 49) and index.min() == 0 and index.max() == 168
+    assert np.all(np.diag(index) == 84)
+
+
+def test_window_partition_roundtrip():
+    x = jnp.arange(2 * 8 * 12 * 3, dtype=jnp.float32).reshape(2, 8, 12, 3)
+    windows = swin.window_partition(x, (4, 4))
+    assert windows.shape == (2 * 2 * 3, 16, 3)
+    np.testing.assert_array_equal(windows[1].reshape(4, 4, 3), x[0, :4, 4:8])
+    np.testing.assert_array_equal(swin.window_reverse(windows, (4, 4), 8, 12), x)
+
+
+def test_shifted_window_mask():
+    mask = swin.shifted_window_mask((8, 8), (4, 4), (2, 2))
+    assert mask.shape == (4, 16, 16)
+    assert set(np.unique(mask)) == {0.0, -100.0}
+    np.testing.assert_array_equal(mask, mask.transpose(0, 2, 1))
+    assert np.all(mask[0] == 0)  # the top-left window holds one region only
+    assert np.all(np.diagonal(mask, axis1=1, axis2=2) == 0)
+    # Bottom-right window: four regions of 2x2 tokens each, tokens 0 and 3 differ in region.
+    assert mask[3, 0, 1] == 0 and mask[3, 0, 2] == -100 and mask[3, 0, 8] == -100
+
+
+def test_patch_merging_channel_order():
+    merge = swin.PatchMerging(1, 4, rngs=nnx.Rngs(0))
+    merge.norm = lambda x: x  # isolate the rearrangement
+    merge.reduction.kernel[...] = jnp.eye(4)
+    x = jnp.array([[1.0, 2.0], [3.0, 4.0]]).reshape(1, 2, 2, 1)  # x[h, w]
+    # timm's order: (h, w) = (0, 0), (1, 0), (0, 1), (1, 1)
+    np.testing.assert_array_equal(merge(x).reshape(-1), [1.0, 3.0, 2.0, 4.0])
+
+
+# --------------------------------------------------------------------------- determinism, modes
+
+
+def test_init_is_deterministic_in_seed():
+    a = flat_params(small_convnext(seed=3))
+    b = flat_params(small_convnext(seed=3))
+    c = flat_params(small_convnext(seed=4))
+    key = ("stages", 0, "blocks", 0, "mlp", "fc1", "kernel")
+    for path in a:
+        np.testing.assert_array_equal(a[path][...], b[path][...])
+    assert not np.allclose(a[key][...], c[key][...])
+    np.testing.assert_allclose(np.std(a[key][...]), 0.02, rtol=0.1)  # timm: N(0, 0.02)
+    np.testing.assert_array_equal(a[("stages", 0, "blocks", 0, "gamma")][...], np.float32(1e-6))
+
+
+@pytest.mark.parametrize("make", [small_convnext, small_swin])
+def test_functional_apply_is_pure_and_jittable(make):
+    model = make(drop_path_rate=0.0)
+    fm = models.functional_model(model)
+    before = {path: np.asarray(v[...]) for path, v in flat_params(model).items()}
+    x = images(2)
+    out = jax.jit(fm.apply)(fm.params, x)
+    np.testing.assert_array_equal(jax.jit(fm.apply)(fm.params, x), out)
+    assert all(isinstance(v, nnx.Param) for v in flat_params(fm.params).values())
+    if make is small_convnext:  # one gradient compile is enough here; parity tests do more
+
+        def loss(params):
+            return jnp.mean(fm.apply(params, x) ** 2)
+
+        grads = jax.jit(jax.grad(loss))(fm.params)
+        assert jax.tree.structure(grads) == jax.tree.structure(fm.params)
+        chex.assert_tree_all_finite(grads)
+    for path, var in flat_params(model).items():  # the module itself is untouched
+        np.testing.assert_array_equal(var[...], before[path])
+
+
+def test_drop_path_active_only_in_training():
+    model = small_convnext(drop_path_rate=0.5)
+    # Larger layer scale so that dropping a branch visibly changes the logits.
+    for path, var in flat_params(model).items():
+        if path[-1] == "gamma":
+            var[...] = jnp.ones_like(var[...])
+    fm = models.functional_model(model)
+    apply = jax.jit(fm.apply, static_argnames="train")
+    x, key = images(4), jax.random.key(1)
+    eval_out = apply(fm.params, x)
+    np.testing.assert_array_equal(apply(fm.params, x, train=False, rng=key), eval_out)
+    train_a = apply(fm.params, x, train=True, rng=key)
+    np.testing.assert_array_equal(apply(fm.params, x, train=True, rng=key), train_a)
+    train_b = apply(fm.params, x, train=True, rng=jax.random.key(2))
+    assert not np.allclose(train_a, eval_out, atol=1e-3)
+    assert not np.allclose(train_a, train_b, atol=1e-3)
+    with pytest.raises(ValueError, match="rng"):
+        fm.apply(fm.params, x, train=True, rng=None)
+
+
+def test_no_drop_path_train_equals_eval():
+    fm = models.functional_model(small_convnext(drop_path_rate=0.0))
+    apply = jax.jit(fm.apply, static_argnames="train")
+    x = images(2)
+    np.testing.assert_array_equal(apply(fm.params, x, train=True, rng=None), apply(fm.params, x))
+
+
+def test_swin_block_drop_path():
+    block = swin.SwinBlock(8, (4, 4), 2, (2, 2), (1, 1), drop_path_rate=0.5, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (64, 4, 4, 8))
+    run = nnx.jit(lambda block, x, train, rng: block(x, train=train, rng=rng), static_argnums=2)
+    eval_out = np.asarray(run(block, x, False, None))
+    train_out = np.asarray(run(block, x, True, jax.random.key(1)))
+    # Per sample, each residual branch is dropped with probability 0.5: a sample that lost
+    # both passes through unchanged (about a quarter of them); the others differ from x.
+    untouched = (train_out == np.asarray(x)).all(axis=(1, 2, 3))
+    assert 5 < untouched.sum() < 30
+    assert not np.allclose(eval_out, x, atol=1e-3)
+    np.testing.assert_array_equal(run(block, x, True, jax.random.key(1)), train_out)
+    with pytest.raises(ValueError, match="rng"):
+        run(block, x, True, None)
+
+
+def test_drop_path_rates_linear():
+    rates = layers.drop_path_rates(0.3, (2, 2, 6, 2))
+    np.testing.assert_allclose(np.concatenate(rates), np.linspace(0, 0.3, 12))
+    assert [len(r) for r in rates] == [2, 2, 6, 2]
+    model = abstract_model("convnext_tiny", drop_path_rate=0.2)
+    block_rates = [b.drop_path_rate for s in model.stages for b in s.blocks]
+    np.testing.assert_allclose(block_rates, np.linspace(0, 0.2, 18))
+    assert abstract_model("swin_tiny_cifar").drop_path_rate == 0.1  # timm's Swin default
+    assert abstract_model("convnext_tiny").drop_path_rate == 0.0
+
+
+def test_drop_path_is_per_sample():
+    x = jnp.ones((1000, 3, 3, 2))
+    y = layers.drop_path(x, 0.25, jax.random.key(0), train=True)
+    per_sample = np.asarray(y).reshape(1000, -1)
+    assert np.all((per_sample == 0).all(1) | np.isclose(per_sample, 1 / 0.75).all(1))
+    assert 0.2 < np.mean(per_sample[:, 0] == 0) < 0.3
+    np.testing.assert_array_equal(layers.drop_path(x, 0.25, None, train=False), x)
+
+
+# --------------------------------------------------------------------------- depthwise paths
+
+DEPTHWISE_CASES = [
+    # (batch, height, width, channels, kernel, padding)
+    (2, 8, 8, 5, 7, 3),
+    (3, 7, 5, 4, 7, 3),  # non-square
+    (2, 2, 2, 4, 7, 3),  # most taps read only padding
+    (2, 20, 17, 3, 7, 3),  # tiled kernel gradient in "shift"
+    (2, 6, 6, 3, 3, 0),  # other kernel size, 'valid' padding
+]
+
+
+@pytest.mark.parametrize("impl", ["shift", "matmul"])
+@pytest.mark.parametrize("case", DEPTHWISE_CASES)
+def test_depthwise_impls_match_conv(impl, case):
+    batch, height, width, channels, size, padding = case
+    x = jax.random.normal(jax.random.key(0), (batch, height, width, channels))
+    kernel = jax.random.normal(jax.random.key(1), (size, size, 1, channels))
+    cotangent = jax.random.normal(jax.random.key(2), (batch, height, width, channels))
+    cotangent = cotangent[:, : height + 2 * padding - size + 1, : width + 2 * padding - size + 1]
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def run(name):
+        y, vjp = jax.vjp(lambda a, k: layers.depthwise_conv2d(a, k, padding, name), x, kernel)
+        return (y, *vjp(cotangent))
+
+    for got, want in zip(run(impl), run("conv"), strict=True):
+        assert got.shape == want.shape
+        scale = float(jnp.max(jnp.abs(want)))
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * max(scale, 1.0))
+
+
+def test_depthwise_auto_resolution():
+    assert layers.resolve_depthwise_impl("conv") == "conv"
+    assert layers.resolve_depthwise_impl("shift", (1, 8, 8, 40)) == "shift"
+    if jax.default_backend() == "cpu":
+        assert layers.resolve_depthwise_impl("auto", (128, 8, 8, 40)) == "matmul"
+        assert layers.resolve_depthwise_impl("auto", (128, 16, 16, 96)) == "matmul"
+        assert layers.resolve_depthwise_impl("auto", (128, 32, 32, 40)) == "shift"
+        assert layers.resolve_depthwise_impl("auto", (128, 56, 56, 96)) == "shift"
+    else:
+        assert layers.resolve_depthwise_impl("auto", (128, 8, 8, 40)) == "conv"
+    with pytest.raises(ValueError, match="depthwise_impl"):
+        layers.resolve_depthwise_impl("fft")
+    with pytest.raises(ValueError, match="depthwise_impl"):
+        small_convnext(depthwise_impl="fft")
+
+
+def test_depthwise_impls_agree_in_a_model():
+    x = images(2)
+    outs = {}
+    for impl in ("conv", "shift", "matmul"):
+        model = small_convnext(depthwise_impl=impl)
+        for path, var in flat_params(model).items():
+            if path[-1] == "gamma":  # make the depthwise branch matter
+                var[...] = jnp.full_like(var[...], 0.5)
+        outs[impl] = np.asarray(nnx.jit(lambda m, x: m(x))(model, x))
+    scale = np.abs(outs["conv"]).max()
+    for impl in ("shift", "matmul"):
+        np.testing.assert_allclose(outs[impl], outs["conv"], rtol=0, atol=1e-5 * scale)
+
+
+def test_depthwise_block_gradients_agree():
+    from models.convnext import ConvNeXtBlock
+
+    x = images(2, size=8)[..., :1] * jnp.ones((1, 1, 1, 16))
+    grads = {}
+    for impl in ("conv", "shift", "matmul"):
+        block = ConvNeXtBlock(16, ls_init_value=0.5, depthwise_impl=impl, rngs=nnx.Rngs(0))
+        graphdef, params = nnx.split(block, nnx.Param)
+
+        def loss(params, x, graphdef=graphdef):
+            return jnp.sum(jnp.sin(nnx.merge(graphdef, params)(x)))
+
+        grads[impl] = flat_params(jax.jit(jax.grad(loss))(params, x))
+    for impl in ("shift", "matmul"):
+        for path, want in grads["conv"].items():
+            got = grads[impl][path][...]
+            scale = float(jnp.max(jnp.abs(want[...])))
+            np.testing.assert_allclose(got, want[...], rtol=0, atol=1e-5 * max(scale, 1e-3))
+
+
+# --------------------------------------------------------------------------- converter
+
+
+def random_state_dict(model, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        k: rng.standard_normal(e.timm_shape).astype(np.float32)
+        for k, e in convert.timm_layout(model).items()
+    }
+
+
+def test_timm_layout_names_and_shapes():
+    atto = convert.timm_layout(abstract_model("convnext_atto"))
+    assert atto["stem.0.weight"].timm_shape == (40, 3, 4, 4)
+    assert atto["stem.1.weight"].path == ("stem", "norm", "scale")
+    assert atto["stages.1.downsample.0.bias"].timm_shape == (40,)
+    assert atto["stages.1.downsample.1.weight"].timm_shape == (80, 40, 2, 2)
+    assert atto["stages.0.blocks.0.conv_dw.weight"].timm_shape == (40, 1, 7, 7)
+    assert atto["stages.0.blocks.0.mlp.fc1.weight"].timm_shape == (160, 40, 1, 1)  # conv_mlp
+    assert atto["stages.0.blocks.0.gamma"].timm_shape == (40,)
+    assert atto["head.norm.weight"].timm_shape == (320,)
+    assert atto["head.fc.weight"].timm_shape == (1000, 320)
+    assert len(atto) == 128
+    tiny = convert.timm_layout(abstract_model("convnext_tiny"))
+    assert tiny["stages.0.blocks.0.mlp.fc1.weight"].timm_shape == (384, 96)
+    sw = convert.timm_layout(abstract_model("swin_tiny_patch4_window7_224"))
+    assert sw["patch_embed.proj.weight"].timm_shape == (96, 3, 4, 4)
+    assert sw["layers.1.downsample.reduction.weight"].timm_shape == (192, 384)
+    assert sw["layers.1.downsample.norm.weight"].timm_shape == (384,)
+    assert sw["layers.0.blocks.0.attn.relative_position_bias_table"].timm_shape == (169, 3)
+    assert sw["layers.0.blocks.0.attn.qkv.weight"].timm_shape == (288, 96)
+    assert sw["norm.weight"].timm_shape == (768,)
+
+
+@pytest.mark.parametrize("make", [small_convnext, small_swin])
+def test_timm_roundtrip(make):
+    model = make()
+    state_dict = random_state_dict(model)
+    before = {p: np.asarray(v[...]) for p, v in flat_params(model).items()}
+    params = models.from_timm(model, state_dict)
+    # from_timm does not touch the model; load_timm_weights does.
+    for path, var in flat_params(model).items():
+        np.testing.assert_array_equal(var[...], before[path])
+    back = models.to_timm(model, params)
+    assert back.keys() == state_dict.keys()
+    for key, value in state_dict.items():
+        np.testing.assert_array_equal(back[key], value)
+    models.load_timm_weights(model, state_dict)
+    for key, value in models.to_timm(model).items():
+        np.testing.assert_array_equal(value, state_dict[key])
+
+
+def test_converter_layouts():
+    model = small_convnext()
+    state_dict = random_state_dict(model)
+    params = flat_params(models.from_timm(model, state_dict))
+    conv = state_dict["stem.0.weight"]  # (out, in, kh, kw)
+    np.testing.assert_array_equal(
+        params[("stem", "conv", "kernel")][...][1, 0, 2], conv[:, 2, 1, 0]
+    )
+    dw = state_dict["stages.0.blocks.0.conv_dw.weight"]  # (C, 1, 7, 7)
+    got = params[("stages", 0, "blocks", 0, "conv_dw", "kernel")][...]
+    np.testing.assert_array_equal(got[2, 5, 0], dw[:, 0, 2, 5])
+    fc1 = state_dict["stages.0.blocks.0.mlp.fc1.weight"]  # (out, in, 1, 1)
+    got = params[("stages", 0, "blocks", 0, "mlp", "fc1", "kernel")][...]
+    np.testing.assert_array_equal(got, fc1[:, :, 0, 0].T)
+
+
+def test_converter_ignores_derived_buffers():
+    model = small_swin()
+    state_dict = random_state_dict(model)
+    state_dict["layers.0.blocks.0.attn.relative_position_index"] = np.zeros((16, 16), np.int64)
+    state_dict["layers.0.blocks.1.attn_mask"] = np.zeros((16, 16, 16), np.float32)
+    models.from_timm(model, state_dict)
+
+
+def test_converter_reports_every_problem():
+    model = abstract_model("convnext_atto_cifar")  # atto: conv_mlp layout
+    state_dict = random_state_dict(model)
+    del state_dict["stages.2.blocks.3.gamma"]
+    del state_dict["head.fc.bias"]
+    state_dict["stages.9.blocks.0.mystery.weight"] = np.zeros(3, np.float32)
+    state_dict["stages.0.blocks.1.mlp.fc2.weight"] = np.zeros((40, 160), np.float32)  # not 1x1
+    state_dict["head.fc.weight"] = np.zeros((1000, 320), np.float32)  # wrong num_classes
+    with pytest.raises(ValueError) as info:
+        models.from_timm(model, state_dict)
+    message = str(info.value)
+    assert "missing keys (2): head.fc.bias, stages.2.blocks.3.gamma" in message
+    assert "unexpected keys (1): stages.9.blocks.0.mystery.weight" in message
+    assert "mis-shaped keys (2)" in message
+    assert "head.fc.weight: expected (10, 320), got (1000, 320)" in message
+    assert "stages.0.blocks.1.mlp.fc2.weight: expected (40, 160, 1, 1), got (40, 160)" in message
+
+
+def test_converter_rejects_other_variant():
+    model = abstract_model("convnext_atto_cifar")
+    tiny_keys = convert.timm_layout(abstract_model("convnext_tiny_cifar"))
+    state_dict = {k: np.zeros(e.timm_shape, np.float32) for k, e in tiny_keys.items()}
+    with pytest.raises(ValueError, match=re.escape("stages.0.blocks.2.gamma")):
+        models.from_timm(model, state_dict)
+    with pytest.raises(TypeError, match="no timm layout"):
+        convert.timm_layout(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
+
+
+def test_read_state_dict_safetensors(tmp_path):
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    model = small_convnext()
+    state_dict = random_state_dict(model)
+    path = tmp_path / "weights.safetensors"
+    safetensors_numpy.save_file(state_dict, str(path))
+    loaded = models.read_state_dict(path)
+    assert loaded.keys() == state_dict.keys()
+    models.load_timm_weights(model, path)
+    np.testing.assert_array_equal(
+        models.to_timm(model)["head.fc.weight"], state_dict["head.fc.weight"]
+    )
+    # A truncated file is an error, not silently partial weights.
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(Exception):  # noqa: B017 (safetensors raises its own error type)
+        models.read_state_dict(path)
+
+
+def test_read_state_dict_unwraps_checkpoint():
+    inner = {"a.weight": np.ones((2, 2), np.float32)}
+    assert models.read_state_dict({"state_dict": inner}).keys() == {"a.weight"}
+    assert models.read_state_dict({"model": inner}).keys() == {"a.weight"}
