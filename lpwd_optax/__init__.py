@@ -19,7 +19,6 @@ from lpwd_optax.decay import (
     pre_decay_params,
     pre_weight_decay,
     real_time_weight_decay,
-    rwd_adam,
     weight_decay,
 )
 from lpwd_optax.diagnostics import layer_statistics, opposing_penalty_rate, penalties
@@ -54,7 +53,6 @@ __all__ = [
     "randomized_weight_decay",
     "real_time_weight_decay",
     "rescale_kernel",
-    "rwd_adam",
     "swin_rules",
     "weight_decay",
     "weight_rescaling",

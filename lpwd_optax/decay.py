@@ -12,8 +12,6 @@ must see the optimizer's final update, like `add_decayed_weights` inside `optax.
 
 from __future__ import annotations
 
-from typing import Any
-
 import chex
 import jax
 import optax
@@ -262,21 +260,6 @@ def evaluated_params(
     )
 
 
-def _adam_with(
-    decay: Any,
-    learning_rate: ScalarOrSchedule,
-    weight_decay_rate: Rate,
-    b1: float,
-    b2: float,
-    eps: float,
-    mask: MaskOrFn,
-) -> optax.GradientTransformation:
-    return optax.chain(
-        optax.adam(learning_rate, b1=b1, b2=b2, eps=eps),
-        decay(weight_decay_rate, learning_rate=learning_rate, mask=mask),
-    )
-
-
 def lpwd_adam(
     learning_rate: ScalarOrSchedule,
     weight_decay: Rate = 1e-2,
@@ -309,35 +292,7 @@ def lpwd_adam(
     References:
       "Layer-wise Pre-Weight Decay", ICLR 2024 submission (openreview).
     """
-    return _adam_with(pre_weight_decay, learning_rate, weight_decay, b1, b2, eps, mask)
-
-
-def rwd_adam(
-    learning_rate: ScalarOrSchedule,
-    weight_decay: Rate = 1e-2,
-    *,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    mask: MaskOrFn = None,
-) -> optax.GradientTransformation:
-    """Adam with real-time weight decay: `chain(optax.adam(lr), real_time_weight_decay(...))`.
-
-    Args:
-      learning_rate: eta, a float or a schedule.
-      weight_decay: lambda, a float, a schedule or a per-leaf tree.
-      b1, b2, eps: Adam's hyperparameters.
-      mask: which leaves are decayed; defaults to `default_decay_mask`.
-
-    Returns:
-      An `optax.GradientTransformation`.
-
-    Example:
-      >>> import jax.numpy as jnp, lpwd_optax
-      >>> opt = lpwd_optax.rwd_adam(1e-3, 1e-2)
-      >>> state = opt.init({"w": jnp.ones((2, 2))})
-
-    References:
-      "Layer-wise Pre-Weight Decay", ICLR 2024 submission (openreview), eq. 7.
-    """
-    return _adam_with(real_time_weight_decay, learning_rate, weight_decay, b1, b2, eps, mask)
+    return optax.chain(
+        optax.adam(learning_rate, b1=b1, b2=b2, eps=eps),
+        pre_weight_decay(weight_decay, learning_rate=learning_rate, mask=mask),
+    )

@@ -40,7 +40,7 @@ def run_flags(output_dir, cache_dir, *extra: str) -> list[str]:
         *TINY_MODEL_FLAGS,
         "--dataset=digits",
         "--optimizer=adam",
-        "--lr=3e-3",
+        "--lr=1e-2",
         "--weight_decay=0.5",
         "--batch_size=64",
         "--steps_per_epoch=4",
