@@ -1,0 +1,306 @@
+"""Regularizer overhead: a jitted optimizer update with each regularizer, against optax.adamw.
+
+One update step `params, state = step(params, state, grads)` (no forward/backward pass), jitted
+with the params and optimizer state donated as in a real training step, on the param tree of a
+real model (default ConvNeXt-T, 28.6M params, shapes from `nnx.eval_shape`, so the model is
+never initialized). For each regularizer T the optimizer is `chain(optax.adam(lr), T)` (AdaDecay,
+a gradient-side penalty, goes first: `chain(T, optax.adam(lr))`) and the figure is its median
+time per step divided by `optax.adamw`'s with the same mask (timm's no-decay rule), timed
+round-robin in one process. The decoupled decays should fuse into Adam's elementwise update
+(target ratio <= 1.03). Also reported, all noise-free unlike the timings: optimizer-state
+bytes against Adam's; XLA's estimate of the bytes the compiled step reads and writes (it counts
+both branches of a conditional); the number of top-level kernels; and the MiB of fresh
+temporary buffers per step, i.e. the intermediates XLA writes to memory and reads back (XLA's
+CPU runtime allocates them on every run, so each costs a write, page faults and a read).
+
+`weight_rescaling` appears three times: a large `every` (every timed step skips the rescale:
+the cost of the `lax.cond`), `every=1` (branch-free, rescales every step) and `every=2`.
+
+    python -m experiments.bench_regularizers --out bench_regularizers.json
+    python -m experiments.bench_regularizers --model convnext_atto --steps 2 --repeats 1  # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import lpwd_optax as lo
+import models
+from experiments import bench_common
+
+LEARNING_RATE = 1e-3
+WEIGHT_DECAY = 0.05
+DECOUPLED_TARGET = 1.03
+# A `weight_rescaling` period no benchmark reaches: every timed step is a skipped step.
+NEVER = 2**30
+
+
+def abstract_params(model_name: str, **overrides: Any) -> tuple[Any, Callable[..., Any]]:
+    """The model's params as `jax.ShapeDtypeStruct`s (nothing allocated) and its apply fn."""
+    abstract_model = nnx.eval_shape(lambda: models.create_model(model_name, **overrides))
+    graphdef, params = nnx.split(abstract_model, nnx.Param)
+    apply_fn = lambda p, x: nnx.merge(graphdef, p)(x)
+    return params, apply_fn
+
+
+def optimizers(params: Any, apply_fn: Callable[..., Any], image_size: int):
+    """name -> (optimizer, group). Groups: reference, decoupled (target), coupled, rescaling."""
+    lr, wd = LEARNING_RATE, WEIGHT_DECAY
+    mask = lo.default_decay_mask(params)
+    example = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    labels = lo.depth_labels(params, apply_fn, example)
+    layerwise_rates = lo.layerwise_schedule(labels, wd)
+    adam = optax.adam(lr)
+    return {
+        "optax.adamw": (optax.adamw(lr, weight_decay=wd, mask=mask), "baseline"),
+        "optax.adam (no decay)": (adam, "reference"),
+        "weight_decay": (optax.chain(adam, lo.weight_decay(wd, learning_rate=lr)), "decoupled"),
+        "real_time_weight_decay": (
+            optax.chain(adam, lo.real_time_weight_decay(wd, learning_rate=lr)),
+            "decoupled",
+        ),
+        "pre_weight_decay": (
+            optax.chain(adam, lo.pre_weight_decay(wd, learning_rate=lr)),
+            "decoupled",
+        ),
+        "LPWD (layer-wise pre_weight_decay)": (
+            optax.chain(adam, lo.pre_weight_decay(layerwise_rates, learning_rate=lr)),
+            "decoupled",
+        ),
+        "weight_rescaling(k), skipped step": (
+            optax.chain(adam, lo.weight_rescaling(NEVER)),
+            "decoupled",
+        ),
+        "weight_rescaling(1), every step": (
+            optax.chain(adam, lo.weight_rescaling(1)),
+            "rescaling",
+        ),
+        "weight_rescaling(2), mean step": (
+            optax.chain(adam, lo.weight_rescaling(2)),
+            "rescaling",
+        ),
+        "adaptive_weight_decay (first)": (
+            optax.chain(lo.adaptive_weight_decay(wd), adam),
+            "coupled",
+        ),
+    }
+
+
+def tree_bytes(tree: Any) -> int:
+    return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def make_step(opt: optax.GradientTransformation):
+    def step(params, opt_state, grads):
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def hlo_summary(compiled: Any) -> dict[str, Any]:
+    """XLA's cost estimate and the number of top-level kernels of a compiled step."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list):  # older jax: one dict per computation
+        cost = cost[0] if cost else {}
+    text = compiled.as_text()
+    entry = text[text.find("ENTRY") :]
+    kernels = sum(
+        1
+        for line in entry.splitlines()
+        if " = " in line
+        and not any(
+            op in line.split(" = ", 1)[1].split("(", 1)[0]
+            for op in ("parameter", "tuple", "get-tuple-element", "constant", "bitcast")
+        )
+    )
+    return {
+        "bytes_accessed": float(cost.get("bytes accessed", float("nan"))),
+        "flops": float(cost.get("flops", float("nan"))),
+        "top_level_ops": kernels,
+        "fusions": entry.count(" fusion("),
+        "conditionals": entry.count(" conditional("),
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    machine = bench_common.machine_info()
+    abstract, apply_fn = abstract_params(args.model, **json.loads(args.model_overrides))
+    num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract))
+    print(
+        f"{args.model}: {len(jax.tree.leaves(abstract))} param leaves, {num_params:,} params; "
+        f"{args.steps} steps per sample, {args.repeats} repeats; "
+        f"load {machine['load_average_1_5_15min']}"
+    )
+    master = bench_common.random_like(abstract, seed=0)
+    grads = bench_common.random_like(abstract, seed=1, scale=1e-3)
+    opts = optimizers(abstract, apply_fn, args.image_size)
+    if args.only:
+        keep = {"optax.adamw", *args.only}
+        opts = {k: v for k, v in opts.items() if k in keep}
+
+    copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
+    steps, inits, results = {}, {}, {}
+    adam_state_bytes = tree_bytes(jax.eval_shape(optax.adam(LEARNING_RATE).init, abstract))
+    for name, (opt, group) in opts.items():
+        state_shapes = jax.eval_shape(opt.init, abstract)
+        step = make_step(opt)
+        start = time.perf_counter()
+        compiled = step.lower(abstract, state_shapes, abstract).compile()
+        compile_s = time.perf_counter() - start
+        print(f"  compiled {name} in {compile_s:.1f} s", flush=True)
+        steps[name], inits[name] = compiled, jax.jit(opt.init)
+        results[name] = {
+            "group": group,
+            "compile_s": compile_s,
+            "state_bytes": tree_bytes(state_shapes),
+            "state_bytes_vs_adam": tree_bytes(state_shapes) / adam_state_bytes,
+            # A chain keeps one int32 step count per stage: 4 bytes per extra transform.
+            "state_extra_bytes_vs_adam": tree_bytes(state_shapes) - adam_state_bytes,
+            **hlo_summary(compiled),
+        }
+
+    live: dict[str, Any] = {}
+    page_faults: dict[str, list[float]] = {name: [] for name in opts}
+
+    def prepare(name):
+        live.clear()  # free the previous configuration's buffers first
+        params = copy(master)
+        # One untimed step: the timed ones then run in a training loop's steady state.
+        live[name] = steps[name](params, inits[name](params), grads)
+        jax.block_until_ready(live[name])
+
+    def timed(name):
+        def fn():
+            params, state = live.pop(name)
+            faults = bench_common.minor_page_faults()
+            for _ in range(args.steps):
+                params, state = steps[name](params, state, grads)
+            jax.block_until_ready((params, state))
+            page_faults[name].append((bench_common.minor_page_faults() - faults) / args.steps)
+            live[name] = (params, state)
+
+        return fn
+
+    times = bench_common.time_interleaved(
+        {name: timed(name) for name in opts},
+        repeats=args.repeats,
+        warmup=args.warmup,
+        prepare={name: lambda name=name: prepare(name) for name in opts},
+    )
+    live.clear()
+    base = results["optax.adamw"]
+    for name, r in results.items():
+        for clock in ("wall_s", "cpu_s"):
+            per_step = [t / args.steps for t in times[name][clock]]
+            r[f"step_{clock}"] = bench_common.summarize(per_step)
+            # The ratio of medians, and the median of per-round ratios (robust to drifting load).
+            base_steps = [t / args.steps for t in times["optax.adamw"][clock]]
+            r[f"ratio_{clock}"] = float(np.median(per_step) / np.median(base_steps))
+            r[f"ratio_{clock}_paired"] = float(
+                np.median([a / b for a, b in zip(per_step, base_steps)])
+            )
+        r["bytes_accessed_vs_adamw"] = r["bytes_accessed"] / base["bytes_accessed"]
+        # Fresh temporary buffers per step: intermediates XLA wrote to memory.
+        r["page_faults_mib_per_step"] = (
+            float(np.median(page_faults[name])) * resource.getpagesize() / 2**20
+        )
+        if r["group"] == "decoupled":
+            r["meets_target"] = r["ratio_wall_s"] <= DECOUPLED_TARGET
+
+    report = {
+        "benchmark": "regularizer_overhead",
+        "model": args.model,
+        "model_overrides": json.loads(args.model_overrides),
+        "num_params": num_params,
+        "num_leaves": len(jax.tree.leaves(abstract)),
+        "steps_per_sample": args.steps,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "learning_rate": LEARNING_RATE,
+        "weight_decay": WEIGHT_DECAY,
+        "target_decoupled_ratio": DECOUPLED_TARGET,
+        "machine": machine,
+        "load_average_at_end": bench_common.load_average(),
+        "peak_rss_mib": bench_common.peak_rss_mib(),
+        "results": results,
+    }
+    print_report(report)
+    return report
+
+
+def print_report(report: dict[str, Any]) -> None:
+    headers = [
+        "optimizer",
+        "ms/step",
+        "vs adamw",
+        "paired",
+        "cpu ratio",
+        "state MiB",
+        "+bytes vs adam",
+        "XLA bytes vs adamw",
+        "temp MiB/step",
+        "kernels",
+        "compile s",
+    ]
+    rows = []
+    for name, r in report["results"].items():
+        rows.append(
+            [
+                name,
+                1e3 * r["step_wall_s"]["median"],
+                r["ratio_wall_s"],
+                r["ratio_wall_s_paired"],
+                r["ratio_cpu_s_paired"],
+                r["state_bytes"] / 2**20,
+                r["state_extra_bytes_vs_adam"],
+                r["bytes_accessed_vs_adamw"],
+                r["page_faults_mib_per_step"],
+                r["top_level_ops"],
+                r["compile_s"],
+            ]
+        )
+    print(bench_common.format_table(headers, rows))
+    print(
+        "ratios: median step time over optax.adamw's ('paired': median of per-round ratios); "
+        f"target for the decoupled decays <= {report['target_decoupled_ratio']}"
+    )
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="convnext_tiny", help="a models.list_models() name")
+    parser.add_argument(
+        "--model-overrides", default="{}", help="JSON constructor arguments for create_model"
+    )
+    parser.add_argument("--image-size", type=int, default=224, help="for LPWD's depth labels")
+    parser.add_argument("--steps", type=int, default=10, help="update steps per timed sample")
+    parser.add_argument("--repeats", type=int, default=7, help="timed samples (median)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument("--only", nargs="*", help="a subset of the optimizer names")
+    parser.add_argument("--out", help="write the results as JSON here")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    report = run(args)
+    if args.out:
+        bench_common.write_json(args.out, report)
+    return report
+
+
+if __name__ == "__main__":
+    main()
