@@ -429,13 +429,11 @@ def test_rule_errors():
     "name, rules", [("convnext_atto_cifar", convnext_rules), ("swin_tiny_cifar", swin_rules)]
 )
 def test_real_models_rules_match_the_forward_pass(name, rules):
-    models = pytest.importorskip("models")
-    try:
-        # Abstract params (ShapeDtypeStructs): nothing is initialized, tracing is enough.
-        create = functools.partial(models.create_model, name, num_classes=10, seed=0)
-        fm = models.functional_model(nnx.eval_shape(create))
-    except Exception as e:  # the models package is optional for this test
-        pytest.skip(f"models.create_model({name!r}) unavailable: {e}")
+    import models
+
+    # Abstract params (ShapeDtypeStructs): nothing is initialized, tracing is enough.
+    create = functools.partial(models.create_model, name, num_classes=10, seed=0)
+    fm = models.functional_model(nnx.eval_shape(create))
     x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
     by_rules = depth_labels(fm.params, rules=rules)
     by_forward = depth_labels(fm.params, fm.apply, x, rules=rules, train=False, rng=None)
