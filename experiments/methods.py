@@ -116,24 +116,10 @@ def build_method(
             identity,
             f"{description}, alpha={adadecay_alpha:g}",
         )
-    if name == "wd":
-        return Method(
-            name,
-            (base, lo.weight_decay(lam, learning_rate=lr)),
-            "last",
-            identity,
-            identity,
-            description,
-        )
-    if name == "rwd":
-        return Method(
-            name,
-            (base, lo.real_time_weight_decay(lam, learning_rate=lr)),
-            "last",
-            identity,
-            identity,
-            description,
-        )
+    plain_decays = {"wd": lo.weight_decay, "rwd": lo.real_time_weight_decay}
+    if name in plain_decays:
+        reg = plain_decays[name](lam, learning_rate=lr)
+        return Method(name, (base, reg), "last", identity, identity, description)
     if name == "wrs":
         # SPEC 2.4: kernels are rescaled (default mask); norm scales and biases get plain WD.
         kernels = lo.default_decay_mask(params)

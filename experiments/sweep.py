@@ -67,13 +67,7 @@ RESULT_FIELDS = (
     "weight_decay",
     "seed",
     "status",
-    "best10_mean",
-    "best10_std",
-    "best_top1",
-    "final_top1",
-    "mean_rop",
-    "epochs",
-    "wall_time_s",
+    *SUMMARY_FIELDS,
     "run_dir",
 )
 
