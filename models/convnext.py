@@ -36,6 +36,7 @@ from models.layers import (
     drop_path_rates,
     layer_norm,
     linear,
+    residual_barrier,
     timm_normal,
     zeros,
 )
@@ -115,7 +116,7 @@ class ConvNeXtBlock(nnx.Module):
         y = self.mlp(self.norm(self.conv_dw(x)))
         if self.gamma is not None:
             y = y * self.gamma[...]
-        return x + drop_path(y, self.drop_path_rate, rng, train)
+        return residual_barrier(x + drop_path(y, self.drop_path_rate, rng, train))
 
 
 class ConvNeXtStage(nnx.Module):

@@ -76,7 +76,41 @@ def torch_default_bias_init(fan_in: int):
 
 def gelu(x: jax.Array) -> jax.Array:
     """Exact (erf) GELU, as torch.nn.GELU() and timm's default 'gelu'."""
-    return jax.nn.gelu(x, approximate=False)
+    return x * (0.5 + 0.5 * jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
+
+
+@jax.custom_vjp
+def _cotangent_barrier(x: jax.Array) -> jax.Array:
+    return x
+
+
+def _cotangent_barrier_fwd(x):
+    return x, None
+
+
+def _cotangent_barrier_bwd(_, g):
+    # A conditional is one of the few things XLA:CPU never fuses through. The predicate is
+    # false for every finite cotangent; when the first entry is NaN the whole cotangent becomes
+    # NaN, as the matmuls downstream would make it anyway.
+    first = g.reshape(-1)[0]
+    return (jax.lax.cond(jnp.isnan(first), lambda g: jnp.full_like(g, jnp.nan), lambda g: g, g),)
+
+
+_cotangent_barrier.defvjp(_cotangent_barrier_fwd, _cotangent_barrier_bwd)
+
+
+def residual_barrier(x: jax.Array) -> jax.Array:
+    """Identity whose gradient XLA:CPU must write to memory once (a no-op on other backends).
+
+    A residual stream's gradient is a chain of adds, one per block. XLA:CPU treats adds as free
+    to duplicate and fuses the whole chain into each of its consumers (weight-gradient matmul
+    transposes, norm backward passes), so a stage of n blocks recomputes O(n^2) terms: in
+    swin_tiny at 32x32 those fusions took a quarter of the step. Calling this on each block's
+    output ends every chain at one block. Values and gradients are unchanged.
+    """
+    if jax.default_backend() != "cpu":
+        return x
+    return _cotangent_barrier(x)
 
 
 def drop_path_rates(drop_path_rate: float, depths: tuple[int, ...]) -> list[list[float]]:
@@ -318,9 +352,17 @@ class DepthwiseConv(nnx.Module):
         return y + self.bias[...]
 
 
+class Linear(nnx.Linear):
+    """nnx.Linear applied to a 2-D (tokens, features) view of its input."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = super().__call__(x.reshape(-1, x.shape[-1]))
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 def linear(in_features: int, out_features: int, *, use_bias: bool = True, rngs: nnx.Rngs):
     """nnx.Linear with timm's init (weight N(0, 0.02), bias 0)."""
-    return nnx.Linear(
+    return Linear(
         in_features,
         out_features,
         use_bias=use_bias,

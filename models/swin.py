@@ -37,6 +37,7 @@ from models.layers import (
     drop_path_rates,
     layer_norm,
     linear,
+    residual_barrier,
     timm_normal,
     torch_default_bias_init,
     torch_default_kernel_init,
@@ -193,7 +194,9 @@ class SwinBlock(nnx.Module):
     def __call__(self, x: jax.Array, *, train: bool = False, rng: jax.Array | None = None):
         rate = self.drop_path_rate
         x = x + drop_path(self._window_attention(self.norm1(x)), rate, block_rng(rng, 0), train)
-        return x + drop_path(self.mlp(self.norm2(x)), rate, block_rng(rng, 1), train)
+        x = residual_barrier(x)
+        x = x + drop_path(self.mlp(self.norm2(x)), rate, block_rng(rng, 1), train)
+        return residual_barrier(x)
 
 
 class PatchMerging(nnx.Module):

@@ -560,3 +560,53 @@ def test_read_state_dict_unwraps_checkpoint():
     inner = {"a.weight": np.ones((2, 2), np.float32)}
     assert models.read_state_dict({"state_dict": inner}).keys() == {"a.weight"}
     assert models.read_state_dict({"model": inner}).keys() == {"a.weight"}
+
+
+# --------------------------------------------------------------------------- CPU speed paths
+
+
+def test_gelu_is_exact_erf_gelu():
+    x = jnp.linspace(-12.0, 12.0, 2001)
+    # Independent reference: the erf form in float64.
+    from math import erf, sqrt
+
+    want = np.array([v * 0.5 * (1.0 + erf(v / sqrt(2.0))) for v in np.asarray(x, np.float64)])
+    np.testing.assert_allclose(layers.gelu(x), want, rtol=1e-6, atol=1e-6)
+    exact = functools.partial(jax.nn.gelu, approximate=False)
+    np.testing.assert_allclose(
+        jax.vmap(jax.grad(layers.gelu))(x), jax.vmap(jax.grad(exact))(x), atol=2e-6
+    )
+
+
+def test_residual_barrier_changes_no_value_or_gradient():
+    x = jax.random.normal(jax.random.key(0), (2, 3, 4, 5))
+
+    def chain(x, barrier):
+        for i in range(6):
+            y = jnp.tanh(x * (i + 1.0))
+            x = x + y
+            x = layers.residual_barrier(x) if barrier else x
+        return jnp.sum(x * jnp.cos(x))
+
+    for f in (jax.grad(chain, argnums=0), jax.jit(jax.grad(chain), static_argnums=1)):
+        np.testing.assert_array_equal(f(x, True), f(x, False))
+    assert float(chain(x, True)) == float(chain(x, False))
+    if jax.default_backend() == "cpu":
+        # The cotangent passes through a conditional, which XLA:CPU cannot fuse through.
+        hlo = jax.jit(jax.grad(chain), static_argnums=1).lower(x, True).as_text()
+        assert hlo.count("case") + hlo.count("conditional") >= 6
+
+
+def test_residual_barrier_keeps_nan_gradients_nan():
+    g = jax.grad(lambda x: jnp.sum(layers.residual_barrier(x) * jnp.array([jnp.nan, 1.0])))(
+        jnp.ones(2)
+    )
+    assert bool(jnp.all(jnp.isnan(g))) or jax.default_backend() != "cpu"
+
+
+def test_linear_flattens_leading_axes():
+    dense = layers.linear(5, 3, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 4, 6, 5))
+    want = jnp.einsum("bhwc,cd->bhwd", x, dense.kernel[...]) + dense.bias[...]
+    np.testing.assert_allclose(dense(x), want, rtol=1e-5, atol=1e-6)
+    assert dense(x[0, 0, 0]).shape == (3,)
