@@ -111,6 +111,50 @@ def shifted_window_mask(padded_size: Pair, window: Pair, shift: Pair) -> np.ndar
     return np.where(diff != 0, MASK_VALUE, 0.0).astype(np.float32)
 
 
+def _softmax(logits: jax.Array, axis: int) -> jax.Array:
+    shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis, keepdims=True))
+    e = jnp.exp(shifted)
+    return e / jnp.sum(e, axis, keepdims=True)
+
+
+@jax.custom_vjp
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
+    """softmax(q k^T + bias) v over the last two axes; q, k, v: (..., N, d), bias: (..., N, N).
+
+    Leading axes of `bias` broadcast against the trailing leading axes of q (windows, heads).
+    Plain autodiff of this needs two products that contract the query axis of a stored
+    operand, (d logits)^T q and p^T (d out); XLA:CPU hands matmuls with a transposed left
+    operand to a slow generic loop (about 5x slower than the library kernel at these sizes).
+    The VJP below recomputes p^T and (d logits)^T from their own products instead, so every
+    matmul has the form the fast kernel takes; the extra work is two (N x N) products.
+    """
+    return _attention_fwd(q, k, v, bias)[0]
+
+
+def _attention_fwd(q, k, v, bias):
+    p = _softmax(jnp.einsum("...qd,...kd->...qk", q, k) + bias, -1)
+    return jnp.einsum("...qk,...kd->...qd", p, v), (q, k, v, bias, p)
+
+
+def _attention_bwd(residuals, g):
+    q, k, v, bias, p = residuals
+    # The same logits, transposed, from their own product (softmax over the key axis, -2).
+    p_t = _softmax(jnp.einsum("...kd,...qd->...kq", k, q) + jnp.swapaxes(bias, -1, -2), -2)
+    dp = jnp.einsum("...qd,...kd->...qk", g, v)
+    dp_t = jnp.einsum("...kd,...qd->...kq", v, g)
+    row = jnp.sum(dp * p, -1)  # softmax backward: d logits = p * (dp - sum_k dp * p)
+    dlogits = p * (dp - row[..., None])
+    dlogits_t = p_t * (dp_t - row[..., None, :])
+    dq = jnp.einsum("...qk,...kd->...qd", dlogits, k)
+    dk = jnp.einsum("...kq,...qd->...kd", dlogits_t, q)
+    dv = jnp.einsum("...kq,...qd->...kd", p_t, g)
+    dbias = jnp.sum(dlogits.reshape(-1, *bias.shape), axis=0)
+    return dq, dk, dv, dbias.reshape(bias.shape)
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)
+
+
 class WindowAttention(nnx.Module):
     """Multi-head self-attention inside windows, with a relative position bias."""
 
@@ -136,18 +180,15 @@ class WindowAttention(nnx.Module):
     def __call__(self, x: jax.Array, mask: np.ndarray | None = None) -> jax.Array:
         """x: (B * num_windows, N, C); mask: (num_windows, N, N) additive, or None."""
         batch, n, c = x.shape
-        head_dim = c // self.num_heads
-        qkv = self.qkv(x).reshape(batch, n, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]  # (B*nW, heads, N, head_dim)
-        logits = jnp.einsum("bhqd,bhkd->bhqk", q * head_dim**-0.5, k)
-        logits = logits + self.relative_position_bias()[None]
+        heads, head_dim = self.num_heads, c // self.num_heads
+        qkv = self.qkv(x).reshape(batch, n, 3, heads, head_dim).transpose(2, 0, 3, 1, 4)
+        bias = self.relative_position_bias()[None]  # (1, heads, N, N)
         if mask is not None:
-            num_windows = mask.shape[0]
-            logits = logits.reshape(-1, num_windows, self.num_heads, n, n) + mask[None, :, None]
-            logits = logits.reshape(-1, self.num_heads, n, n)
-        weights = jax.nn.softmax(logits, axis=-1)
-        out = jnp.einsum("bhqk,bhkd->bqhd", weights, v).reshape(batch, n, c)
-        return self.proj(out)
+            bias = bias + jnp.asarray(mask)[:, None]  # (num_windows, heads, N, N)
+        windowed = (-1, bias.shape[0], heads, n, head_dim)
+        q, k, v = (t.reshape(windowed) for t in (qkv[0] * head_dim**-0.5, qkv[1], qkv[2]))
+        out = attention(q, k, v, bias).reshape(batch, heads, n, head_dim)
+        return self.proj(out.transpose(0, 2, 1, 3).reshape(batch, n, c))
 
 
 class SwinBlock(nnx.Module):

@@ -610,3 +610,21 @@ def test_linear_flattens_leading_axes():
     want = jnp.einsum("bhwc,cd->bhwd", x, dense.kernel[...]) + dense.bias[...]
     np.testing.assert_allclose(dense(x), want, rtol=1e-5, atol=1e-6)
     assert dense(x[0, 0, 0]).shape == (3,)
+
+
+def test_swin_attention_vjp_matches_autodiff():
+    keys = jax.random.split(jax.random.key(0), 5)
+    q, k, v = (jax.random.normal(key, (3, 2, 4, 9, 5)) for key in keys[:3])
+    bias = jax.random.normal(keys[3], (2, 4, 9, 9))  # (windows, heads, N, N)
+    cotangent = jax.random.normal(keys[4], q.shape)
+
+    def plain(q, k, v, bias):
+        logits = jnp.einsum("...qd,...kd->...qk", q, k) + bias
+        return jnp.einsum("...qk,...kd->...qd", jax.nn.softmax(logits, axis=-1), v)
+
+    got_out, got_vjp = jax.vjp(swin.attention, q, k, v, bias)
+    want_out, want_vjp = jax.vjp(plain, q, k, v, bias)
+    np.testing.assert_allclose(got_out, want_out, rtol=1e-5, atol=1e-6)
+    for got, want in zip(got_vjp(cotangent), want_vjp(cotangent), strict=True):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
