@@ -31,12 +31,13 @@ from models.layers import (
     DepthwiseConv,
     DepthwiseImpl,
     Mlp,
-    block_rng,
+    Stage,
     drop_path,
     drop_path_rates,
     layer_norm,
     linear,
     residual_barrier,
+    run_stages,
     timm_normal,
     zeros,
 )
@@ -119,7 +120,7 @@ class ConvNeXtBlock(nnx.Module):
         return residual_barrier(x + drop_path(y, self.drop_path_rate, rng, train))
 
 
-class ConvNeXtStage(nnx.Module):
+class ConvNeXtStage(Stage):
     """Optional downsample, then `depth` blocks at `out_dim` channels."""
 
     def __init__(
@@ -143,13 +144,6 @@ class ConvNeXtStage(nnx.Module):
                 for rate in drop_path_rates[:depth]
             ]
         )
-
-    def __call__(self, x: jax.Array, *, train: bool, rngs: Sequence[jax.Array | None]):
-        if self.downsample is not None:
-            x = self.downsample(x)
-        for block, rng in zip(self.blocks, rngs, strict=True):
-            x = block(x, train=train, rng=rng)
-        return x
 
 
 class Head(nnx.Module):
@@ -252,13 +246,7 @@ class ConvNeXt(nnx.Module):
         self, x: jax.Array, *, train: bool = False, rng: jax.Array | None = None
     ) -> jax.Array:
         """Stem and stages: NHWC feature map of the last stage."""
-        x = self.stem(x)
-        index = 0
-        for stage in self.stages:
-            rngs = [block_rng(rng, index + i) for i in range(len(stage.blocks))]
-            index += len(stage.blocks)
-            x = stage(x, train=train, rngs=rngs)
-        return x
+        return run_stages(self.stages, self.stem(x), train=train, rng=rng)
 
     def __call__(
         self, x: jax.Array, *, train: bool = False, rng: jax.Array | None = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import jax
@@ -141,6 +142,36 @@ def drop_path(x: jax.Array, rate: float, rng: jax.Array | None, train: bool) -> 
 def block_rng(rng: jax.Array | None, index: int) -> jax.Array | None:
     """A distinct key for block number `index` (None stays None)."""
     return None if rng is None else jax.random.fold_in(rng, index)
+
+
+class Stage(nnx.Module):
+    """Base of a ConvNeXt or Swin stage: an optional `downsample`, then `blocks` in order.
+
+    Subclasses set `self.downsample` (a module or None) and `self.blocks` (an nnx.List of
+    modules called as `block(x, train=..., rng=...)`).
+    """
+
+    downsample: nnx.Module | None
+    blocks: nnx.List
+
+    def __call__(self, x: jax.Array, *, train: bool, rngs: Sequence[jax.Array | None]):
+        if self.downsample is not None:
+            x = self.downsample(x)
+        for block, rng in zip(self.blocks, rngs, strict=True):
+            x = block(x, train=train, rng=rng)
+        return x
+
+
+def run_stages(
+    stages: Sequence[Stage], x: jax.Array, *, train: bool, rng: jax.Array | None
+) -> jax.Array:
+    """Runs `stages` in order; block number i of the whole network draws `fold_in(rng, i)`."""
+    index = 0
+    for stage in stages:
+        rngs = [block_rng(rng, index + i) for i in range(len(stage.blocks))]
+        index += len(stage.blocks)
+        x = stage(x, train=train, rngs=rngs)
+    return x
 
 
 def resolve_depthwise_impl(

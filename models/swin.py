@@ -32,12 +32,14 @@ from flax import nnx
 
 from models.layers import (
     Mlp,
+    Stage,
     block_rng,
     drop_path,
     drop_path_rates,
     layer_norm,
     linear,
     residual_barrier,
+    run_stages,
     timm_normal,
     torch_default_bias_init,
     torch_default_kernel_init,
@@ -259,7 +261,7 @@ class PatchMerging(nnx.Module):
         return self.reduction(self.norm(x.reshape(b, h // 2, w // 2, 4 * c)))
 
 
-class SwinStage(nnx.Module):
+class SwinStage(Stage):
     """Optional patch merging, then `depth` blocks alternating plain and shifted windows."""
 
     def __init__(
@@ -302,13 +304,6 @@ class SwinStage(nnx.Module):
                 for i in range(depth)
             ]
         )
-
-    def __call__(self, x: jax.Array, *, train: bool, rngs: Sequence[jax.Array | None]):
-        if self.downsample is not None:
-            x = self.downsample(x)
-        for block, rng in zip(self.blocks, rngs, strict=True):
-            x = block(x, train=train, rng=rng)
-        return x
 
 
 class PatchEmbed(nnx.Module):
@@ -414,11 +409,7 @@ class SwinTransformer(nnx.Module):
         if tuple(x.shape[1:3]) != self.img_size:
             raise ValueError(f"input size {tuple(x.shape[1:3])} != model img_size {self.img_size}")
         x = self.patch_embed(x)
-        index = 0
-        for stage in self.layers:
-            rngs = [block_rng(rng, index + i) for i in range(len(stage.blocks))]
-            index += len(stage.blocks)
-            x = stage(x, train=train, rngs=rngs)
+        x = run_stages(self.layers, x, train=train, rng=rng)
         return self.norm(x)
 
     def __call__(
