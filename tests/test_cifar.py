@@ -140,20 +140,16 @@ def test_non_finite_gradients_stop_the_run_and_keep_the_last_good_checkpoint(
 def test_image_folder_run_with_pmap(tmp_path, cache_dir, capsys):
     root = helpers.write_image_folder(tmp_path / "images")
     out = tmp_path / "run"
-    code = cifar.main(
-        helpers.run_flags(
-            out,
-            cache_dir,
-            f"--dataset=folder:{root}",
-            "--parallel=pmap",
-            "--method=wd",
-            "--optimizer=sgdm",
-            "--lr=0.05",
-            "--batch_size=24",
-            "--eval_batch_size=24",
-            "--epochs=3",
-        )
-    )
+    flags = [
+        f"--dataset=folder:{root}",
+        "--parallel=pmap",
+        "--method=wd",
+        "--optimizer=sgdm",
+        "--lr=0.05",
+        "--batch_size=24",
+        "--eval_batch_size=24",
+    ]
+    code = cifar.main(helpers.run_flags(out, cache_dir, *flags, "--epochs=3"))
     assert code == 0
     stdout = capsys.readouterr().out
     assert SUMMARY_LINE.search(stdout)
@@ -163,24 +159,7 @@ def test_image_folder_run_with_pmap(tmp_path, cache_dir, capsys):
     assert summary["history"][0]["rop"] is not None
     assert os.path.isdir(out / "checkpoints" / "9")
     # The pmap run resumes from its own checkpoints too.
-    assert (
-        cifar.main(
-            helpers.run_flags(
-                out,
-                cache_dir,
-                f"--dataset=folder:{root}",
-                "--parallel=pmap",
-                "--method=wd",
-                "--optimizer=sgdm",
-                "--lr=0.05",
-                "--batch_size=24",
-                "--eval_batch_size=24",
-                "--epochs=4",
-                "--resume",
-            )
-        )
-        == 0
-    )
+    assert cifar.main(helpers.run_flags(out, cache_dir, *flags, "--epochs=4", "--resume")) == 0
     assert "resumed at step 9" in capsys.readouterr().out
 
 

@@ -40,38 +40,11 @@ def test_grid_follows_table2():
 
 
 def test_table_picks_the_best_cell_per_method():
+    cell = dict(dataset="d", model="m", optimizer="adam", weight_decay=0.1)
     rows = [
-        dict(
-            dataset="d",
-            model="m",
-            optimizer="adam",
-            method="wd",
-            lr=1e-3,
-            weight_decay=0.1,
-            status="ok",
-            best10_mean=80.0,
-            best10_std=1.0,
-        ),
-        dict(
-            dataset="d",
-            model="m",
-            optimizer="adam",
-            method="wd",
-            lr=1e-4,
-            weight_decay=0.1,
-            status="ok",
-            best10_mean=82.5,
-            best10_std=0.5,
-        ),
-        dict(
-            dataset="d",
-            model="m",
-            optimizer="adam",
-            method="lpwd",
-            lr=1e-4,
-            weight_decay=0.1,
-            status="missing",
-        ),
+        dict(cell, method="wd", lr=1e-3, status="ok", best10_mean=80.0, best10_std=1.0),
+        dict(cell, method="wd", lr=1e-4, status="ok", best10_mean=82.5, best10_std=0.5),
+        dict(cell, method="lpwd", lr=1e-4, status="missing"),
     ]
     table = sweep.table_markdown(rows)
     assert "| wd | 82.50 +- 0.50 (lr 0.0001, λ 0.1) |" in table
