@@ -14,7 +14,10 @@ temporary buffers per step, i.e. the intermediates XLA writes to memory and read
 CPU runtime allocates them on every run, so each costs a write, page faults and a read).
 
 `weight_rescaling` appears three times: a large `every` (every timed step skips the rescale:
-the cost of the `lax.cond`), `every=1` (branch-free, rescales every step) and `every=2`.
+the cost of the `lax.cond`), `every=1` (branch-free, rescales every step) and `every=2`. A
+fourth row times WRS's other form, `rescale_params` alone in its own jitted call: a user who
+calls it after every k-th plain optimizer step pays that once per k steps and nothing on the
+others.
 
     python -m experiments.bench_regularizers --out bench_regularizers.json
     python -m experiments.bench_regularizers --model convnext_atto --steps 2 --repeats 1  # smoke
@@ -56,7 +59,8 @@ def abstract_params(model_name: str, **overrides: Any) -> tuple[Any, Callable[..
 
 
 def optimizers(params: Any, apply_fn: Callable[..., Any], image_size: int):
-    """name -> (optimizer, group). Groups: reference, decoupled (target), coupled, rescaling."""
+    """name -> (optimizer, group[, step]). Groups: reference, decoupled (target), coupled,
+    rescaling. A third item replaces the update step `make_step` would build."""
     lr, wd = LEARNING_RATE, WEIGHT_DECAY
     mask = lo.default_decay_mask(params)
     example = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
@@ -95,6 +99,14 @@ def optimizers(params: Any, apply_fn: Callable[..., Any], image_size: int):
             optax.chain(lo.adaptive_weight_decay(wd), adam),
             "coupled",
         ),
+        # WRS without the transform: `rescale_params` in its own jitted call after every k-th
+        # plain optimizer step (skipped steps are then plain adam steps). Its time is the
+        # cost of one such call, to spread over k steps.
+        "rescale_params (its own call)": (
+            optax.identity(),
+            "rescaling",
+            lambda params, state, grads: (lo.rescale_params(params), state),
+        ),
     }
 
 
@@ -102,12 +114,12 @@ def tree_bytes(tree: Any) -> int:
     return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def make_step(opt: optax.GradientTransformation):
-    def step(params, opt_state, grads):
+def make_step(opt: optax.GradientTransformation, step: Callable[..., Any] | None = None):
+    def optimizer_step(params, opt_state, grads):
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    return jax.jit(step or optimizer_step, donate_argnums=(0, 1))
 
 
 def hlo_summary(compiled: Any) -> dict[str, Any]:
@@ -154,21 +166,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
     steps, inits, results = {}, {}, {}
     adam_state_bytes = tree_bytes(jax.eval_shape(optax.adam(LEARNING_RATE).init, abstract))
-    for name, (opt, group) in opts.items():
+    for name, (opt, group, *custom_step) in opts.items():
         state_shapes = jax.eval_shape(opt.init, abstract)
-        step = make_step(opt)
+        step = make_step(opt, *custom_step)
         start = time.perf_counter()
         compiled = step.lower(abstract, state_shapes, abstract).compile()
         compile_s = time.perf_counter() - start
         print(f"  compiled {name} in {compile_s:.1f} s", flush=True)
         steps[name], inits[name] = compiled, jax.jit(opt.init)
+        state_bytes = None if custom_step else tree_bytes(state_shapes)  # no optimizer
         results[name] = {
             "group": group,
             "compile_s": compile_s,
-            "state_bytes": tree_bytes(state_shapes),
-            "state_bytes_vs_adam": tree_bytes(state_shapes) / adam_state_bytes,
+            "state_bytes": state_bytes,
+            "state_bytes_vs_adam": state_bytes and state_bytes / adam_state_bytes,
             # A chain keeps one int32 step count per stage: 4 bytes per extra transform.
-            "state_extra_bytes_vs_adam": tree_bytes(state_shapes) - adam_state_bytes,
+            "state_extra_bytes_vs_adam": state_bytes and state_bytes - adam_state_bytes,
             **hlo_summary(compiled),
         }
 
@@ -264,7 +277,7 @@ def print_report(report: dict[str, Any]) -> None:
                 r["ratio_wall_s"],
                 r["ratio_wall_s_paired"],
                 r["ratio_cpu_s_paired"],
-                r["state_bytes"] / 2**20,
+                r["state_bytes"] and r["state_bytes"] / 2**20,
                 r["state_extra_bytes_vs_adam"],
                 r["bytes_accessed_vs_adamw"],
                 r["page_faults_mib_per_step"],

@@ -103,6 +103,7 @@ class FlaxStep:
         batch_size: int,
         num_classes: int,
         overrides: dict[str, Any] | None = None,
+        compiler_options: dict[str, Any] | None = None,
     ):
         import jax
         import optax
@@ -145,7 +146,7 @@ class FlaxStep:
         )
         self.trace_s = time.perf_counter() - start
         start = time.perf_counter()
-        self.step = lowered.compile()
+        self.step = lowered.compile(compiler_options)
         self.compile_s = time.perf_counter() - start
         self.loss = None
 
@@ -194,7 +195,8 @@ def build(config: str, args: argparse.Namespace):
     if framework == "flax":
         overrides = json.loads(args.model_overrides)
         impl = impl[0] if impl else None
-        return FlaxStep(model, impl, args.batch_size, args.num_classes, overrides)
+        xla_options = json.loads(args.xla_options) or None
+        return FlaxStep(model, impl, args.batch_size, args.num_classes, overrides, xla_options)
     return TorchStep(model, args.batch_size, args.num_classes, bench_common.usable_cpus())
 
 
@@ -252,6 +254,7 @@ def _child_argv(args: argparse.Namespace, configs: Sequence[str], out: str, **ov
         "--repeats": args.repeats,
         "--num-classes": args.num_classes,
         "--model-overrides": args.model_overrides,
+        "--xla-options": args.xla_options,
         "--threads": args.threads,
         **overrides,
     }
@@ -362,6 +365,8 @@ def print_report(report: dict[str, Any]) -> None:
         f"{report['threads']} (OMP_WAIT_POLICY {report['torch_omp_wait_policy']}); "
         f"load at start {m['load_average_1_5_15min']}"
     )
+    if report.get("xla_options"):
+        print(f"XLA compiler options for the Flax steps: {report['xla_options']}")
     print(bench_common.format_table(headers, rows))
     if not report["torch_available"]:
         print("torch/timm not installed: Flax figures only.")
@@ -398,6 +403,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="{}",
         help="JSON constructor arguments for the Flax models only (needs --no-torch), "
         'e.g. \'{"dims": [8], "depths": [1]}\' for a smoke test',
+    )
+    parser.add_argument(
+        "--xla-options",
+        default="{}",
+        help="JSON XLA compiler options for the Flax steps (`Lowered.compile`), e.g. "
+        '\'{"xla_cpu_experimental_ynn_fusion_type": ""}\' for XLA\'s Eigen matmuls',
     )
     parser.add_argument(
         "--threads",
@@ -473,6 +484,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "dtype": "float32",
         "optimizer": f"AdamW(lr={LEARNING_RATE}, weight_decay={WEIGHT_DECAY})",
         "model_overrides": json.loads(args.model_overrides),
+        "xla_options": json.loads(args.xla_options),
         "threads": bench_common.usable_cpus(),
         "torch_omp_wait_policy": "PASSIVE"
         if args.omp_passive

@@ -29,7 +29,7 @@ from lpwd_optax.layerwise import (
     layerwise_schedule,
     swin_rules,
 )
-from lpwd_optax.rescaling import rescale_kernel, weight_rescaling
+from lpwd_optax.rescaling import rescale_kernel, rescale_params, weight_rescaling
 
 __version__ = "0.1.0"
 
@@ -53,6 +53,7 @@ __all__ = [
     "randomized_weight_decay",
     "real_time_weight_decay",
     "rescale_kernel",
+    "rescale_params",
     "swin_rules",
     "weight_decay",
     "weight_rescaling",

@@ -42,6 +42,41 @@ def rescale_kernel(kernel: chex.Array, mode: str = "output", eps: float = 1e-12)
     return (w / jnp.maximum(norm, eps)).astype(kernel.dtype)
 
 
+def rescale_params(params: optax.Params, *, mode: str = "output", mask: MaskOrFn = None):
+    """Every selected kernel of `params` rescaled to unit L2 norm per channel (`rescale_kernel`).
+
+    WRS with no cost on the steps it skips: train with the base optimizer alone and, after
+    every `every`-th update, replace the params with `rescale_params(params)` in a jitted call
+    of its own. That is the same sequence of weights as `chain(opt, weight_rescaling(every))`:
+    `theta_{t+1} = rescale(theta_t + u_t)` when `(t + 1) % every == 0`, `theta_t + u_t`
+    otherwise. The transform has to decide inside the compiled step, and on XLA:CPU its
+    conditional keeps the update out of the optimizer's fused pass, so even a skipped step
+    costs about twice an `optax.adamw` step; here a skipped step is the plain optimizer step
+    (experiments/bench_regularizers.py measures both).
+
+    Args:
+      params: the param tree, after the optimizer's update.
+      mode: "output" (WRS) or "input" (WRS(IC)), as in `weight_rescaling`.
+      mask: a pytree of bools or a callable; defaults to `default_decay_mask` (kernels).
+
+    Returns:
+      A tree like `params`: the selected kernels rescaled, every other leaf unchanged.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, lpwd_optax
+      >>> params = {"kernel": jnp.full((3, 2), 2.0), "bias": jnp.ones(2)}
+      >>> new = jax.jit(lpwd_optax.rescale_params)(params)
+      >>> round(float(jnp.linalg.norm(new["kernel"][:, 0])), 6), float(new["bias"][0])
+      (1.0, 1.0)
+    """
+    if mode not in _MODES:
+        raise ValueError(f"rescale_params: mode must be one of {_MODES}, got {mode!r}.")
+    masks = _common.resolve_mask(mask, params, "rescale_params")
+    _check_kernels(params, masks, "rescale_params")
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    return treedef.unflatten([rescale_kernel(p, mode) if m else p for p, m in zip(leaves, masks)])
+
+
 def weight_rescaling(
     every: int,
     *,
@@ -60,7 +95,8 @@ def weight_rescaling(
     network with BatchNorm after each conv the rescale does not change the function, but it
     resets the effective learning rate that a growing weight norm would shrink. Parameters
     outside the mask (norm scales, biases) are meant to get ordinary weight decay: chain a
-    `weight_decay` with the complementary mask. Place it LAST in a chain.
+    `weight_decay` with the complementary mask. Place it LAST in a chain. For `every > 1`,
+    `rescale_params` gives the same weights without this transform's cost on skipped steps.
 
     Args:
       every: k >= 1, the rescaling period in steps.
@@ -91,7 +127,7 @@ def weight_rescaling(
 
     def init_fn(params):
         _common.require_params(params, transform)
-        _check_kernels(params, _common.resolve_mask(mask, params, transform))
+        _check_kernels(params, _common.resolve_mask(mask, params, transform), transform)
         return _common.CountState(count=_common.init_count())
 
     def update_fn(updates, state, params=None):
@@ -121,10 +157,10 @@ def weight_rescaling(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _check_kernels(params, masks) -> None:
+def _check_kernels(params, masks, name: str) -> None:
     for (path, leaf), m in zip(_common.leaves_with_paths(params), masks):
         if m and jnp.ndim(leaf) < 2:
             raise ValueError(
-                f"weight_rescaling: '{path}' has shape {jnp.shape(leaf)}; only kernels "
+                f"{name}: '{path}' has shape {jnp.shape(leaf)}; only kernels "
                 "(ndim >= 2) can be rescaled per channel. Exclude it with `mask`."
             )

@@ -103,3 +103,57 @@ def test_rescale_kernel_rejects_bad_input():
         lo.rescale_kernel(jnp.ones((2, 2)), mode="both")
     with pytest.raises(ValueError, match="ndim"):
         lo.rescale_kernel(jnp.ones((3,)))
+
+
+def _flat(tree):
+    return {lo.path_str(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_rescale_params_after_every_kth_update_matches_reference_and_transform(every):
+    # The zero-cost form of WRS: the base optimizer alone, then `rescale_params` after every
+    # k-th update. Checked against a numpy loop of SGD + per-channel rescale, and against the
+    # `weight_rescaling` transform's trajectory.
+    params = _params(3)
+    sgd = optax.sgd(0.1)
+    sgd_state = sgd.init(params)
+    chain = optax.chain(optax.sgd(0.1), lo.weight_rescaling(every))
+    chain_params, chain_state = params, chain.init(params)
+    ref = {name: np.asarray(leaf, np.float64) for name, leaf in _flat(params).items()}
+    rescale = jax.jit(lo.rescale_params)
+    rng = np.random.default_rng(4)
+    for t in range(6):
+        grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+        updates, sgd_state = sgd.update(grads, sgd_state, params)
+        params = optax.apply_updates(params, updates)
+        updates, chain_state = chain.update(grads, chain_state, chain_params)
+        chain_params = optax.apply_updates(chain_params, updates)
+        due = (t + 1) % every == 0
+        if due:
+            params = rescale(params)
+        for name, g in _flat(grads).items():
+            ref[name] = ref[name] - 0.1 * np.asarray(g, np.float64)
+            if due and name.endswith("kernel"):
+                ref[name] = reference.rescale_output_channels(ref[name])
+        for name, leaf in _flat(params).items():
+            np.testing.assert_allclose(leaf, ref[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        chex.assert_trees_all_close(params, chain_params, rtol=1e-5, atol=1e-6)
+
+
+def test_rescale_params_input_mode_and_untouched_leaves():
+    params = _params(5)
+    new = lo.rescale_params(params, mode="input")
+    k = np.asarray(new["conv"]["kernel"])
+    np.testing.assert_allclose(np.sqrt((k**2).sum(axis=2)), np.ones((3, 3, 5)), rtol=1e-5)
+    np.testing.assert_array_equal(new["conv"]["bias"], params["conv"]["bias"])
+    nothing = lo.rescale_params(params, mask=lambda p: jax.tree.map(lambda _: False, p))
+    chex.assert_trees_all_equal(nothing, params)
+
+
+def test_rescale_params_rejects_bad_input():
+    params = _params()
+    with pytest.raises(ValueError, match="mode"):
+        lo.rescale_params(params, mode="both")
+    everything = jax.tree.map(lambda _: True, params)
+    with pytest.raises(ValueError, match=r"rescale_params: 'conv/bias' has shape \(5,\)"):
+        lo.rescale_params(params, mask=everything)
