@@ -52,7 +52,8 @@ def rescale_params(params: optax.Params, *, mode: str = "output", mask: MaskOrFn
     otherwise. The transform has to decide inside the compiled step, and on XLA:CPU its
     conditional keeps the update out of the optimizer's fused pass, so even a skipped step
     costs about twice an `optax.adamw` step; here a skipped step is the plain optimizer step
-    (experiments/bench_regularizers.py measures both).
+    (experiments/bench_regularizers.py measures both). Bind `mode` and `mask` before jitting:
+    `jax.jit(functools.partial(rescale_params, mask=...), donate_argnums=0)`.
 
     Args:
       params: the param tree, after the optimizer's update.
