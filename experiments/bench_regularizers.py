@@ -14,10 +14,10 @@ temporary buffers per step, i.e. the intermediates XLA writes to memory and read
 CPU runtime allocates them on every run, so each costs a write, page faults and a read).
 
 `weight_rescaling` appears three times: a large `every` (every timed step skips the rescale:
-the cost of the `lax.cond`), `every=1` (branch-free, rescales every step) and `every=2`. A
-fourth row times WRS's other form, `rescale_params` alone in its own jitted call: a user who
-calls it after every k-th plain optimizer step pays that once per k steps and nothing on the
-others.
+the cost of the `lax.cond`), `every=1` (branch-free, rescales every step) and `every=2`. WRS's
+second form applies adam's update first and then `rescale_params` to the new params, under a
+conditional, in the same step (rows "adam, then rescale_params"); a third times
+`rescale_params` alone in its own jitted call, which a user would pay once per k steps.
 
     python -m experiments.bench_regularizers --out bench_regularizers.json
     python -m experiments.bench_regularizers --model convnext_atto --steps 2 --repeats 1  # smoke
@@ -99,15 +99,33 @@ def optimizers(params: Any, apply_fn: Callable[..., Any], image_size: int):
             optax.chain(lo.adaptive_weight_decay(wd), adam),
             "coupled",
         ),
-        # WRS without the transform: `rescale_params` in its own jitted call after every k-th
-        # plain optimizer step (skipped steps are then plain adam steps). Its time is the
-        # cost of one such call, to spread over k steps.
+        # WRS without the transform, in the training step: adam's update applied, then
+        # `rescale_params` on the new params under a conditional.
+        "adam, then rescale_params (every step)": (adam, "rescaling", rescale_after(adam, 1)),
+        "adam, then rescale_params (skipped step)": (
+            adam,
+            "rescaling",
+            rescale_after(adam, NEVER),
+        ),
+        # ... or in its own jitted call: the cost of one such call, to spread over k steps.
         "rescale_params (its own call)": (
             optax.identity(),
             "rescaling",
             lambda params, state, grads: (lo.rescale_params(params), state),
         ),
     }
+
+
+def rescale_after(adam: optax.GradientTransformation, every: int) -> Callable[..., Any]:
+    """A train step's update: adam's, applied, then the params rescaled after every k-th one."""
+
+    def step(params, state, grads):
+        updates, state = adam.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        due = state[0].count % every == 0  # scale_by_adam's count, already incremented
+        return jax.lax.cond(due, lo.rescale_params, lambda p: p, params), state
+
+    return step
 
 
 def tree_bytes(tree: Any) -> int:
@@ -174,7 +192,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         compile_s = time.perf_counter() - start
         print(f"  compiled {name} in {compile_s:.1f} s", flush=True)
         steps[name], inits[name] = compiled, jax.jit(opt.init)
-        state_bytes = None if custom_step else tree_bytes(state_shapes)  # no optimizer
+        state_bytes = tree_bytes(state_shapes) or None  # None: no optimizer state at all
         results[name] = {
             "group": group,
             "compile_s": compile_s,

@@ -45,15 +45,22 @@ def rescale_kernel(kernel: chex.Array, mode: str = "output", eps: float = 1e-12)
 def rescale_params(params: optax.Params, *, mode: str = "output", mask: MaskOrFn = None):
     """Every selected kernel of `params` rescaled to unit L2 norm per channel (`rescale_kernel`).
 
-    WRS with no cost on the steps it skips: train with the base optimizer alone and, after
-    every `every`-th update, replace the params with `rescale_params(params)` in a jitted call
-    of its own. That is the same sequence of weights as `chain(opt, weight_rescaling(every))`:
+    WRS with no cost on the steps it skips: train with the base optimizer alone and rescale
+    the params after every `every`-th update, either in the train step, after
+    `optax.apply_updates`::
+
+      params = jax.lax.cond((t + 1) % every == 0, rescale, lambda p: p, params)
+
+    or in a jitted call of its own, `params = rescale(params)`, with
+    `rescale = functools.partial(rescale_params, mode=..., mask=...)`. Both give the same
+    sequence of weights as `chain(opt, weight_rescaling(every))`:
     `theta_{t+1} = rescale(theta_t + u_t)` when `(t + 1) % every == 0`, `theta_t + u_t`
-    otherwise. The transform has to decide inside the compiled step, and on XLA:CPU its
-    conditional keeps the update out of the optimizer's fused pass, so even a skipped step
-    costs about twice an `optax.adamw` step; here a skipped step is the plain optimizer step
-    (experiments/bench_regularizers.py measures both). Bind `mode` and `mask` before jitting:
-    `jax.jit(functools.partial(rescale_params, mask=...), donate_argnums=0)`.
+    otherwise. The transform has to return an update, so its conditional sits between the
+    optimizer's update and the params, and on XLA:CPU it keeps the update out of the
+    optimizer's fused pass: even a skipped step costs about twice an `optax.adamw` step. Here
+    the conditional takes the new params, which the step writes anyway, so a skipped step
+    costs what the plain optimizer step does (experiments/bench_regularizers.py measures the
+    three forms).
 
     Args:
       params: the param tree, after the optimizer's update.
@@ -96,8 +103,8 @@ def weight_rescaling(
     network with BatchNorm after each conv the rescale does not change the function, but it
     resets the effective learning rate that a growing weight norm would shrink. Parameters
     outside the mask (norm scales, biases) are meant to get ordinary weight decay: chain a
-    `weight_decay` with the complementary mask. Place it LAST in a chain. For `every > 1`,
-    `rescale_params` gives the same weights without this transform's cost on skipped steps.
+    `weight_decay` with the complementary mask. Place it LAST in a chain. `rescale_params`
+    after `optax.apply_updates` gives the same weights at a fraction of this transform's cost.
 
     Args:
       every: k >= 1, the rescaling period in steps.

@@ -109,11 +109,25 @@ def _flat(tree):
     return {lo.path_str(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+def _sgd_step_then_rescale(sgd, every):
+    # WRS's in-step form: the update applied, then `rescale_params` under a conditional.
+    @jax.jit
+    def step(params, state, grads, t):
+        updates, state = sgd.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        due = (t + 1) % every == 0
+        return jax.lax.cond(due, lo.rescale_params, lambda p: p, params), state
+
+    return step
+
+
+@pytest.mark.parametrize("form", ["own call", "in step"])
 @pytest.mark.parametrize("every", [1, 3])
-def test_rescale_params_after_every_kth_update_matches_reference_and_transform(every):
-    # The zero-cost form of WRS: the base optimizer alone, then `rescale_params` after every
-    # k-th update. Checked against a numpy loop of SGD + per-channel rescale, and against the
-    # `weight_rescaling` transform's trajectory.
+def test_rescale_params_after_every_kth_update_matches_reference_and_transform(every, form):
+    # WRS without the transform: the base optimizer alone, then `rescale_params` after every
+    # k-th update, in a jitted call of its own or in the step under a conditional. Checked
+    # against a numpy loop of SGD + per-channel rescale, and against the `weight_rescaling`
+    # transform's trajectory.
     params = _params(3)
     sgd = optax.sgd(0.1)
     sgd_state = sgd.init(params)
@@ -121,16 +135,20 @@ def test_rescale_params_after_every_kth_update_matches_reference_and_transform(e
     chain_params, chain_state = params, chain.init(params)
     ref = {name: np.asarray(leaf, np.float64) for name, leaf in _flat(params).items()}
     rescale = jax.jit(lo.rescale_params)
+    in_step = _sgd_step_then_rescale(sgd, every)
     rng = np.random.default_rng(4)
     for t in range(6):
         grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
-        updates, sgd_state = sgd.update(grads, sgd_state, params)
-        params = optax.apply_updates(params, updates)
         updates, chain_state = chain.update(grads, chain_state, chain_params)
         chain_params = optax.apply_updates(chain_params, updates)
         due = (t + 1) % every == 0
-        if due:
-            params = rescale(params)
+        if form == "in step":
+            params, sgd_state = in_step(params, sgd_state, grads, t)
+        else:
+            updates, sgd_state = sgd.update(grads, sgd_state, params)
+            params = optax.apply_updates(params, updates)
+            if due:
+                params = rescale(params)
         for name, g in _flat(grads).items():
             ref[name] = ref[name] - 0.1 * np.asarray(g, np.float64)
             if due and name.endswith("kernel"):
