@@ -106,7 +106,7 @@ def test_rescale_kernel_rejects_bad_input():
 
 
 def _flat(tree):
-    return {lo.path_str(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+    return dict(lo._common.leaves_with_paths(tree))
 
 
 def _sgd_step_then_rescale(sgd, every):
