@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
-from experiments import bench_common, bench_regularizers, bench_train_step
+from experiments import bench_common, bench_matmul, bench_regularizers, bench_train_step
 
 
 def test_format_table_and_interleaved_timing():
@@ -66,3 +67,91 @@ def test_bench_train_step_configurations():
     assert kwargs == {"img_size": 32, "patch_size": 2, "window_size": 4}
     with pytest.raises(ValueError, match="no CIFAR preset"):
         bench_train_step.cifar_arguments("resnet50")
+
+
+def _dot_general_cases():
+    """(lhs shape, rhs shape, dimension numbers): plain, transposed operands, batched."""
+    return [
+        ((6, 4), (4, 5), (((1,), (0,)), ((), ()))),
+        ((6, 4), (5, 4), (((1,), (1,)), ((), ()))),  # x @ w.T: an input gradient
+        ((6, 4), (6, 5), (((0,), (0,)), ((), ()))),  # x.T @ dy: a weight gradient
+        ((2, 3, 4, 5), (2, 3, 5, 4), (((3,), (2,)), ((0, 1), (0, 1)))),  # attention-like
+    ]
+
+
+def test_bench_matmul_finds_every_dot_of_a_compiled_function():
+    import jax
+    import jax.numpy as jnp
+
+    cases = _dot_general_cases()
+
+    def fn(*arrays):
+        out = [
+            jnp.sum(jnp.tanh(jax.lax.dot_general(a, b, dims)))  # keep the dots separate
+            for (a, b), (_, _, dims) in zip(zip(arrays[::2], arrays[1::2]), cases)
+        ]
+        return sum(out)
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal(s, np.float32) for lhs, rhs, _ in cases for s in (lhs, rhs)]
+    found = bench_matmul.dots_in_hlo(jax.jit(fn).lower(*arrays).compile().as_text())
+    assert sum(found.values()) == len(cases)
+    assert {d.flops for d in found} == {
+        2 * 6 * 4 * 5,
+        2 * 2 * 3 * 4 * 5 * 4,
+    }  # XLA may canonicalize operand order or dims, never the work
+    for dot in found:
+        # The einsum translation against XLA's own product on the found shapes.
+        a = rng.standard_normal(dot.lhs, np.float32)
+        b = rng.standard_normal(dot.rhs, np.float32)
+        expected = np.asarray(jax.lax.dot_general(a, b, dot.dimension_numbers))
+        np.testing.assert_allclose(np.einsum(dot.einsum(), a, b), expected, rtol=1e-5, atol=1e-5)
+        assert expected.shape == dot.out
+
+
+@pytest.mark.parametrize("lhs,rhs,dims", _dot_general_cases())
+def test_bench_matmul_einsum_matches_dot_general(lhs, rhs, dims):
+    import jax
+
+    (lc, rc), (lb, rb) = dims
+    dot = bench_matmul.Dot("f32", lhs, rhs, lb, rb, lc, rc)
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal(lhs, np.float32), rng.standard_normal(rhs, np.float32)
+    expected = np.asarray(jax.lax.dot_general(a, b, dims))
+    assert dot.out == expected.shape
+    assert dot.flops == 2 * expected.size * int(np.prod([lhs[d] for d in lc]))
+    np.testing.assert_allclose(np.einsum(dot.einsum(), a, b), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bench_matmul_rejects_mismatched_dims():
+    with pytest.raises(ValueError, match="contracting dimensions differ"):
+        bench_matmul.Dot("f32", (6, 4), (5, 5), (), (), (1,), (0,))
+    with pytest.raises(ValueError, match="batch dimensions differ"):
+        bench_matmul.Dot("f32", (2, 6, 4), (3, 4, 5), (0,), (0,), (2,), (1,))
+
+
+@pytest.mark.parametrize("with_torch", [False, True])
+def test_bench_matmul_writes_json(tmp_path, with_torch):
+    if with_torch:
+        pytest.importorskip("torch")
+    out = tmp_path / "mm.json"
+    overrides = {"embed_dim": 8, "depths": [1, 1], "num_heads": [1, 2]}
+    report = bench_matmul.main(
+        [
+            "--model", "swin_tiny", "--batch-size", "2", "--model-overrides",
+            json.dumps(overrides), "--repeats", "1", "--no-steps", "--out", str(out),
+            *([] if with_torch else ["--no-torch"]),
+        ]
+    )  # fmt: skip
+    loaded = json.loads(out.read_text())
+    assert loaded["totals"]["dots_per_step"] == sum(r["count_per_step"] for r in report["dots"])
+    # Per block: qkv, proj, fc1, fc2 (forward, input and weight gradients) and two attention
+    # products with their gradients; plus patch merging and the head.
+    assert loaded["totals"]["dots_per_step"] >= 2 * (4 * 3 + 2 * 3)
+    for r in loaded["dots"]:
+        assert r["gflop"] > 0 and r["xla_s"] > 0 and r["xla_eigen_s"] > 0
+        assert r["xla_best_s"] == min(r["xla_s"], r["xla_eigen_s"])
+    assert loaded["torch_available"] == with_torch
+    if with_torch:
+        assert all(r["torch_s"] > 0 for r in loaded["dots"])
+        assert loaded["totals"]["torch_matmul_s_per_step"] > 0
