@@ -361,8 +361,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if with_torch:
         import torch
 
-        torch.set_num_threads(bench_common.usable_cpus())  # XLA's pool is sized the same
-        torch.set_flush_denormal(True)  # as XLA's CPU code does
+        # XLA's pool is sized the same. (Random normal operands have no denormals, so unlike
+        # TorchStep this does not flush them: that would change the process's FPU state.)
+        torch.set_num_threads(bench_common.usable_cpus())
     flax_step = bench_train_step.FlaxStep(
         args.model, impl, args.batch_size, args.num_classes, json.loads(args.model_overrides)
     )

@@ -220,6 +220,11 @@ class DecaySpec(NamedTuple):
                 check_scalar_rate(r, f"{self.transform} rate at '{path}'")
         return rates
 
+    def is_constant(self, params: Any) -> bool:
+        """True when no leaf's rate and not the learning rate is a schedule: `d_t` ignores t."""
+        schedules = [*self.per_leaf_rates(params), self.learning_rate]
+        return not any(callable(x) for x in schedules)
+
     def decay(self, rate: ScalarOrSchedule, count: chex.Numeric) -> chex.Numeric:
         """`d_t` for one leaf's rate at step `count`."""
         d = _value_at(rate, count)
@@ -293,17 +298,23 @@ def decoupled_transform(
     `d` is the leaf's per-step decay at step `count + step_offset` (PWD looks one step ahead).
     Unmasked leaves pass their update through. The result is cast to the update's dtype.
     `max_decay`/`strict` bound `d_t` (checked for concrete values at construction and init).
+    The state is the step count when a rate or the learning rate is a schedule, and empty
+    otherwise (`d_t` is then the same at every step), so that with constant hyperparameters
+    the transform adds no state at all to the optimizer's.
     """
     spec = make_decay_spec(rate, learning_rate, transform, max_decay=max_decay, strict=strict)
 
     def init_fn(params):
         require_params(params, transform)
         check_against_params(spec, mask, params)
+        if spec.is_constant(params):
+            return optax.EmptyState()
         return CountState(count=init_count())
 
     def update_fn(updates, state, params=None):
         require_params(params, transform)
-        step = state.count + step_offset
+        counted = isinstance(state, CountState)
+        step = state.count + step_offset if counted else step_offset
         leaves_u, treedef = jax.tree_util.tree_flatten(updates)
         leaves_p = treedef.flatten_up_to(params)
         masks = resolve_mask(mask, params, transform)
@@ -313,7 +324,9 @@ def decoupled_transform(
             if m:
                 u = rule(u, p, spec.decay(r, step)).astype(u.dtype)
             out.append(u)
-        return treedef.unflatten(out), CountState(count=optax.safe_increment(state.count))
+        if counted:
+            state = CountState(count=optax.safe_increment(state.count))
+        return treedef.unflatten(out), state
 
     return optax.GradientTransformation(init_fn, update_fn)
 

@@ -37,7 +37,8 @@ def l2_regularization(rate: Rate, *, mask: MaskOrFn = None) -> optax.GradientTra
         regularized. Defaults to `default_decay_mask` (no decay for ndim <= 1 leaves).
 
     Returns:
-      An `optax.GradientTransformation` whose state is the step count.
+      An `optax.GradientTransformation` whose state is the step count, or empty when no
+      rate and not the learning rate is a schedule.
 
     Example:
       >>> import jax.numpy as jnp, optax, lpwd_optax
@@ -78,7 +79,8 @@ def weight_decay(
         `default_decay_mask`.
 
     Returns:
-      An `optax.GradientTransformation` whose state is the step count.
+      An `optax.GradientTransformation` whose state is the step count, or empty when no
+      rate and not the learning rate is a schedule.
 
     Example:
       >>> import jax.numpy as jnp, optax, lpwd_optax
@@ -121,7 +123,8 @@ def real_time_weight_decay(
         `default_decay_mask`.
 
     Returns:
-      An `optax.GradientTransformation` whose state is the step count.
+      An `optax.GradientTransformation` whose state is the step count, or empty when no
+      rate and not the learning rate is a schedule.
 
     Example:
       >>> import jax.numpy as jnp, optax, lpwd_optax
@@ -172,7 +175,8 @@ def pre_weight_decay(
         `default_decay_mask`.
 
     Returns:
-      An `optax.GradientTransformation` whose state is the step count.
+      An `optax.GradientTransformation` whose state is the step count, or empty when no
+      rate and not the learning rate is a schedule.
 
     Example:
       >>> import jax.numpy as jnp, optax, lpwd_optax

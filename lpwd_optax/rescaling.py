@@ -113,7 +113,8 @@ def weight_rescaling(
       mask: a pytree of bools or a callable; defaults to `default_decay_mask` (kernels).
 
     Returns:
-      An `optax.GradientTransformation` whose state is the step count.
+      An `optax.GradientTransformation` whose state is the step count, or empty for
+      `every=1` (which rescales on every step).
 
     Example:
       >>> import jax.numpy as jnp, optax, lpwd_optax
@@ -136,6 +137,8 @@ def weight_rescaling(
     def init_fn(params):
         _common.require_params(params, transform)
         _check_kernels(params, _common.resolve_mask(mask, params, transform), transform)
+        if every == 1:
+            return optax.EmptyState()
         return _common.CountState(count=_common.init_count())
 
     def update_fn(updates, state, params=None):
@@ -160,7 +163,8 @@ def weight_rescaling(
         else:
             due = (state.count + 1) % every == 0
             out = jax.lax.cond(due, rescaled, lambda leaves: leaves, leaves_u)
-        return treedef.unflatten(out), _common.CountState(optax.safe_increment(state.count))
+            state = _common.CountState(optax.safe_increment(state.count))
+        return treedef.unflatten(out), state
 
     return optax.GradientTransformation(init_fn, update_fn)
 

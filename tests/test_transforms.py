@@ -149,6 +149,57 @@ def test_state_is_a_step_count(name):
     assert state_bytes <= adam_bytes + 4
 
 
+def _lpwd_scheduled(params):
+    """LPWD's per-leaf rates with the learning rate as a (constant) schedule."""
+    depths = lo.depth_labels(params)
+    return lo.pre_weight_decay(lo.layerwise_schedule(depths, 0.1), learning_rate=lambda t: LR)
+
+
+# name -> (factory with constant hyperparameters, the same transform with a constant schedule)
+STATELESS = {
+    "l2": (lambda p: lo.l2_regularization(0.1), lambda p: lo.l2_regularization(lambda t: 0.1)),
+    "wd": (
+        lambda p: lo.weight_decay(0.1, learning_rate=LR),
+        lambda p: lo.weight_decay(lambda t: 0.1, learning_rate=LR),
+    ),
+    "rwd": (
+        lambda p: lo.real_time_weight_decay(0.1, learning_rate=LR),
+        lambda p: lo.real_time_weight_decay(0.1, learning_rate=lambda t: LR),
+    ),
+    "pwd": (
+        lambda p: lo.pre_weight_decay(0.1, learning_rate=LR),
+        lambda p: lo.pre_weight_decay(lambda t: 0.1, learning_rate=LR),
+    ),
+    "lpwd": (_lpwd, _lpwd_scheduled),
+    "wrs": (lambda p: lo.weight_rescaling(1), None),  # every=1: no step to count
+}
+
+
+@pytest.mark.parametrize("name", STATELESS)
+def test_constant_hyperparameters_add_no_state(name):
+    params = _params()
+    constant, scheduled = STATELESS[name]
+    place = CASES[name][1]
+    chain = lambda tx: (
+        optax.chain(tx, optax.adam(LR)) if place == "first" else optax.chain(optax.adam(LR), tx)
+    )
+    assert jax.tree.leaves(constant(params).init(params)) == []
+    state_bytes = sum(x.nbytes for x in jax.tree.leaves(chain(constant(params)).init(params)))
+    adam_bytes = sum(x.nbytes for x in jax.tree.leaves(optax.adam(LR).init(params)))
+    assert state_bytes == adam_bytes
+    if scheduled is None:
+        return
+    # A schedule needs the step count; the stateless form takes the same steps.
+    (count,) = jax.tree.leaves(scheduled(params).init(params))
+    assert count.shape == () and count.dtype == jnp.int32
+    step = lambda tx: jax.jit(chain(tx).update)
+    got, _ = _run(chain(constant(params)), params, 4, step(constant(params)))
+    want, state = _run(chain(scheduled(params)), params, 4, step(scheduled(params)))
+    chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
+    transform_state = state[0] if place == "first" else state[1]
+    assert int(transform_state.count) == 4
+
+
 class NNXNet(nnx.Module):
     def __init__(self, rngs):
         self.conv = nnx.Conv(4, 8, (3, 3), rngs=rngs)
