@@ -96,7 +96,8 @@ def adaptive_weight_decay(
         `default_decay_mask`.
 
     Returns:
-      An `optax.GradientTransformation` whose state is the step count.
+      An `optax.GradientTransformation` whose state is the step count, or empty when no rate
+      is a schedule.
 
     Example:
       >>> import jax.numpy as jnp, optax, lpwd_optax
@@ -122,8 +123,9 @@ def adaptive_weight_decay(
     def init_fn(params):
         _common.require_params(params, transform)
         masks = _common.resolve_mask(mask, params, transform)
-        spec.per_leaf_rates(params)
         group_labels(params, masks)
+        if spec.is_constant(params):  # validates the rates too
+            return optax.EmptyState()
         return _common.CountState(count=_common.init_count())
 
     def update_fn(updates, state, params=None):
@@ -135,10 +137,14 @@ def adaptive_weight_decay(
             [g for g, m in zip(leaves_g, masks) if m], group_labels(params, masks)
         )
         coeffs = [decay_coefficients(gh, alpha) for gh in ghats]
+        counted = isinstance(state, _common.CountState)
+        step = state.count if counted else 0  # no schedule: every step's rate is step 0's
         out = _coupled_penalty(
-            leaves_g, leaves_p, masks, spec.per_leaf_rates(params), state.count, spec, coeffs
+            leaves_g, leaves_p, masks, spec.per_leaf_rates(params), step, spec, coeffs
         )
-        return treedef.unflatten(out), _common.CountState(optax.safe_increment(state.count))
+        if counted:
+            state = _common.CountState(optax.safe_increment(state.count))
+        return treedef.unflatten(out), state
 
     return optax.GradientTransformation(init_fn, update_fn)
 

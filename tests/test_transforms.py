@@ -171,6 +171,10 @@ STATELESS = {
         lambda p: lo.pre_weight_decay(lambda t: 0.1, learning_rate=LR),
     ),
     "lpwd": (_lpwd, _lpwd_scheduled),
+    "adadecay": (
+        lambda p: lo.adaptive_weight_decay(0.1),
+        lambda p: lo.adaptive_weight_decay(lambda t: 0.1),
+    ),
     "wrs": (lambda p: lo.weight_rescaling(1), None),  # every=1: no step to count
 }
 
