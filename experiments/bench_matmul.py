@@ -47,7 +47,8 @@ from experiments import bench_common, bench_train_step
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\w+)\[([\d,]*)\]")
 _COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%?[\w.\-]+\s*\(.*\)\s*->.*\{\s*$")
 _DOT_OPERANDS = re.compile(r"\bdot\(([^)]*)\)")
-_SHAPE = re.compile(r"(\w+)\[([\d,]*)\]")
+# One operand: `%name`, or `f32[2,3]{1,0} %name` where the printer puts shapes inline.
+_OPERAND = re.compile(r"(?:(\w+)\[([\d,]*)\](?:\{[^}]*\})?\s+)?%([\w.\-]+)")
 
 
 def _dims(text: str) -> tuple[int, ...]:
@@ -143,11 +144,9 @@ def dots_in_hlo(text: str) -> collections.Counter[Dot]:
         if not operands:
             continue
         operand_shapes = []
-        for operand in operands.group(1).split(","):
-            inline = _SHAPE.search(operand)
-            name = operand.strip().split()[-1].lstrip("%")
-            if inline:
-                operand_shapes.append((inline.group(1), _dims(inline.group(2))))
+        for dtype, dims, name in _OPERAND.findall(operands.group(1)):
+            if dtype:
+                operand_shapes.append((dtype, _dims(dims)))
             elif name in shapes:
                 operand_shapes.append(shapes[name])
             else:

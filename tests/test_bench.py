@@ -109,6 +109,31 @@ def test_bench_matmul_finds_every_dot_of_a_compiled_function():
         assert expected.shape == dot.out
 
 
+def test_bench_matmul_reads_operand_shapes_printed_inline():
+    text = """HloModule m, entry_computation_layout={(f32[8,4]{1,0}, f32[5,4]{1,0})->f32[8,5]{1,0}}
+
+ENTRY %main (a: f32[8,4], b: f32[5,4]) -> f32[8,5] {
+  %a = f32[8,4]{1,0} parameter(0)
+  %b = f32[5,4]{1,0} parameter(1)
+  ROOT %d = f32[8,5]{1,0} dot(f32[8,4]{1,0} %a, f32[5,4]{1,0} %b), lhs_contracting_dims={1}, rhs_contracting_dims={1}
+}
+"""  # noqa: E501
+    (dot,) = bench_matmul.dots_in_hlo(text)
+    assert (dot.lhs, dot.rhs, dot.lhs_contracting, dot.rhs_contracting) == (
+        (8, 4),
+        (5, 4),
+        (1,),
+        (1,),
+    )
+    assert dot.out == (8, 5) and dot.einsum() == "ab,cb->ac"
+    with pytest.raises(ValueError, match="has no shape"):
+        bench_matmul.dots_in_hlo(
+            text.replace("%a = f32[8,4]{1,0} parameter(0)", "").replace(
+                "dot(f32[8,4]{1,0} %a", "dot(%a"
+            )
+        )
+
+
 @pytest.mark.parametrize("lhs,rhs,dims", _dot_general_cases())
 def test_bench_matmul_einsum_matches_dot_general(lhs, rhs, dims):
     import jax
