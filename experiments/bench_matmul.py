@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import json
 import math
 import os
 import re
@@ -348,8 +349,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    import json
-
     args = parse_args(argv)
     # Before torch starts its OpenMP threads: idle ones sleep instead of spinning, so they do not
     # take the CPUs from the XLA call timed next (bench_train_step's --omp-passive).

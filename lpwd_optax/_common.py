@@ -37,6 +37,20 @@ def init_count() -> chex.Array:
     return jnp.zeros([], jnp.int32)
 
 
+def init_step_state(needs_count: bool) -> CountState | optax.EmptyState:
+    """A step count when the transform's hyperparameters depend on the step, else no state."""
+    return CountState(count=init_count()) if needs_count else optax.EmptyState()
+
+
+def step_and_advance(
+    state: CountState | optax.EmptyState,
+) -> tuple[chex.Numeric, CountState | optax.EmptyState]:
+    """(this update's step, the next state); a stateless transform's step is always 0."""
+    if isinstance(state, CountState):
+        return state.count, CountState(count=optax.safe_increment(state.count))
+    return 0, state
+
+
 # --------------------------------------------------------------------------------------------
 # Paths
 
@@ -307,14 +321,12 @@ def decoupled_transform(
     def init_fn(params):
         require_params(params, transform)
         check_against_params(spec, mask, params)
-        if spec.is_constant(params):
-            return optax.EmptyState()
-        return CountState(count=init_count())
+        return init_step_state(not spec.is_constant(params))
 
     def update_fn(updates, state, params=None):
         require_params(params, transform)
-        counted = isinstance(state, CountState)
-        step = state.count + step_offset if counted else step_offset
+        count, state = step_and_advance(state)
+        step = count + step_offset
         leaves_u, treedef = jax.tree_util.tree_flatten(updates)
         leaves_p = treedef.flatten_up_to(params)
         masks = resolve_mask(mask, params, transform)
@@ -324,8 +336,6 @@ def decoupled_transform(
             if m:
                 u = rule(u, p, spec.decay(r, step)).astype(u.dtype)
             out.append(u)
-        if counted:
-            state = CountState(count=optax.safe_increment(state.count))
         return treedef.unflatten(out), state
 
     return optax.GradientTransformation(init_fn, update_fn)

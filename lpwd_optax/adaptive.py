@@ -124,9 +124,7 @@ def adaptive_weight_decay(
         _common.require_params(params, transform)
         masks = _common.resolve_mask(mask, params, transform)
         group_labels(params, masks)
-        if spec.is_constant(params):  # validates the rates too
-            return optax.EmptyState()
-        return _common.CountState(count=_common.init_count())
+        return _common.init_step_state(not spec.is_constant(params))  # validates the rates too
 
     def update_fn(updates, state, params=None):
         _common.require_params(params, transform)
@@ -137,13 +135,10 @@ def adaptive_weight_decay(
             [g for g, m in zip(leaves_g, masks) if m], group_labels(params, masks)
         )
         coeffs = [decay_coefficients(gh, alpha) for gh in ghats]
-        counted = isinstance(state, _common.CountState)
-        step = state.count if counted else 0  # no schedule: every step's rate is step 0's
+        step, state = _common.step_and_advance(state)
         out = _coupled_penalty(
             leaves_g, leaves_p, masks, spec.per_leaf_rates(params), step, spec, coeffs
         )
-        if counted:
-            state = _common.CountState(optax.safe_increment(state.count))
         return treedef.unflatten(out), state
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -38,7 +38,7 @@ def l2_regularization(rate: Rate, *, mask: MaskOrFn = None) -> optax.GradientTra
 
     Returns:
       An `optax.GradientTransformation` whose state is the step count, or empty when no
-      rate and not the learning rate is a schedule.
+      rate is a schedule.
 
     Example:
       >>> import jax.numpy as jnp, optax, lpwd_optax

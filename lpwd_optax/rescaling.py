@@ -137,9 +137,7 @@ def weight_rescaling(
     def init_fn(params):
         _common.require_params(params, transform)
         _check_kernels(params, _common.resolve_mask(mask, params, transform), transform)
-        if every == 1:
-            return optax.EmptyState()
-        return _common.CountState(count=_common.init_count())
+        return _common.init_step_state(every > 1)
 
     def update_fn(updates, state, params=None):
         _common.require_params(params, transform)
@@ -161,9 +159,8 @@ def weight_rescaling(
             # experiments/bench_regularizers.py).
             out = rescaled(leaves_u)
         else:
-            due = (state.count + 1) % every == 0
-            out = jax.lax.cond(due, rescaled, lambda leaves: leaves, leaves_u)
-            state = _common.CountState(optax.safe_increment(state.count))
+            step, state = _common.step_and_advance(state)
+            out = jax.lax.cond((step + 1) % every == 0, rescaled, lambda leaves: leaves, leaves_u)
         return treedef.unflatten(out), state
 
     return optax.GradientTransformation(init_fn, update_fn)
