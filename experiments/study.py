@@ -96,16 +96,16 @@ PROTOCOLS = {
         rop_steps_per_period=100,
         zero_shot_lambdas="0,1e-3,2e-3,5e-3,1e-2,2e-2,5e-2",
     ),
-    # A few-minute version on scikit-learn's digits, for tests and for trying the program.
+    # A minute-scale version on scikit-learn's digits with a one-block model, for tests.
     "tiny": Protocol(
         name="tiny",
         model="convnext_atto_cifar",
         batch_size=64,
-        periods=3,
-        steps_per_period=4,
+        periods=2,
+        steps_per_period=3,
         seeds=(0, 1),
         strong_lr=1e-3,
-        strong_lambdas=(0.5, 5.0),
+        strong_lambdas=(0.05, 0.5),
         paper_strong_lambda=0.5,
         base_lr=1e-3,
         base_lambda=1e-2,
@@ -114,7 +114,7 @@ PROTOCOLS = {
         rop_periods=1,
         rop_steps_per_period=3,
         zero_shot_lambdas="0,0.05",
-        extra_flags=('--model_overrides={"dims": [8, 16, 16, 16], "depths": [1, 1, 1, 1]}',),
+        extra_flags=('--model_overrides={"dims": [8], "depths": [1], "kernel_size": 3}',),
         seconds_per_step=0.05,
         seconds_per_eval=1.0,
     ),
@@ -172,7 +172,10 @@ def plan(protocol: Protocol) -> list[StudyRun]:
         for lam in weak:
             for method in ("rwd", "pwd"):
                 runs.append(cell(method, p.strong_lr, lam, seed, "f"))
-    return runs
+    unique: dict[str, StudyRun] = {}  # a run two parts share is listed under the first
+    for run in runs:
+        unique.setdefault(run.directory, run)
+    return list(unique.values())
 
 
 def zero_shot_sources(protocol: Protocol) -> list[StudyRun]:
