@@ -24,6 +24,11 @@ Multi-host: start one process per host with --coordinator_address=HOST:PORT
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # started as a script or as experiments.cifar: see _entry.py
+    from lpwd_optax.experiments import _entry
+
+    _entry.run(__file__)
+
 import json
 import logging
 import math
@@ -38,9 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-import models
-from experiments import checkpointing, data, methods, train_lib, writers
-from experiments.config import Config, parse_config, to_dict
+from lpwd_optax import models
+from lpwd_optax.experiments import checkpointing, data, methods, train_lib, writers
+from lpwd_optax.experiments.config import Config, parse_config, to_dict
 
 SUMMARY_FORMAT = "mean +- std of the best 10 test top-1: {mean:.2f} +- {std:.2f}"
 
@@ -390,7 +395,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{e}; continue with --resume", file=sys.stderr, flush=True)
         return 3
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -38,7 +38,7 @@ not depend on the number of processes.
 
 Example::
 
-  from experiments import data
+  from lpwd_optax.experiments import data
 
   train = data.load_dataset("digits", split="train")
   for epoch in range(2):

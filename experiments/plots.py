@@ -18,12 +18,16 @@ directory is what experiments/sweep.py writes (results.csv).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # started as a script or as experiments.plots: see _entry.py
+    from lpwd_optax.experiments import _entry
+
+    _entry.run(__file__)
+
 import argparse
 import csv
 import json
 import math
 import os
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,7 +37,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments.writers import read_jsonl
+from lpwd_optax.experiments.writers import read_jsonl
 
 
 def load_history(run_dir: str) -> tuple[str, list[dict[str, Any]]]:
@@ -209,7 +213,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         plot_heatmaps(args.sweep_dir, args.out_dir, [m for m in args.diff.split(",") if m])
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -28,6 +28,11 @@ model initialization and the data order: comparisons between methods are paired 
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # started as a script or as experiments.study: see _entry.py
+    from lpwd_optax.experiments import _entry
+
+    _entry.run(__file__)
+
 import argparse
 import dataclasses
 import json
@@ -37,8 +42,6 @@ import sys
 import time
 from collections.abc import Sequence
 from typing import Any
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,7 +220,7 @@ def launch(protocol: Protocol, dataset: str, run: StudyRun, runs_dir: str) -> tu
     command = [
         sys.executable,
         "-m",
-        "experiments.cifar",
+        "lpwd_optax.experiments.cifar",
         *run_flags(protocol, dataset, run),
         f"--output_dir={run_dir}",
         *(["--resume"] if resume else []),
@@ -226,7 +229,7 @@ def launch(protocol: Protocol, dataset: str, run: StudyRun, runs_dir: str) -> tu
     with open(os.path.join(run_dir, "log.txt"), "a") as log:
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
-        code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=_environment())
+        code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
     return code, time.time() - start
 
 
@@ -274,12 +277,6 @@ def describe(protocol: Protocol, dataset: str, runs: Sequence[StudyRun], runs_di
     return "\n".join(lines)
 
 
-def _environment() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
-    return env
-
-
 def run_study(
     protocol: Protocol, dataset: str, runs: Sequence[StudyRun], runs_dir: str, parts: str
 ) -> int:
@@ -316,15 +313,13 @@ def run_zero_shot(protocol: Protocol, dataset: str, runs_dir: str) -> int:
         command = [
             sys.executable,
             "-m",
-            "experiments.zero_shot_decay",
+            "lpwd_optax.experiments.zero_shot_decay",
             f"--run_dir={run_dir}",
             f"--lambdas={protocol.zero_shot_lambdas}",
             f"--output={output}",
         ]
         with open(os.path.join(run_dir, "zero_shot_log.txt"), "a") as log:
-            code = subprocess.call(
-                command, stdout=log, stderr=subprocess.STDOUT, env=_environment()
-            )
+            code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
         print(f"part e {run.name}: zero-shot decay {'ok' if code == 0 else 'FAILED'}")
         failed += code != 0
     return failed
@@ -386,12 +381,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         failed = run_study(protocol, dataset, runs, runs_dir, args.parts)
     if args.no_report:
         return 1 if failed else 0
-    from experiments import study_report  # matplotlib only when reporting
+    from lpwd_optax.experiments import study_report  # matplotlib only when reporting
 
     study_report.write_report(protocol, dataset, runs, runs_dir, results_dir)
     print(f"wrote the report to {results_dir}")
     return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

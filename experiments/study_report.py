@@ -21,8 +21,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from experiments import stats
-from experiments.study import Protocol, StudyRun, zero_shot_sources
+from lpwd_optax.experiments import stats
+from lpwd_optax.experiments.study import Protocol, StudyRun, zero_shot_sources
 
 METRICS = {
     "best10_mean": "best-10 test top-1 (%)",

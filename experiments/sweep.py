@@ -23,6 +23,11 @@ Arguments after `--` are passed to every run (e.g. --epochs, --preset, --model_o
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # started as a script or as experiments.sweep: see _entry.py
+    from lpwd_optax.experiments import _entry
+
+    _entry.run(__file__)
+
 import argparse
 import csv
 import dataclasses
@@ -38,14 +43,13 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from experiments.config import METHODS, OPTIMIZERS
+from lpwd_optax.experiments.config import METHODS, OPTIMIZERS
 
 # The paper's Table 2.
 TABLE2_LRS = {"adam": (1e-3, 5e-4, 1e-4, 5e-5, 1e-5), "sgdm": (0.1, 0.05, 0.01, 0.005, 0.001)}
 TABLE2_WEIGHT_DECAYS = (0.5, 0.1, 0.05, 0.01, 0.005, 0.001, 0.0005)
 BASE_LR = {"adam": 1e-4, "sgdm": 1e-2}
 BASE_WEIGHT_DECAY = 1e-2
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Methods without a decay rate: one cell per lr.
 NO_RATE_METHODS = ("baseline",)
 
@@ -157,7 +161,7 @@ def run_cell(
         # The cell's own flags come after the shared ones, so the grid always wins.
         sys.executable,
         "-m",
-        "experiments.cifar",
+        "lpwd_optax.experiments.cifar",
         *extra_flags,
         *cell.flags(),
         f"--output_dir={run_dir}",
@@ -191,7 +195,6 @@ def run_sweep(
     def work(cell: Cell) -> tuple[Cell, int, float]:
         gpu = free_gpus.get()
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
         try:
@@ -355,7 +358,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_results(rows, args.output_dir)
     print(table_markdown(rows), end="")
     return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

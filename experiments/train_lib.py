@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import lpwd_optax as lo
-from experiments.methods import Method
+from lpwd_optax.experiments.methods import Method
 
 Params = Any
 Batch = Mapping[str, Any]

@@ -16,11 +16,15 @@ the point the optimizer found.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # started as a script or as experiments.zero_shot_decay: see _entry.py
+    from lpwd_optax.experiments import _entry
+
+    _entry.run(__file__)
+
 import argparse
 import functools
 import json
 import os
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,8 +34,8 @@ import numpy as np
 import optax
 
 import lpwd_optax as lo
-import models
-from experiments import cifar, data, train_lib
+from lpwd_optax import models
+from lpwd_optax.experiments import cifar, data, train_lib
 
 DEFAULT_LAMBDAS = "0,1e-4,2e-4,5e-4,1e-3,2e-3,5e-3,1e-2,2e-2,5e-2"
 
@@ -126,7 +130,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     print(f"wrote {output}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -19,9 +19,15 @@ from typing import Any, NamedTuple
 import jax
 from flax import nnx
 
-from models.convert import from_timm, load_timm_weights, read_state_dict, timm_layout, to_timm
-from models.convnext import CONVNEXT_VARIANTS, ConvNeXt
-from models.swin import SWIN_VARIANTS, SwinTransformer
+from lpwd_optax.models.convert import (
+    from_timm,
+    load_timm_weights,
+    read_state_dict,
+    timm_layout,
+    to_timm,
+)
+from lpwd_optax.models.convnext import CONVNEXT_VARIANTS, ConvNeXt
+from lpwd_optax.models.swin import SWIN_VARIANTS, SwinTransformer
 
 __all__ = [
     "ConvNeXt",

@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.convnext import ConvNeXt
-from models.swin import SwinTransformer
+from lpwd_optax.models.convnext import ConvNeXt
+from lpwd_optax.models.swin import SwinTransformer
 
 # Buffers that older timm / original checkpoints store but that the ports recompute.
 DERIVED_BUFFERS = ("relative_position_index", "attn_mask")

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers import (
+from lpwd_optax.models.layers import (
     DepthwiseConv,
     DepthwiseImpl,
     Mlp,

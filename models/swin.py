@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.layers import (
+from lpwd_optax.models.layers import (
     Mlp,
     Stage,
     block_rng,

@@ -17,8 +17,8 @@ import jax
 
 jax.config.update("jax_num_cpu_devices", int(sys.argv[1]))
 
-from experiments import cifar  # noqa: E402
-from experiments.config import parse_config  # noqa: E402
+from lpwd_optax.experiments import cifar  # noqa: E402
+from lpwd_optax.experiments.config import parse_config  # noqa: E402
 
 
 def main() -> None:

@@ -7,7 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from experiments import bench_common, bench_matmul, bench_regularizers, bench_train_step
+from lpwd_optax.experiments.benchmarks import (
+    bench_common,
+    bench_matmul,
+    bench_regularizers,
+    bench_train_step,
+)
 
 
 def test_format_table_and_interleaved_timing():

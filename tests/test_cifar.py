@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from experiments import cifar, data, writers
+from lpwd_optax.experiments import cifar, data, writers
 from tests import _cifar_helpers as helpers
 
 SUMMARY_LINE = re.compile(

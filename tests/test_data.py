@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from experiments import data
+from lpwd_optax.experiments import data
 
 REAL_CIFAR10_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.zip"
 CIFAR10_CLASSES = (
@@ -132,7 +132,7 @@ def test_folder_resizes_and_converts_to_rgb(tmp_path, caplog):
     Image.new("L", (32, 32), 77).save(root / "train" / "a" / "grey.png")
     Image.new("RGBA", (32, 32), (1, 2, 3, 4)).save(root / "train" / "a" / "rgba.png")
     (root / "train" / "a" / "notes.txt").write_text("not an image")
-    with caplog.at_level(logging.WARNING, logger="experiments.data"):
+    with caplog.at_level(logging.WARNING, logger="lpwd_optax.experiments.data"):
         ds = data.load_dataset(f"folder:{root}", cache_dir=tmp_path / "c")
     assert ds.images.shape == (5, 32, 32, 3) and "resized 1 of 5" in caplog.text
     by_name = dict(zip(["000.png", "001.png", "big.jpg", "grey.png", "rgba.png"], ds.images))

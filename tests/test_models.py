@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import models
-from models import convert, layers, swin
-from models.convnext import stage_strides
+from lpwd_optax import models
+from lpwd_optax.models import convert, layers, swin
+from lpwd_optax.models.convnext import stage_strides
 
 # Exact parameter counts of timm 1.0.31's models (num_classes=1000 unless noted), computed with
 # sum(p.numel() for p in timm.create_model(name, **kwargs).parameters()). They match timm's
@@ -415,7 +415,7 @@ def test_depthwise_impls_agree_in_a_model():
 
 
 def test_depthwise_block_gradients_agree():
-    from models.convnext import ConvNeXtBlock
+    from lpwd_optax.models.convnext import ConvNeXtBlock
 
     x = images(2, size=8)[..., :1] * jnp.ones((1, 1, 1, 16))
     grads = {}

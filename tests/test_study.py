@@ -1,4 +1,4 @@
-"""experiments/stats.py against hand-worked numbers; experiments/study.py's plan, runs and report."""
+"""experiments/stats.py against hand-worked numbers; study.py's plan, runs and report."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import os
 
 import pytest
 
-from experiments import stats, study, study_report
-from experiments.config import parse_config
-from tests import _cifar_helpers as helpers
+from lpwd_optax.experiments import stats, study, study_report
+from lpwd_optax.experiments.config import parse_config
 
 CPU = study.PROTOCOLS["cpu"]
 TINY = study.PROTOCOLS["tiny"]
@@ -64,7 +63,7 @@ def test_cpu_plan_covers_every_part_once():
         assert {r.seed for r in runs if r.part == part} == set(CPU.seeds)
     # Every run's flags are valid flags of the training program.
     for run in runs:
-        config = parse_config(study.run_flags(CPU, "cifar10", run) + ["--output_dir=x"])
+        config = parse_config([*study.run_flags(CPU, "cifar10", run), "--output_dir=x"])
         assert config.method == run.method and config.seed == run.seed
         expected = CPU.steps if run.kind == "train" else CPU.rop_periods * CPU.rop_steps_per_period
         assert config.epochs * config.steps_per_epoch == expected

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from experiments import plots, sweep, zero_shot_decay
+from lpwd_optax.experiments import plots, sweep, zero_shot_decay
 from tests import _cifar_helpers as helpers
 
 

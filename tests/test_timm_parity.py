@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import models
+from lpwd_optax import models
 
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")

@@ -15,8 +15,8 @@ import numpy as np
 import optax
 import pytest
 
-import models
-from experiments import checkpointing, config, methods, train_lib, writers
+from lpwd_optax import models
+from lpwd_optax.experiments import checkpointing, config, methods, train_lib, writers
 from tests import _cifar_helpers as helpers
 
 # ----------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ produced on demand (``prefetch=0``) and through the background thread (``prefetc
 median over repeats after a warm-up. Compare with the training step's images/s on the same
 machine (experiments/bench_train_step.py); the target is >= 5x.
 
-  python -m experiments.bench_input --folder ../shared/data/cifar10-jpeg.zip --out bench_input.json
+  python -m lpwd_optax.experiments.benchmarks.bench_input \
+      --folder ../shared/data/cifar10-jpeg.zip --out bench_input.json
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments import data
+from lpwd_optax.experiments import data
 
 
 def images_per_second(ds, batch_size: int, prefetch: int, repeats: int, min_images: int):

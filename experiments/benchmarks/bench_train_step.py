@@ -24,10 +24,12 @@ On a machine shared with other processes, PyTorch's OpenMP threads spin at barri
 when one of them is descheduled, far more than XLA's thread pool does: compare at
 `--threads 1`, or pass `--omp-passive`, and keep the load average in the JSON in mind.
 
-    python -m experiments.bench_train_step --out bench_train_step.json        # atto, tiny, swin
-    python -m experiments.bench_train_step --quick                            # a few minutes
-    python -m experiments.bench_train_step --models convnext_tiny --with-input --isolate-memory
-    python -m experiments.bench_train_step --threads 1 --depthwise shift      # busy machine
+    python -m lpwd_optax.experiments.benchmarks.bench_train_step --out step.json  # atto, tiny, swin
+    python -m lpwd_optax.experiments.benchmarks.bench_train_step --quick  # a few minutes
+    python -m lpwd_optax.experiments.benchmarks.bench_train_step --models convnext_tiny \
+        --with-input --isolate-memory
+    python -m lpwd_optax.experiments.benchmarks.bench_train_step --threads 1 \
+        --depthwise shift  # busy machine
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments import bench_common
+from lpwd_optax.experiments.benchmarks import bench_common
 
 DEFAULT_MODELS = ("convnext_atto", "convnext_tiny", "swin_tiny")
 LEARNING_RATE = 1e-3
@@ -268,7 +270,13 @@ def _child_argv(args: argparse.Namespace, configs: Sequence[str], out: str, **ov
         "--threads": args.threads,
         **overrides,
     }
-    argv = [sys.executable, "-m", "experiments.bench_train_step", "--child", ",".join(configs)]
+    argv = [
+        sys.executable,
+        "-m",
+        "lpwd_optax.experiments.benchmarks.bench_train_step",
+        "--child",
+        ",".join(configs),
+    ]
     for flag, value in settings.items():
         argv += [flag, str(value)]
     return [*argv, "--out", out]
@@ -291,7 +299,8 @@ def run_in_subprocess(args: argparse.Namespace, configs: Sequence[str], **overri
 
 
 def input_pipeline(args: argparse.Namespace) -> dict[str, Any]:
-    from experiments import bench_input, data
+    from lpwd_optax.experiments import data
+    from lpwd_optax.experiments.benchmarks import bench_input
 
     ds = data.load_dataset("digits", split="train")
     out = {"dataset": "digits", "num_images": len(ds), "batch_size": args.batch_size}

@@ -24,8 +24,8 @@ XLA/torch ratios on the same product are the figures to trust. Dots inside a whi
 counted once. timm's whole step runs with the passive OpenMP policy too, which costs it 3-5% on
 a quiet machine (see the README); set `OMP_WAIT_POLICY=ACTIVE` to time it the other way.
 
-    python -m experiments.bench_matmul --out bench_matmul.json                 # swin_tiny
-    python -m experiments.bench_matmul --model convnext_tiny --no-steps
+    python -m lpwd_optax.experiments.benchmarks.bench_matmul --out bench_matmul.json  # swin_tiny
+    python -m lpwd_optax.experiments.benchmarks.bench_matmul --model convnext_tiny --no-steps
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments import bench_common, bench_train_step
+from lpwd_optax.experiments.benchmarks import bench_common, bench_train_step
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\w+)\[([\d,]*)\]")
 _COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%?[\w.\-]+\s*\(.*\)\s*->.*\{\s*$")

@@ -19,8 +19,9 @@ second form applies adam's update first and then `rescale_params` to the new par
 conditional, in the same step (rows "adam, then rescale_params"); a third times
 `rescale_params` alone in its own jitted call, which a user would pay once per k steps.
 
-    python -m experiments.bench_regularizers --out bench_regularizers.json
-    python -m experiments.bench_regularizers --model convnext_atto --steps 2 --repeats 1  # smoke
+    python -m lpwd_optax.experiments.benchmarks.bench_regularizers --out bench_regularizers.json
+    python -m lpwd_optax.experiments.benchmarks.bench_regularizers \
+        --model convnext_atto --steps 2 --repeats 1  # smoke
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ import optax
 from flax import nnx
 
 import lpwd_optax as lo
-import models
-from experiments import bench_common
+from lpwd_optax import models
+from lpwd_optax.experiments.benchmarks import bench_common
 
 LEARNING_RATE = 1e-3
 WEIGHT_DECAY = 0.05
