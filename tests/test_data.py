@@ -1,4 +1,4 @@
-"""Tests for experiments/data.py: every source's real loading code on small data made here."""
+"""Tests for experiments/data/: every source's real loading code on small data made here."""
 
 import io
 import json
@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from lpwd_optax.experiments import data
+from lpwd_optax.experiments.data import cifar as cifar_source
+from lpwd_optax.experiments.data import image_folder, pipeline, tfrecord
 
 REAL_CIFAR10_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.zip"
 CIFAR10_CLASSES = (
@@ -114,7 +116,7 @@ def test_folder_cache_is_used_and_keyed_on_the_source(tmp_path, monkeypatch):
     def no_decoding(*args):
         raise AssertionError("decoded although cached")
 
-    monkeypatch.setattr(data, "_decode_images", no_decoding)
+    monkeypatch.setattr(image_folder, "_decode_images", no_decoding)
     for split in data.SPLITS:
         data.load_dataset(f"folder:{source}", split=split, cache_dir=tmp_path / "c")
     os.utime(source, ns=(0, 0))  # a changed source must not be served from the cache
@@ -169,16 +171,16 @@ def test_folder_errors(tmp_path):
 @pytest.mark.skipif(not REAL_CIFAR10_ZIP.exists(), reason=f"{REAL_CIFAR10_ZIP} not present")
 def test_real_cifar10_jpeg_zip(monkeypatch):
     """The shipped zip's layout, and a subset decoded through the worker pool (the full
-    60k-image decode is timed by experiments/bench_input.py)."""
-    index = data._folder_index(REAL_CIFAR10_ZIP)
+    60k-image decode is timed by experiments/benchmarks/bench_input.py)."""
+    index = image_folder._folder_index(REAL_CIFAR10_ZIP)
     assert index.classes == CIFAR10_CLASSES
     assert {s: len(m) for s, m in index.members.items()} == {"train": 50000, "test": 10000}
     assert np.bincount(index.labels["train"]).tolist() == [5000] * 10
     members, labels = index.members["test"][::25], index.labels["test"][::25]
-    assert all(m.name.split("/")[1] == CIFAR10_CLASSES[y] for m, y in zip(members, labels))
-    monkeypatch.setattr(data, "_PARALLEL_DECODE_MIN", 100)
-    pooled = data._decode_images(REAL_CIFAR10_ZIP, members)
-    serial, resized = data._decode_chunk(str(REAL_CIFAR10_ZIP), members)
+    assert all(m.split("/")[1] == CIFAR10_CLASSES[y] for m, y in zip(members, labels))
+    monkeypatch.setattr(image_folder, "_PARALLEL_DECODE_MIN", 100)
+    pooled = image_folder._decode_images(REAL_CIFAR10_ZIP, members)
+    serial, resized = image_folder._decode_chunk(str(REAL_CIFAR10_ZIP), members)
     assert pooled.shape == (400, 32, 32, 3) and resized == 0
     np.testing.assert_array_equal(pooled, serial)
     assert 90 < pooled.mean() < 150 and pooled.std() > 40
@@ -223,6 +225,12 @@ def _sorted_by_pixels(images, labels):
     return images[order], labels[order]
 
 
+def _tfrecord_frame(record):
+    length = len(record).to_bytes(8, "little")
+    crc = lambda b: tfrecord.mask(tfrecord.crc32c(b)).to_bytes(4, "little")
+    return length + crc(length) + record + crc(record)
+
+
 def _to_tfrecord(src, dest):
     """Rewrites a prepared array_record dataset as TFRecord (what tfds.load writes)."""
     from array_record.python.array_record_module import ArrayRecordReader
@@ -234,8 +242,7 @@ def _to_tfrecord(src, dest):
         records = reader.read_all()
         reader.close()
         with open(str(path).replace(".array_record-", ".tfrecord-"), "wb") as f:
-            for record in records:  # length, crc, data, crc (zero crcs: not checked)
-                f.write(len(record).to_bytes(8, "little") + bytes(4) + record + bytes(4))
+            f.write(b"".join(_tfrecord_frame(record) for record in records))
         path.unlink()
     info_file = version_dir / "dataset_info.json"
     info = json.loads(info_file.read_text())
@@ -278,7 +285,7 @@ def _add_to_tar(tar, name, payload):
 @pytest.mark.parametrize("layout", ["binary_tar", "python_tar", "binary_dir"])
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
 def test_cifar_original_archives_placed_by_hand(tmp_path, name, layout):
-    spec = data._CIFAR[name]
+    spec = cifar_source.CIFAR[name]
     n_files = len(spec.binary_files["train"])
     images = _random_images(3 * n_files, seed=4)
     labels = np.arange(3 * n_files) % spec.num_classes
@@ -291,7 +298,8 @@ def test_cifar_original_archives_placed_by_hand(tmp_path, name, layout):
             blobs[f] = _cifar_binary_rows(images[part], labels[part], spec.label_bytes)
         else:
             chw = images[part].transpose(0, 3, 1, 2).reshape(3, -1)
-            blobs[f] = pickle.dumps({b"data": chw, spec.python_label_key: list(labels[part])})
+            # As in the release: the labels a list of Python ints.
+            blobs[f] = pickle.dumps({b"data": chw, spec.python_label_key: labels[part].tolist()})
     folder_name = spec.binary_dir if kind == "binary" else spec.python_dir
     manual = tmp_path / "downloads" / "manual"
     manual.mkdir(parents=True)
@@ -441,7 +449,7 @@ def test_prefetch_reraises_errors_and_stops_when_closed(monkeypatch):
             raise RuntimeError("boom")
         return images.astype(np.float32)
 
-    monkeypatch.setattr(data, "_normalize", failing_normalize)
+    monkeypatch.setattr(pipeline, "_normalize", failing_normalize)
     it = data.batches(ds, 8, seed=0, epoch=0)
     next(it)
     with pytest.raises(RuntimeError, match="boom"):
