@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import shutil
 import tarfile
 import zipfile
@@ -168,6 +169,134 @@ def test_folder_errors(tmp_path):
         data.load_dataset("digits", split="validation")
 
 
+class _Unseekable(io.RawIOBase):
+    """A file zipfile cannot seek in: it then writes data descriptors after each member."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        return self._f.write(b)
+
+    def tell(self):
+        return self._f.tell()
+
+
+@pytest.mark.parametrize("kind", ["zip64", "data_descriptors"])
+def test_folder_zip64_and_data_descriptors(tmp_path, kind):
+    expected = _three_class_folder(tmp_path / "imgs")
+    source = tmp_path / f"{kind}.zip"
+    with open(source, "wb") as f:
+        out = f if kind == "zip64" else _Unseekable(f)
+        with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+            for p in sorted((tmp_path / "imgs").rglob("*.png")):
+                name = p.relative_to(tmp_path / "imgs").as_posix()
+                with z.open(name, "w", force_zip64=kind == "zip64") as member:
+                    member.write(p.read_bytes())
+    with zipfile.ZipFile(source) as z:
+        infos = z.infolist()
+    if kind == "zip64":
+        assert all(i.extract_version == zipfile.ZIP64_VERSION for i in infos)
+    else:
+        assert all(i.flag_bits & 0x08 for i in infos)  # sizes and CRC follow the data
+    for split in data.SPLITS:
+        ds = data.load_dataset(f"folder:{source}", split=split, cache_dir=tmp_path / "c")
+        np.testing.assert_array_equal(ds.images, expected[split][0])
+        assert ds.labels.tolist() == expected[split][1]
+
+
+def test_folder_zip_member_with_a_bad_crc_is_rejected(tmp_path):
+    _three_class_folder(tmp_path / "imgs")
+    source = tmp_path / "imgs.zip"
+    _zip_folder(tmp_path / "imgs", source)  # stored: a member's bytes lie as they are
+    with zipfile.ZipFile(source) as z:
+        info = z.getinfo("train/bee/001.png")
+    blob = bytearray(source.read_bytes())
+    blob[info.header_offset + 30 + len(info.filename) + info.compress_size // 2] ^= 0xFF
+    source.write_bytes(blob)
+    with pytest.raises(data.DataError, match=r"cannot decode image train/bee/001\.png .*CRC"):
+        data.load_dataset(f"folder:{source}", cache_dir=tmp_path / "c")
+
+
+def test_folder_first_decode_reports_progress_and_cache_then_one_line(tmp_path, caplog):
+    _three_class_folder(tmp_path / "imgs")
+    name, cache = f"folder:{tmp_path / 'imgs'}", tmp_path / "c"
+    with caplog.at_level(logging.INFO, logger="lpwd_optax.experiments.data"):
+        data.load_dataset(name, split="train", cache_dir=cache)
+    first = caplog.text
+    train_file, test_file = (next(cache.glob(f"imgs-{s}-*.npz")) for s in data.SPLITS)
+    assert "decoding its images (12 train, 6 test) once" in first
+    assert f"cached in {train_file} and {test_file}" in first
+    assert "decoded 18/18 images (100%)" in first
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lpwd_optax.experiments.data"):
+        data.load_dataset(name, split="test", cache_dir=cache)
+    assert [r.getMessage() for r in caplog.records] == [f"6 images from the cache {test_file}"]
+
+
+def test_folder_progress_every_tenth(caplog):
+    chunks = [(np.zeros((30, 32, 32, 3), np.uint8), 0)] * 10
+    with caplog.at_level(logging.INFO, logger="lpwd_optax.experiments.data"):
+        parts = image_folder._collect(iter(chunks), "src.zip", 300, "2 processes")
+    assert len(parts) == 10
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line.split(" images")[0] for line in lines] == [
+        f"src.zip: decoded {n}/300" for n in range(30, 301, 30)
+    ]
+    assert lines[-1].startswith("src.zip: decoded 300/300 images (100%) in ")
+    assert lines[-1].endswith("s with 2 processes")
+
+
+def _make_config_error(root, case):
+    """Builds a broken image-folder source; returns (path, split, the problem's words)."""
+    if case == "missing":
+        return root / "nowhere", "train", "does not exist"
+    if case == "empty_folder":
+        (root / "empty").mkdir()
+        return root / "empty", "train", "holds no images"
+    if case == "no_class_folders":  # images straight under train/
+        (root / "flat" / "train").mkdir(parents=True)
+        Image.fromarray(_random_images(1)[0]).save(root / "flat" / "train" / "0.png")
+        return root / "flat", "train", "holds no images"
+    if case == "empty_zip":
+        zipfile.ZipFile(root / "empty.zip", "w").close()
+        return root / "empty.zip", "train", "holds no images"
+    if case == "not_a_zip":
+        (root / "file.tar").write_bytes(b"not a zip")
+        return root / "file.tar", "train", r"neither a directory nor a \.zip"
+    if case in ("no_test_folder", "no_train_folder"):
+        split = case.split("_")[1]
+        other = "train" if split == "test" else "test"
+        _write_folder(root / "one", {other: {"a": list(_random_images(1))}})
+        return root / "one", split, f"has no '{split}/' folder"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "empty_folder",
+        "no_class_folders",
+        "empty_zip",
+        "not_a_zip",
+        "no_test_folder",
+        "no_train_folder",
+    ],
+)
+def test_data_config_errors_are_one_line_naming_the_path(tmp_path, case):
+    path, split, problem = _make_config_error(tmp_path, case)
+    with pytest.raises(data.DataError, match=problem) as info:
+        data.load_dataset(f"folder:{path}", split=split, cache_dir=tmp_path / "c")
+    message = str(info.value)
+    assert isinstance(info.value, ValueError)  # what the programs report as a config error
+    assert str(path) in message and "\n" not in message
+    assert not (tmp_path / "c").exists()
+
+
 @pytest.mark.skipif(not REAL_CIFAR10_ZIP.exists(), reason=f"{REAL_CIFAR10_ZIP} not present")
 def test_real_cifar10_jpeg_zip(monkeypatch):
     """The shipped zip's layout, and a subset decoded through the worker pool (the full
@@ -269,6 +398,63 @@ def test_tfds_prepared_array_record_and_tfrecord(tmp_path, monkeypatch):
     np.testing.assert_array_equal(from_tfrecord.images, ds.images)
     np.testing.assert_array_equal(from_tfrecord.labels, ds.labels)
 
+    shard = sorted((tmp_path / "tfr" / "cifar10" / "3.0.2").glob("*train.tfrecord-*"))[0]
+    blob = bytearray(shard.read_bytes())
+    blob[12 + 40] ^= 0x01  # in the first record's data
+    shard.write_bytes(blob)
+    shutil.rmtree(tmp_path / "tfr" / "lpwd_optax_cache")
+    with pytest.raises(data.DataError, match=rf"{re.escape(str(shard))}: record 0 is corrupted"):
+        data.load_dataset("cifar10", data_dir=tmp_path / "tfr", download=False)
+
+
+def test_crc32c_matches_published_check_values():
+    # The CRC catalogue's check value, then RFC 3720 (iSCSI) appendix B.4.
+    vectors = {
+        b"123456789": 0xE3069283,
+        bytes(32): 0x8A9136AA,
+        b"\xff" * 32: 0x62A8AB43,
+        bytes(range(32)): 0x46DD794E,
+        bytes(range(31, -1, -1)): 0x113FDB5C,
+        b"": 0,
+    }
+    assert [tfrecord.crc32c(b) for b in vectors] == list(vectors.values())
+    assert tfrecord.crc32c_many(list(vectors)).tolist() == list(vectors.values())
+    rng = np.random.default_rng(0)
+    chunks = [rng.bytes(int(n)) for n in rng.integers(0, 300, 5000)]  # several vector blocks
+    assert tfrecord.crc32c_many(chunks).tolist() == [tfrecord.crc32c(c) for c in chunks]
+    assert tfrecord.mask(0) == 0xA282EAD8 and tfrecord.mask(1 << 15) == 0xA282EAD9
+    np.testing.assert_array_equal(
+        tfrecord.mask(np.array([0, 1 << 15, 0xFFFFFFFF], np.uint32)),
+        [tfrecord.mask(0), tfrecord.mask(1 << 15), tfrecord.mask(0xFFFFFFFF)],
+    )
+
+
+@pytest.mark.parametrize(
+    ("offset", "problem"),
+    [
+        (3, r"corrupted \(length CRC\)"),  # a byte of the length
+        (9, r"corrupted \(length CRC\)"),  # a byte of the length's CRC
+        (12 + 5, r"corrupted \(data CRC\)"),  # a byte of the data
+        (-2, r"corrupted \(data CRC\)"),  # a byte of the data's CRC
+        (None, "truncated"),  # the file ends inside the record
+    ],
+)
+def test_tfrecord_corrupted_record_is_rejected(tmp_path, offset, problem):
+    records = [bytes([i]) * (10 + i) for i in range(5)]
+    frames = [_tfrecord_frame(r) for r in records]
+    path = tmp_path / "x.tfrecord"
+    path.write_bytes(b"".join(frames))
+    assert tfrecord.read_records(path) == records
+    start = sum(map(len, frames[:2]))
+    blob = bytearray(path.read_bytes())
+    if offset is None:
+        del blob[start + 15 :]
+    else:
+        blob[start + offset % len(frames[2])] ^= 0x01
+    path.write_bytes(blob)
+    with pytest.raises(data.DataError, match=rf"{re.escape(str(path))}: record 2 is {problem}"):
+        tfrecord.read_records(path)
+
 
 def _cifar_binary_rows(images, labels, label_bytes):
     chw = images.transpose(0, 3, 1, 2).reshape(len(images), -1)
@@ -316,6 +502,62 @@ def test_cifar_original_archives_placed_by_hand(tmp_path, name, layout):
     np.testing.assert_array_equal(ds.images, images)
     np.testing.assert_array_equal(ds.labels, labels)
     assert ds.num_classes == spec.num_classes
+
+
+class _RunsACommand:
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+class _Evaluates:
+    def __init__(self, code):
+        self.code = code
+
+    def __reduce__(self):
+        return eval, (self.code,)
+
+
+@pytest.mark.parametrize("gadget", [_RunsACommand, _Evaluates])
+def test_cifar_python_release_refuses_a_malicious_pickle(tmp_path, gadget):
+    spec = cifar_source.CIFAR["cifar10"]
+    marker = tmp_path / "was_run"
+    payload = (
+        f"touch {marker}" if gadget is _RunsACommand else f"open({str(marker)!r}, 'w').close()"
+    )
+    evil = pickle.dumps({b"data": gadget(payload), b"labels": [0]})
+    folder = tmp_path / "downloads" / "manual" / spec.python_dir
+    folder.mkdir(parents=True)
+    for f in spec.python_files["train"]:
+        (folder / f).write_bytes(evil)
+    with pytest.raises(data.DataError) as info:
+        data.load_dataset("cifar10", data_dir=tmp_path, download=False)
+    message = str(info.value)
+    assert "data_batch_1 is not a CIFAR python batch: refusing to load" in message
+    assert ("system" in message) if gadget is _RunsACommand else ("builtins.eval" in message)
+    assert not marker.exists()
+    pickle.loads(evil)  # the payload is live: plain pickle would have run it
+    assert marker.exists()
+
+
+def test_cifar_python_batch_as_python2_and_numpy1_pickled_it():
+    chw = _random_images(2).transpose(0, 3, 1, 2).reshape(2, -1)
+    blob = pickle.dumps({b"data": chw, b"labels": [3, 7]}, protocol=2)
+    legacy = blob.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
+    assert b"cnumpy.core.multiarray\n_reconstruct\n" in legacy  # the release's array global
+    for payload in (blob, legacy):
+        batch = cifar_source.load_python_batch(payload, "test_batch")
+        np.testing.assert_array_equal(batch[b"data"], chw)
+        assert batch[b"labels"] == [3, 7]
+    with pytest.raises(data.DataError, match="test_batch is not a CIFAR python batch"):
+        cifar_source.load_python_batch(pickle.dumps([1, 2]), "test_batch")
+    with pytest.raises(data.DataError, match=r"refusing _codecs\.encode with encoding 'rot13'"):
+        cifar_source.load_python_batch(
+            b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00aX\x05\x00\x00\x00rot13\x86R.",
+            "test_batch",
+        )
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
