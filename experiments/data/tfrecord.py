@@ -93,12 +93,8 @@ def read_records(path: str | os.PathLike) -> list[bytes]:
         index = len(records)
         if pos + 12 > len(data):
             raise DataError(f"TFRecord file {path}: record {index} is truncated")
-        header = data[pos : pos + 8]
-        (length,), (length_crc,) = (
-            struct.unpack("<Q", header),
-            struct.unpack_from("<I", data, pos + 8),
-        )
-        if mask(crc32c(header)) != length_crc:
+        length, length_crc = struct.unpack_from("<QI", data, pos)
+        if mask(crc32c(data[pos : pos + 8])) != length_crc:
             raise DataError(f"TFRecord file {path}: record {index} is corrupted (length CRC)")
         end = pos + 12 + length
         if end + 4 > len(data):
