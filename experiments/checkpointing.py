@@ -14,11 +14,14 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from lpwd_optax.experiments.config import ConfigError
 
 Verify = Callable[[Any, dict[str, Any]], str | None]  # (state, meta) -> error message or None
 
@@ -98,3 +101,61 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+class OutputLock:
+    """Creates a run directory and holds `<directory>/lock` (host and pid of the owner) while
+    a run writes it, so that two runs cannot write one directory at once. A lock left by a
+    process that no longer runs on this host is taken over. A directory this lock created is
+    removed again if the run fails before writing anything into it.
+    """
+
+    def __init__(self, directory: str, *, enabled: bool = True):
+        self.directory, self.enabled = directory, enabled
+        self.path = os.path.join(directory, "lock")
+        self._created = False
+
+    def __enter__(self) -> OutputLock:
+        self._created = not os.path.exists(self.directory)
+        os.makedirs(self.directory, exist_ok=True)
+        if not self.enabled:
+            return self
+        owner = f"{socket.gethostname()} {os.getpid()}"
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None:
+                    raise ConfigError(
+                        f"another run ({holder}) is writing {self.directory}; wait for it or "
+                        "choose another --output_dir"
+                    ) from None
+                os.remove(self.path)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(owner + "\n")
+            return self
+
+    def _holder(self) -> str | None:
+        """'host pid' of a live owner, None when the lock is stale."""
+        try:
+            with open(self.path) as f:
+                host, pid = f.read().split()
+        except (OSError, ValueError):
+            return None
+        if host != socket.gethostname():
+            return f"pid {pid} on {host}"  # cannot check another host: assume it runs
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return f"pid {pid}"
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if self.enabled and os.path.exists(self.path):
+            os.remove(self.path)
+        if kind is not None and self._created and not os.listdir(self.directory):
+            os.rmdir(self.directory)

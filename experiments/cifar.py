@@ -1,22 +1,32 @@
 r"""Train a ConvNeXt or Swin on CIFAR with one of the LPWD paper's regularizers.
 
-One run of the paper's CIFAR experiments (SPEC section 5): constant learning rate, Adam or
-SGD-momentum, a regularizer from `lpwd_optax`, evaluation every epoch, and at the end the line
+One run of the LPWD paper's CIFAR experiments: constant learning rate, Adam or SGD-momentum, a
+regularizer from `lpwd_optax`, evaluation every epoch, and at the end the line
 `mean +- std of the best 10 test top-1: XX.XX +- Y.YY` plus `summary.json`.
 
 Offline quick start (scikit-learn's digits, a small ConvNeXt, a few minutes on a laptop CPU):
 
-    python -m experiments.cifar --preset=quickstart
+    lpwd-cifar --preset=quickstart
 
 The paper's setting (ConvNeXt-T, CIFAR-10 from tensorflow-datasets, Adam, LPWD):
 
-    python -m experiments.cifar --dataset=cifar10 --method=lpwd --output_dir=runs/c10_lpwd
+    lpwd-cifar --dataset=cifar10 --method=lpwd --output_dir=runs/c10_lpwd
 
-Outputs in --output_dir: config.json, metrics.jsonl (one record per epoch: train loss, test
-top-1, mean R_op, per-layer norms), tensorboard/, checkpoints/ (orbax, one per epoch),
-final_params.npz (the evaluated weights; for PWD/LPWD theta_t, not the stored phi_t) and
-summary.json. R_op is reported for the decoupled methods (wd, rwd, pwd, lpwd, wrs); for
-baseline, l2 and adadecay it is undefined and written as null.
+The program is one flat loop over steps (`train_and_evaluate`): a step, then the periodic
+actions (finite check, progress, metric lines every --log_every_steps, and at the end of each
+epoch evaluation and a checkpoint). Everything it reports goes through one writer: JSON lines,
+TensorBoard events and the console.
+
+Outputs in --output_dir: config.json, metrics.jsonl (per epoch: train loss, test top-1 (%),
+mean R_op, per-layer norms; per logging interval: train/loss, train/top1 (%)), tensorboard/,
+checkpoints/ (orbax, one per epoch), final_params.npz (the evaluated weights; for PWD/LPWD
+theta_t, not the stored phi_t), summary.json and, for LPWD, method.txt (its per-layer rates).
+R_op is reported for the decoupled methods (wd, rwd, pwd, lpwd, wrs); for baseline, l2 and
+adadecay it is undefined and written as null.
+
+Rerunning a finished run's command reports its result; a run that was stopped continues with
+--resume. A configuration error (bad flag value, missing data, a batch that does not split over
+the devices) is reported in one line with exit status 2 before anything is written.
 
 Multi-host: start one process per host with --coordinator_address=HOST:PORT
 --num_processes=N --process_id=I; each process reads its own slice of every global batch.
@@ -36,18 +46,30 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
 from lpwd_optax import models
 from lpwd_optax.experiments import checkpointing, data, methods, train_lib, writers
-from lpwd_optax.experiments.config import Config, parse_config, to_dict
+from lpwd_optax.experiments.config import Config, ConfigError, parse_config, to_dict
 
 SUMMARY_FORMAT = "mean +- std of the best 10 test top-1: {mean:.2f} +- {std:.2f}"
+# Flags that change how a run is executed or reported, not what it computes.
+EXECUTION_FLAGS = (
+    "resume",
+    "progress",
+    "stop_after_steps",
+    "compilation_cache_dir",
+    "log_every_steps",
+    "keep_checkpoints",
+    "coordinator_address",
+    "num_processes",
+    "process_id",
+    "output_dir",
+)
 
 
 class NonFiniteError(FloatingPointError):
@@ -75,217 +97,307 @@ def select_devices(num_devices: int | None) -> list[jax.Device]:
     ]
 
 
-def train_and_evaluate(config: Config) -> dict[str, Any]:
-    """Runs (or resumes) one training run and returns its summary."""
-    start_time = time.time()
-    process_index, process_count = jax.process_index(), jax.process_count()
-    is_main = process_index == 0
-    out = config.output_dir
-    os.makedirs(out, exist_ok=True)
+class Setup(NamedTuple):
+    """Everything a run needs, built and checked before anything is written."""
 
-    # Data and model.
-    train_ds = data.load_dataset(config.dataset, data_dir=config.data_dir, split="train")
-    test_ds = data.load_dataset(config.dataset, data_dir=config.data_dir, split="test")
-    model = models.create_model(
-        config.model,
-        num_classes=train_ds.num_classes,
-        seed=config.seed,
-        drop_path_rate=config.drop_path_rate,
-        **config.overrides,
-    )
-    fm = models.functional_model(model)
-    example = jnp.zeros((2, *train_ds.images.shape[1:]), jnp.float32)
-    method = methods.build_method(
-        config.method,
-        optimizer=config.optimizer,
-        learning_rate=config.learning_rate,
-        weight_decay=config.weight_decay,
-        params=fm.params,
-        apply_fn=fm.apply,
-        example_batch=example,
-        lpwd_max_scale=config.lpwd_max_scale,
-        adadecay_alpha=config.adadecay_alpha,
-        wrs_every=config.wrs_every,
-        wrs_mode=config.wrs_mode,
-    )
+    train_ds: data.ArrayDataset
+    test_ds: data.ArrayDataset
+    model: models.FunctionalModel
+    method: methods.Method
+    parallel: train_lib.Parallel
+    devices: list[jax.Device]
+    steps_per_epoch: int
+    eval_batch_size: int
 
-    # Devices and batch geometry.
+
+def build(config: Config) -> Setup:
+    """Loads the data, model and method and checks the batch geometry; ConfigError if wrong."""
+    try:
+        train_ds = data.load_dataset(config.dataset, data_dir=config.data_dir, split="train")
+        test_ds = data.load_dataset(config.dataset, data_dir=config.data_dir, split="test")
+        model = models.functional_model(
+            models.create_model(
+                config.model,
+                num_classes=train_ds.num_classes,
+                seed=config.seed,
+                drop_path_rate=config.drop_path_rate,
+                **config.overrides,
+            )
+        )
+        method = methods.build_method(
+            config.method,
+            optimizer=config.optimizer,
+            learning_rate=config.learning_rate,
+            weight_decay=config.weight_decay,
+            params=model.params,
+            apply_fn=model.apply,
+            example_batch=jnp.zeros((2, *train_ds.images.shape[1:]), jnp.float32),
+            lpwd_max_scale=config.lpwd_max_scale,
+            adadecay_alpha=config.adadecay_alpha,
+            wrs_every=config.wrs_every,
+            wrs_mode=config.wrs_mode,
+        )
+    except (ValueError, TypeError, FileNotFoundError, NotADirectoryError) as e:
+        raise ConfigError(str(e)) from e
     devices = select_devices(config.num_devices)
     parallel = train_lib.make_parallel(
         config.parallel,
-        fm.apply,
+        model.apply,
         method,
         config.seed,
         devices=devices if config.num_devices else None,
     )
-    local_devices = parallel.local_device_count
+    shards = jax.process_count() * parallel.local_device_count
     eval_batch_size = config.eval_batch_size or config.batch_size
     for name, size in (("batch_size", config.batch_size), ("eval_batch_size", eval_batch_size)):
-        if size % (process_count * local_devices):
-            raise ValueError(
-                f"{name}={size} must be divisible by processes x local devices = "
-                f"{process_count} x {local_devices}"
+        if size % shards:
+            fits = [n for n in range(1, parallel.local_device_count + 1) if size % n == 0]
+            raise ConfigError(
+                f"--{name}={size} is not divisible by {shards} devices ({jax.process_count()} "
+                f"processes x {parallel.local_device_count}); --num_devices={max(fits)} "
+                f"would work"
             )
-    local_eval_batch = eval_batch_size // process_count
     steps_per_epoch = data.num_batches(train_ds, config.batch_size)
     if steps_per_epoch == 0:
-        raise ValueError(
+        raise ConfigError(
             f"the training set ({len(train_ds.labels)} examples) is smaller than one batch "
             f"({config.batch_size}); lower --batch_size"
         )
     if config.steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
-    total_steps = steps_per_epoch * config.epochs
-
-    # State, possibly restored.
-    host_state = train_lib.create_train_state(fm.params, method)
-    ckpt = checkpointing.Checkpointer(
-        os.path.join(out, "checkpoints"), max_to_keep=config.keep_checkpoints
+    return Setup(
+        train_ds, test_ds, model, method, parallel, devices, steps_per_epoch, eval_batch_size
     )
-    history: list[dict[str, Any]] = []
-    restored_step = None
-    if config.resume:
-        restored = _restore(ckpt, parallel, host_state)
-        if restored is not None:
-            restored_step, host_state, history = restored
-    elif ckpt.all_steps():
-        raise ValueError(
-            f"{out} already holds checkpoints {ckpt.all_steps()}: pass --resume to continue, "
-            "or choose another --output_dir"
-        )
-    state = parallel.put_state(host_state)
-    start_step = int(parallel.to_host(state.step)) if restored_step is not None else 0
-    start_epoch = start_step // steps_per_epoch
 
-    # Writers (process 0 only).
-    if is_main:
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(to_dict(config), f, indent=2)
-        jsonl = writers.JsonlWriter(
-            os.path.join(out, "metrics.jsonl"), keep_up_to_step=restored_step
-        )
-        tensorboard = writers.TensorBoardWriter(os.path.join(out, "tensorboard"))
-        epoch_writer = writers.MultiWriter([jsonl, tensorboard])
-        step_writer = writers.MultiWriter([tensorboard])
-        print(f"method: {method.description}", flush=True)
-        print(
-            f"model {config.model} ({_count(fm.params):,} params), {config.dataset} "
-            f"({len(train_ds.labels)} train / {len(test_ds.labels)} test), {len(devices)} "
-            f"devices x {process_count} processes, {steps_per_epoch} steps/epoch, "
-            f"{config.parallel}" + (f", resumed at step {start_step}" if restored_step else ""),
-            flush=True,
-        )
-    else:
-        epoch_writer = step_writer = writers.MultiWriter([])
 
-    progress = tqdm(
-        total=total_steps,
-        initial=start_step,
-        unit="step",
-        dynamic_ncols=True,
-        disable=not (is_main and config.progress),
-    )
-    steps_this_run = 0
-    step = start_step
-    try:
-        for epoch in range(start_epoch, config.epochs):
-            epoch_start = time.time()
-            batches = data.batches(
-                train_ds,
-                config.batch_size,
-                seed=config.seed,
-                epoch=epoch,
-                train=True,
-                process_index=process_index,
-                process_count=process_count,
-            )
-            sums, previous, metrics = None, None, None
-            for _, batch in zip(range(steps_per_epoch), batches):
-                state, metrics = parallel.train_step(state, parallel.put_batch(batch))
-                step += 1
-                steps_this_run += 1
+def finished_summary(config: Config) -> dict[str, Any] | None:
+    """The summary of a finished run of this configuration in output_dir, if there is one."""
+    path = os.path.join(config.output_dir, "summary.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        summary = json.load(f)
+    ours, theirs = to_dict(config), summary.get("config", {})
+    differ = [k for k in ours if k not in EXECUTION_FLAGS and ours[k] != theirs.get(k)]
+    if config.resume and differ == ["epochs"] and config.epochs > summary["epochs"]:
+        return None  # a finished run continued for more epochs
+    if differ:
+        raise ConfigError(
+            f"{config.output_dir} holds a finished run with other settings ({', '.join(differ)}"
+            "); choose another --output_dir"
+        )
+    return summary
+
+
+def train_and_evaluate(config: Config) -> dict[str, Any]:
+    """Runs (or resumes, or reports the finished) run of `config` and returns its summary."""
+    start_time = time.time()
+    is_main = jax.process_index() == 0
+    done = finished_summary(config)
+    if done is not None:
+        if is_main:
+            print(f"{config.output_dir} holds this finished run (nothing to do):")
+            print(done["summary_line"], flush=True)
+        return done
+    setup = build(config)
+    method, parallel, out = setup.method, setup.parallel, config.output_dir
+    steps_per_epoch, total_steps = setup.steps_per_epoch, setup.steps_per_epoch * config.epochs
+
+    with checkpointing.OutputLock(out, enabled=is_main):
+        ckpt = checkpointing.Checkpointer(
+            os.path.join(out, "checkpoints"), max_to_keep=config.keep_checkpoints
+        )
+        start_step, host_state, history = _initial_state(config, setup, ckpt)
+        state = parallel.put_state(host_state)
+        progress = writers.Progress(
+            total_steps,
+            start_step,
+            steps_per_epoch,
+            enabled=is_main and config.progress and sys.stderr.isatty(),
+        )
+        writer = _writer(config, start_step, progress) if is_main else writers.MultiWriter([])
+        if is_main:
+            _describe(config, setup, start_step, progress.print)
+
+        batches, sums, previous, epoch_start = None, None, None, time.time()
+        try:
+            for step in range(start_step, total_steps):
+                epoch = step // steps_per_epoch
+                if batches is None:
+                    batches = _train_batches(config, setup.train_ds, epoch)
+                    epoch_start = time.time()
+                state, metrics = parallel.train_step(state, parallel.put_batch(next(batches)))
                 running = {k: metrics[k] for k in ("loss", "accuracy", "rop")}
                 sums = running if sums is None else jax.tree.map(jnp.add, sums, running)
-                # Check the previous step while this one runs: one step stays in flight.
-                if previous is not None:
-                    _check_finite(parallel, previous, step - 1, ckpt)
+                if previous is not None:  # checked while this step runs: one stays in flight
+                    progress.train_step(step, _check_finite(parallel, previous, step, ckpt))
                 previous = metrics
-                progress.update(1)
-                if step % config.log_every_steps == 0:
+
+                if (step + 1) % config.log_every_steps == 0:
                     host = parallel.to_host(running)
-                    step_writer.write_scalars(step, {f"train/{k}": v for k, v in host.items()})
-                    progress.set_postfix(epoch=epoch + 1, loss=f"{float(host['loss']):.4f}")
-                if config.stop_after_steps and steps_this_run >= config.stop_after_steps:
-                    raise Preempted(f"stopped after {steps_this_run} steps (--stop_after_steps)")
-            _close(batches)
-            if metrics is None:
-                raise ValueError("the training data yielded no batches")
-            _check_finite(parallel, previous, step, ckpt)
+                    writer.write_scalars(
+                        step + 1,
+                        {
+                            "train/loss": host["loss"],
+                            "train/top1": 100.0 * host["accuracy"],
+                            "train/rop": host["rop"],
+                            "train/epoch": epoch + 1,
+                        },
+                    )
+                if config.stop_after_steps and step + 1 - start_step >= config.stop_after_steps:
+                    raise Preempted(
+                        f"stopped after {step + 1 - start_step} steps (--stop_after_steps)"
+                    )
+                if (step + 1) % steps_per_epoch:
+                    continue
 
-            evaluated = parallel.eval_params(state)
-            eval_batches = data.batches(
-                test_ds,
-                eval_batch_size,
-                seed=config.seed,
-                epoch=0,
-                train=False,
-                process_index=process_index,
-                process_count=process_count,
-                drop_remainder=False,
-            )
-            if config.eval_steps:
-                eval_batches = (b for _, b in zip(range(config.eval_steps), eval_batches))
-            test = train_lib.evaluate(parallel, evaluated, eval_batches, local_eval_batch)
-
-            host_sums = parallel.to_host(sums)
-            record = dict(
-                epoch=epoch + 1,
-                train_loss=float(host_sums["loss"]) / steps_per_epoch,
-                train_top1=100.0 * float(host_sums["accuracy"]) / steps_per_epoch,
-                test_top1=test["top1"],
-                test_loss=test["loss"],
-                rop=float(host_sums["rop"]) / steps_per_epoch if method.has_rop else None,
-                epoch_time_s=time.time() - epoch_start,
-            )
-            history.append(record)
-            # Per-layer norms of the epoch's last step (lo.layer_statistics).
-            layer_scalars = {
-                f"layers/{path}/{stat}": float(v)
-                for path, stats in parallel.to_host(metrics["layers"]).items()
-                for stat, v in stats.items()
-            }
-            epoch_writer.write_scalars(step, {**record, **layer_scalars})
-            epoch_writer.flush()
-            rop_text = f", R_op {record['rop']:.4f}" if record["rop"] is not None else ""
-            if is_main:
-                tqdm.write(
-                    f"epoch {epoch + 1}/{config.epochs}: train loss {record['train_loss']:.4f}, "
-                    f"test top-1 {record['test_top1']:.2f}{rop_text} "
-                    f"({record['epoch_time_s']:.1f} s)"
+                # End of an epoch: evaluate, write the record, checkpoint.
+                progress.train_step(step + 1, _check_finite(parallel, previous, step + 1, ckpt))
+                _close(batches)
+                batches, previous = None, None
+                evaluated = parallel.eval_params(state)
+                test = _evaluate(config, setup, evaluated, progress)
+                host_sums = parallel.to_host(sums)
+                sums = None
+                record = dict(
+                    epoch=epoch + 1,
+                    train_loss=float(host_sums["loss"]) / steps_per_epoch,
+                    train_top1=100.0 * float(host_sums["accuracy"]) / steps_per_epoch,
+                    test_top1=test["top1"],
+                    test_loss=test["loss"],
+                    rop=float(host_sums["rop"]) / steps_per_epoch if method.has_rop else None,
+                    epoch_time_s=time.time() - epoch_start,
                 )
+                history.append(record)
+                layers = parallel.to_host(metrics["layers"])  # lo.layer_statistics, last step
+                writer.write_scalars(
+                    step + 1,
+                    {
+                        **record,
+                        **{
+                            f"layers/{path}/{stat}": float(v)
+                            for path, stats in layers.items()
+                            for stat, v in stats.items()
+                        },
+                    },
+                )
+                writer.flush()
+                saved = parallel.checkpointable(state)
+                meta = dict(
+                    epoch=epoch + 1,
+                    step=step + 1,
+                    history=history,
+                    fingerprint=train_lib.fingerprint(saved.params),
+                )
+                exported = None
+                if method.predecayed:
+                    exported = train_lib.nested_dict(parallel.checkpointable(evaluated))
+                ckpt.save(step + 1, train_lib.nested_dict(saved), meta, exported)
+        finally:
+            _close(batches)
+            progress.close()
+            ckpt.close()
+            writer.close()
 
-            saved = parallel.checkpointable(state)
-            meta = dict(
-                epoch=epoch + 1,
-                step=step,
-                history=history,
-                fingerprint=train_lib.fingerprint(saved.params),
+        summary = _summary(config, setup, state, history, total_steps, start_time)
+        if is_main:
+            final = parallel.to_host(parallel.eval_params(state))
+            np.savez(
+                os.path.join(out, "final_params.npz"),
+                **{k: np.asarray(v) for k, v in train_lib.flat_dict(final).items()},
             )
-            exported = None
-            if method.name in ("pwd", "lpwd"):
-                exported = train_lib.nested_dict(_checkpointable_params(parallel, evaluated))
-            ckpt.save(step, train_lib.nested_dict(saved), meta, exported)
-    finally:
-        progress.close()
-        ckpt.close()
-        epoch_writer.close()
+            with open(os.path.join(out, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+            print(summary["summary_line"], flush=True)
+    return summary
 
-    # Final export and summary.
-    final = parallel.to_host(parallel.eval_params(state))
+
+def _initial_state(config: Config, setup: Setup, ckpt: checkpointing.Checkpointer):
+    """(step, host state, metric history): restored with --resume, else fresh."""
+    host_state = train_lib.create_train_state(setup.model.params, setup.method)
+    restored = _restore(ckpt, setup.parallel, host_state) if config.resume else None
+    if restored is None and ckpt.all_steps():
+        raise ConfigError(
+            f"{config.output_dir} already holds checkpoints {ckpt.all_steps()}: pass --resume "
+            "to continue, or choose another --output_dir"
+        )
+    return restored or (0, host_state, [])
+
+
+def _writer(config: Config, start_step: int, progress: writers.Progress) -> writers.MultiWriter:
+    """Every line of output: metrics.jsonl, TensorBoard and the console. On resume both files
+    drop what came after the restored step (a fallback to an older checkpoint rewrites it)."""
+    out = config.output_dir
+    return writers.MultiWriter(
+        [
+            writers.JsonlWriter(os.path.join(out, "metrics.jsonl"), keep_up_to_step=start_step),
+            writers.TensorBoardWriter(os.path.join(out, "tensorboard"), purge_step=start_step + 1),
+            writers.ConsoleWriter(config.epochs, progress.print, step_lines=progress.bar.disable),
+        ]
+    )
+
+
+def _train_batches(config: Config, train_ds: data.ArrayDataset, epoch: int):
+    return data.batches(
+        train_ds,
+        config.batch_size,
+        seed=config.seed,
+        epoch=epoch,
+        train=True,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+
+
+def _evaluate(config: Config, setup: Setup, params: Any, progress: writers.Progress):
+    batches = data.batches(
+        setup.test_ds,
+        setup.eval_batch_size,
+        seed=config.seed,
+        epoch=0,
+        train=False,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        drop_remainder=False,
+    )
+    total = -(-len(setup.test_ds.labels) // setup.eval_batch_size)
+    if config.eval_steps:
+        batches = (b for _, b in zip(range(config.eval_steps), batches))
+        total = min(total, config.eval_steps)
+    local_batch = setup.eval_batch_size // jax.process_count()
+    return train_lib.evaluate(
+        setup.parallel, params, progress.evaluation(batches, total), local_batch
+    )
+
+
+def _describe(config: Config, setup: Setup, start_step: int, print_fn) -> None:
+    """Two lines on the terminal; the method's full description (LPWD's depth table) goes to
+    the run's directory and the debug log."""
+    description = setup.method.description
+    print_fn(f"method: {description.splitlines()[0]}")
+    if "\n" in description:
+        path = os.path.join(config.output_dir, "method.txt")
+        with open(path, "w") as f:
+            f.write(description + "\n")
+        logging.debug("%s", description)
+        print_fn(f"  (per-layer rates: {path})")
+    print_fn(
+        f"model {config.model} ({_count(setup.model.params):,} params), {config.dataset} "
+        f"({len(setup.train_ds.labels)} train / {len(setup.test_ds.labels)} test), "
+        f"{len(setup.devices)} devices x {jax.process_count()} processes, "
+        f"{setup.steps_per_epoch} steps/epoch, {config.parallel}"
+        + (f", resumed at step {start_step}" if start_step else "")
+    )
+    with open(os.path.join(config.output_dir, "config.json"), "w") as f:
+        json.dump(to_dict(config), f, indent=2)
+
+
+def _summary(config, setup, state, history, total_steps, start_time) -> dict[str, Any]:
+    parallel = setup.parallel
     top1 = [r["test_top1"] for r in history]
     mean, std = best_k_summary(top1)
     rops = [r["rop"] for r in history if r.get("rop") is not None]
-    summary = dict(
+    return dict(
         summary_line=SUMMARY_FORMAT.format(mean=mean, std=std),
         best10_mean=mean,
         best10_std=std,
@@ -293,26 +405,17 @@ def train_and_evaluate(config: Config) -> dict[str, Any]:
         final_top1=top1[-1],
         final_train_loss=history[-1]["train_loss"],
         mean_rop=float(np.mean(rops)) if rops else None,
-        params_fingerprint=train_lib.fingerprint(final),
+        params_fingerprint=train_lib.fingerprint(parallel.to_host(parallel.eval_params(state))),
         epochs=len(history),
-        steps=step,
-        method_description=method.description.splitlines()[0],
-        num_params=_count(fm.params),
-        devices=len(devices),
-        processes=process_count,
+        steps=total_steps,
+        method_description=setup.method.description.splitlines()[0],
+        num_params=_count(setup.model.params),
+        devices=len(setup.devices),
+        processes=jax.process_count(),
         wall_time_s=time.time() - start_time,
         config=to_dict(config),
         history=history,
     )
-    if is_main:
-        np.savez(
-            os.path.join(out, "final_params.npz"),
-            **{k: np.asarray(v) for k, v in train_lib.flat_dict(final).items()},
-        )
-        with open(os.path.join(out, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        print(summary["summary_line"], flush=True)
-    return summary
 
 
 def _restore(
@@ -345,16 +448,12 @@ def _close(iterator: Any) -> None:
         close()
 
 
-def _checkpointable_params(parallel: train_lib.Parallel, params: Any) -> Any:
-    if isinstance(parallel, train_lib.PmapParallel):
-        return parallel.to_host(params)
-    return params
-
-
-def _check_finite(parallel, metrics, step: int, ckpt: checkpointing.Checkpointer) -> None:
-    if bool(parallel.to_host(metrics["finite"])):
-        return
-    loss = float(parallel.to_host(metrics["loss"]))
+def _check_finite(parallel, metrics, step: int, ckpt: checkpointing.Checkpointer) -> float:
+    """The step's loss; NonFiniteError when its loss or gradients are not finite."""
+    host = parallel.to_host({k: metrics[k] for k in ("finite", "loss")})
+    loss = float(host["loss"])
+    if bool(host["finite"]):
+        return loss
     ckpt.wait()
     steps = ckpt.all_steps()
     last = (
@@ -376,7 +475,11 @@ def enable_compilation_cache(directory: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config = parse_config(argv, description=__doc__)
+    try:
+        config = parse_config(argv, description=__doc__)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if config.compilation_cache_dir:
         enable_compilation_cache(config.compilation_cache_dir)
@@ -388,6 +491,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     try:
         train_and_evaluate(config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     except NonFiniteError as e:
         print(f"ERROR: {e}", file=sys.stderr, flush=True)
         return 1

@@ -1,7 +1,7 @@
 """The training program's configuration: one frozen dataclass, its presets, and its flags.
 
 Every field of `Config` is a command-line flag of `experiments/cifar.py` (`--<field>=<value>`),
-documented by the field's `help`. Defaults are the LPWD paper's CIFAR setting (SPEC section 5):
+documented by the field's `help`. Defaults are the LPWD paper's CIFAR setting:
 ConvNeXt-T, batch 512, a constant learning rate (1e-4 for Adam, 1e-2 for SGD-momentum),
 lambda = 1e-2, 100 epochs. A preset (`--preset=quickstart`) replaces the defaults with a
 small configuration; flags given explicitly still win over a preset.
@@ -22,6 +22,10 @@ METHODS = ("baseline", "l2", "wd", "rwd", "pwd", "lpwd", "adadecay", "wrs")
 PARALLEL = ("jit", "pmap")
 # The paper's base learning rates (Table 2), used when --lr is not given.
 DEFAULT_LR = {"adam": 1e-4, "sgdm": 1e-2}
+
+
+class ConfigError(ValueError):
+    """The flags, the data or the output directory cannot make a run: one line, exit status 2."""
 
 
 def _field(default: Any, help: str, **kwargs: Any) -> Any:
@@ -139,9 +143,14 @@ class Config:
             raise ValueError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
         for name in ("epochs", "batch_size", "keep_checkpoints", "log_every_steps", "wrs_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.learning_rate <= 0 or self.weight_decay < 0:
-            raise ValueError("lr must be > 0 and weight_decay >= 0")
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("steps_per_epoch", "eval_steps", "eval_batch_size", "num_devices"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"--lr must be > 0, got {self.learning_rate}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"--weight_decay must be >= 0, got {self.weight_decay}")
         if self.model_overrides:
             try:
                 overrides = json.loads(self.model_overrides)
@@ -172,8 +181,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _flag_type(annotation: str) -> type:
-    hint = eval(annotation, {}, {})  # annotations are strings under `from __future__ ...`
+def _flag_type(hint: Any) -> type:
+    """The flag's value type: `int | None` -> int."""
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     return hint
@@ -209,8 +218,9 @@ def build_parser(
         help="Start from a named preset instead of the paper defaults (explicit flags still "
         "win): " + "; ".join(f"{k}: {v or 'the paper defaults'}" for k, v in PRESETS.items()),
     )
+    hints = typing.get_type_hints(Config)
     for field in dataclasses.fields(Config):
-        kind = _flag_type(field.type)
+        kind = _flag_type(hints[field.name])
         kwargs: dict[str, Any] = dict(help=field.metadata["help"])
         if defaults:
             kwargs["default"] = field.default

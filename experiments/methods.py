@@ -38,6 +38,7 @@ class Method(NamedTuple):
     init_params: Callable[[Params], Params]  # theta_0 -> stored params
     eval_params: Callable[[Params, Any], Params]  # (stored params, step) -> evaluated weights
     description: str  # printable summary; LPWD includes its depth table
+    predecayed: bool = False  # stores pre-decayed weights phi_t (PWD/LPWD): export theta_t too
 
     @property
     def tx(self) -> optax.GradientTransformation:
@@ -121,7 +122,8 @@ def build_method(
         reg = plain_decays[name](lam, learning_rate=lr)
         return Method(name, (base, reg), "last", identity, identity, description)
     if name == "wrs":
-        # SPEC 2.4: kernels are rescaled (default mask); norm scales and biases get plain WD.
+        # As in the WRS paper: kernels are rescaled (default mask); norm scales and biases get
+        # plain WD.
         kernels = lo.default_decay_mask(params)
         reg = optax.chain(
             lo.weight_decay(lam, learning_rate=lr, mask=_not(kernels)),
@@ -153,5 +155,6 @@ def build_method(
             lambda p: lo.pre_decay_params(p, rate, learning_rate=lr),
             lambda p, step: lo.evaluated_params(p, rate, step, learning_rate=lr),
             description,
+            predecayed=True,
         )
     raise ValueError(f"unknown method {name!r}")

@@ -5,11 +5,11 @@ besides the new state it can report R_op of the decay in use (the penalty is `P 
 between the base optimizer's update `u` and the regularized update `u'`), per-layer weight and
 update norms, and whether the loss and gradients are finite.
 
-Two ways to run the same step on many devices, behind one small interface (`Parallel`):
-- `JitParallel` (default): one `jax.jit` over a `Mesh` with a `data` axis; the batch is sharded
-  over it and the state is replicated and donated. Each process feeds its own slice of the
-  global batch (`jax.make_array_from_process_local_data`), so this also runs multi-host.
-- `PmapParallel`: `jax.pmap` over the local devices with `lax.pmean` of the gradients.
+Two ways to build the same step for many devices, behind one interface (`Parallel`):
+- 'jit' (default): one `jax.jit` over a `Mesh` with a `data` axis; the batch is sharded over it
+  and the state is replicated and donated. Each process feeds its own slice of the global
+  batch (`jax.make_array_from_process_local_data`), so this also runs multi-host.
+- 'pmap': `jax.pmap` over the local devices with `lax.pmean` of the gradients.
 Both compute the mean loss over the same global batch and so give the same numbers.
 
 Drop path draws its masks from `fold_in(key(seed), step)`, so a resumed run continues the same
@@ -19,6 +19,7 @@ modes thus draw different, equally valid masks. The paper's default, and ours, i
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -185,7 +186,7 @@ def evaluate(
 
 
 # ----------------------------------------------------------------------------------------------
-# Parallelism
+# Parallelism: one interface, two ways to build it
 
 
 def replica_to_host(x: Any) -> np.ndarray:
@@ -195,116 +196,97 @@ def replica_to_host(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
+@dataclasses.dataclass(frozen=True)
 class Parallel:
-    """How the state and batches live on devices and how the step runs there."""
+    """The compiled step and evaluation, and how state and batches are laid out on devices.
+
+    Built by `make_parallel`; the training loop uses only these fields and never asks which
+    way (sharded `jax.jit` or `jax.pmap`) they were built.
+    """
 
     local_device_count: int
+    train_step: Callable[[Any, Any], tuple[Any, dict[str, Any]]]  # (state, batch)
+    eval_step: Callable[[Any, Any], dict[str, Any]]  # (params, batch) -> sums
+    eval_params: Callable[[Any], Params]  # device state -> evaluated weights (device layout)
+    put_state: Callable[[TrainState], Any]  # host state -> device layout
+    put_batch: Callable[[Batch], Any]  # this process's slice of a global batch -> device layout
+    to_host: Callable[[Any], Any]  # replicated device tree -> host numpy tree
+    checkpointable: Callable[[Any], Any]  # device tree -> what orbax saves
+    abstract_state: Callable[[TrainState], Any]  # host state -> orbax restore target
 
-    def put_state(self, state: TrainState) -> Any: ...
-    def checkpointable(self, state: Any) -> TrainState: ...
-    def abstract_state(self, state: TrainState) -> Any: ...
-    def put_batch(self, batch: Batch) -> Any: ...
-    def train_step(self, state: Any, batch: Any) -> tuple[Any, dict[str, Any]]: ...
-    def eval_step(self, params: Any, batch: Any) -> dict[str, Any]: ...
-    def eval_params(self, state: Any) -> Any: ...
-    def to_host(self, tree: Any) -> Any: ...
 
-
-class JitParallel(Parallel):
+def _jit_parallel(step_fn, eval_fn, method: Method, devices: list[jax.Device]) -> Parallel:
     """One `jax.jit` over a data-parallel mesh: batch sharded, state replicated and donated."""
+    mesh = Mesh(np.asarray(devices), (DATA_AXIS,))
+    replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
+    train_step = jax.jit(
+        step_fn,
+        in_shardings=(replicated, batch_sharding),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+    eval_step = jax.jit(
+        eval_fn, in_shardings=(replicated, batch_sharding), out_shardings=replicated
+    )
+    eval_params = jax.jit(method.eval_params, in_shardings=replicated, out_shardings=replicated)
 
-    def __init__(self, step_fn, eval_fn, method: Method, devices: list[jax.Device] | None = None):
-        devices = jax.devices() if devices is None else devices
-        self.mesh = Mesh(np.asarray(devices), (DATA_AXIS,))
-        self.replicated = NamedSharding(self.mesh, P())
-        self.batch_sharding = NamedSharding(self.mesh, P(DATA_AXIS))
-        self.local_device_count = sum(d.process_index == jax.process_index() for d in devices)
-        self.train_step = jax.jit(
-            step_fn,
-            in_shardings=(self.replicated, self.batch_sharding),
-            out_shardings=(self.replicated, self.replicated),
-            donate_argnums=0,
-        )
-        self.eval_step = jax.jit(
-            eval_fn,
-            in_shardings=(self.replicated, self.batch_sharding),
-            out_shardings=self.replicated,
-        )
-        self._eval_params = jax.jit(
-            method.eval_params, in_shardings=self.replicated, out_shardings=self.replicated
-        )
+    def put(x):
+        # Every process holds the same host values (same seed): build global replicated arrays.
+        if isinstance(x, jax.Array) and x.sharding == replicated:
+            return x
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, replicated, lambda idx: x[idx])
 
-    def put_state(self, state: TrainState) -> TrainState:
-        # Every process holds the same host values (same seed); build global replicated arrays.
-        def put(x):
-            x = np.asarray(x) if not isinstance(x, jax.Array) else x
-            if isinstance(x, jax.Array) and x.sharding == self.replicated:
-                return x
-            x = np.asarray(x)
-            return jax.make_array_from_callback(x.shape, self.replicated, lambda idx: x[idx])
-
-        return jax.tree.map(put, state)
-
-    def checkpointable(self, state: TrainState) -> TrainState:
-        return state  # global replicated arrays; orbax writes them from one process
-
-    def abstract_state(self, state: TrainState) -> Any:
-        return jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=self.replicated), state
-        )
-
-    def put_batch(self, batch: Batch) -> dict[str, jax.Array]:
-        return {
-            k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+    return Parallel(
+        local_device_count=sum(d.process_index == jax.process_index() for d in devices),
+        train_step=train_step,
+        eval_step=eval_step,
+        eval_params=lambda state: eval_params(state.params, state.step),
+        put_state=lambda state: jax.tree.map(put, state),
+        put_batch=lambda batch: {
+            k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
             for k, v in batch.items()
-        }
+        },
+        to_host=lambda tree: jax.tree.map(replica_to_host, tree),
+        checkpointable=lambda tree: tree,  # global arrays; orbax writes them from one process
+        abstract_state=lambda state: jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=replicated), state
+        ),
+    )
 
-    def eval_params(self, state: TrainState) -> Params:
-        return self._eval_params(state.params, state.step)
 
-    def to_host(self, tree: Any) -> Any:
-        return jax.tree.map(replica_to_host, tree)
-
-
-class PmapParallel(Parallel):
+def _pmap_parallel(step_fn, eval_fn, method: Method, devices: list[jax.Device] | None) -> Parallel:
     """`jax.pmap` over the local devices; gradients averaged with `lax.pmean` (all devices)."""
+    local = jax.local_devices() if devices is None else devices
+    n = sum(d.process_index == jax.process_index() for d in local)
+    pmap = functools.partial(jax.pmap, axis_name=DATA_AXIS, devices=devices)
+    eval_params = pmap(method.eval_params)
 
-    def __init__(self, step_fn_for_axis, eval_fn, method: Method, devices=None):
-        # `devices`: all devices to map over (of every process); None means all of them.
-        local = jax.local_devices() if devices is None else devices
-        self.local_device_count = sum(d.process_index == jax.process_index() for d in local)
-        pmap = functools.partial(jax.pmap, axis_name=DATA_AXIS, devices=devices)
-        self.train_step = pmap(step_fn_for_axis, donate_argnums=0)
-        self.eval_step = pmap(eval_fn)
-        self._eval_params = pmap(method.eval_params)
+    def split(x):
+        x = np.asarray(x)
+        if x.shape[0] % n:
+            raise ValueError(f"local batch {x.shape[0]} is not divisible by {n} devices")
+        return x.reshape(n, x.shape[0] // n, *x.shape[1:])
 
-    def put_state(self, state: TrainState) -> TrainState:
-        # A leading device axis (a broadcast view, no copy); pmap places one slice per device.
-        n = self.local_device_count
-        return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n, *np.shape(x))), state)
-
-    def checkpointable(self, state: TrainState) -> TrainState:
-        return jax.tree.map(lambda x: np.asarray(x[0]), state)
-
-    def abstract_state(self, state: TrainState) -> Any:
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), state)
-
-    def put_batch(self, batch: Batch) -> dict[str, np.ndarray]:
-        n = self.local_device_count
-
-        def split(x):
-            x = np.asarray(x)
-            if x.shape[0] % n:
-                raise ValueError(f"local batch {x.shape[0]} is not divisible by {n} devices")
-            return x.reshape(n, x.shape[0] // n, *x.shape[1:])
-
-        return {k: split(v) for k, v in batch.items()}
-
-    def eval_params(self, state: TrainState) -> Params:
-        return self._eval_params(state.params, state.step)
-
-    def to_host(self, tree: Any) -> Any:
+    def first_replica(tree):
         return jax.tree.map(lambda x: np.asarray(x[0]), tree)
+
+    return Parallel(
+        local_device_count=n,
+        train_step=pmap(step_fn, donate_argnums=0),
+        eval_step=pmap(eval_fn),
+        eval_params=lambda state: eval_params(state.params, state.step),
+        # A leading device axis (a broadcast view, no copy); pmap places one slice per device.
+        put_state=lambda state: jax.tree.map(
+            lambda x: np.broadcast_to(np.asarray(x), (n, *np.shape(x))), state
+        ),
+        put_batch=lambda batch: {k: split(v) for k, v in batch.items()},
+        to_host=first_replica,
+        checkpointable=first_replica,
+        abstract_state=lambda state: jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), state
+        ),
+    )
 
 
 def make_parallel(
@@ -316,16 +298,17 @@ def make_parallel(
     devices: list[jax.Device] | None = None,
     layer_stats: bool = True,
 ) -> Parallel:
-    """`kind` is 'jit' (sharded jit over `devices`, default all) or 'pmap' (local devices)."""
+    """The same step built for `kind`: 'jit' (sharded over `devices`, default all) or 'pmap'."""
     if kind == "jit":
         step_fn = make_train_step(apply_fn, method, seed, layer_stats=layer_stats)
-        return JitParallel(step_fn, make_eval_step(apply_fn), method, devices)
+        devices = jax.devices() if devices is None else devices
+        return _jit_parallel(step_fn, make_eval_step(apply_fn), method, devices)
     if kind == "pmap":
         step_fn = make_train_step(
             apply_fn, method, seed, axis_name=DATA_AXIS, layer_stats=layer_stats
         )
         eval_fn = make_eval_step(apply_fn, axis_name=DATA_AXIS)
-        return PmapParallel(step_fn, eval_fn, method, devices)
+        return _pmap_parallel(step_fn, eval_fn, method, devices)
     raise ValueError(f"parallel must be 'jit' or 'pmap', got {kind!r}")
 
 

@@ -1,4 +1,4 @@
-"""Metric writers (JSONL, TensorBoard, log) behind one `write_scalars(step, scalars)` call.
+"""Metric writers (JSONL, TensorBoard, console) behind one `write_scalars(step, scalars)` call.
 
 The idea is CLU's `metric_writers`: the training loop calls one writer; what happens to the
 numbers (a JSON line per record, TensorBoard events, a log line) is decided once, when the
@@ -8,11 +8,12 @@ writer is created. Only process 0 writes files; other processes get a writer tha
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
+
+from tqdm import tqdm
 
 Scalars = Mapping[str, Any]
 
@@ -58,10 +59,12 @@ class JsonlWriter:
 class TensorBoardWriter:
     """Scalars as TensorBoard events (tensorboardX); non-finite values are skipped."""
 
-    def __init__(self, logdir: str):
+    def __init__(self, logdir: str, *, purge_step: int | None = None):
+        """`purge_step`: on resume, events at this step and later are dropped (a run restored
+        from an older checkpoint rewrites them), so TensorBoard shows no duplicate points."""
         from tensorboardX import SummaryWriter
 
-        self._writer = SummaryWriter(logdir)
+        self._writer = SummaryWriter(logdir, purge_step=purge_step)
 
     def write_scalars(self, step: int, scalars: Scalars) -> None:
         for key, value in scalars.items():
@@ -74,26 +77,6 @@ class TensorBoardWriter:
 
     def close(self) -> None:
         self._writer.close()
-
-
-class LoggingWriter:
-    """A log line per record, with only the keys in `keys` (all when None)."""
-
-    def __init__(self, keys: Sequence[str] | None = None):
-        self.keys = keys
-
-    def write_scalars(self, step: int, scalars: Scalars) -> None:
-        items = [
-            (k, _jsonable(v)) for k, v in scalars.items() if self.keys is None or k in self.keys
-        ]
-        text = ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in items)
-        logging.info("[%d] %s", step, text)
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 class MultiWriter:
@@ -123,3 +106,64 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 continue
     return records
+
+
+class ConsoleWriter:
+    """The run's lines for a person: one per epoch, and one per logging interval when no
+    progress bar shows the steps (output piped to a file)."""
+
+    def __init__(self, epochs: int, print_fn: Callable[[str], None], step_lines: bool):
+        self.epochs, self.print_fn, self.step_lines = epochs, print_fn, step_lines
+
+    def write_scalars(self, step: int, scalars: Scalars) -> None:
+        if "test_top1" in scalars:
+            rop = scalars.get("rop")
+            rop_text = "" if rop is None or not math.isfinite(rop) else f", R_op {rop:.4g}"
+            self.print_fn(
+                f"epoch {scalars['epoch']}/{self.epochs}: train loss "
+                f"{scalars['train_loss']:.4f}, test top-1 {scalars['test_top1']:.2f}%"
+                f"{rop_text} ({scalars['epoch_time_s']:.1f} s)"
+            )
+        elif self.step_lines and "train/loss" in scalars:
+            self.print_fn(
+                f"step {step} (epoch {scalars['train/epoch']}/{self.epochs}): loss "
+                f"{scalars['train/loss']:.4f}, train top-1 {scalars['train/top1']:.2f}%"
+            )
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class Progress:
+    """A progress bar on a terminal: the epoch and loss at every step, then the evaluation's
+    batches. Disabled (and every line printed plainly) when output goes to a file."""
+
+    def __init__(self, total: int, initial: int, steps_per_epoch: int, enabled: bool):
+        self.steps_per_epoch, self.epochs = steps_per_epoch, total // steps_per_epoch
+        self.bar = tqdm(
+            total=total, initial=initial, unit="step", dynamic_ncols=True, disable=not enabled
+        )
+
+    def train_step(self, step: int, loss: float) -> None:
+        """After `step` steps (1-based); `loss` is the latest known loss."""
+        epoch = (step - 1) // self.steps_per_epoch + 1
+        self.bar.set_description(f"epoch {epoch}/{self.epochs}", refresh=False)
+        self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        self.bar.update(1)
+
+    def evaluation(self, batches: Iterable[Any], total: int) -> Iterator[Any]:
+        for i, batch in enumerate(batches, 1):
+            self.bar.set_postfix_str(f"evaluating {i}/{total}")
+            yield batch
+
+    def print(self, text: str) -> None:
+        if self.bar.disable:
+            print(text, flush=True)
+        else:
+            tqdm.write(text)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -56,8 +56,13 @@ def test_digits_run_writes_everything_and_learns(full_run, capsys):
     assert history[-1]["train_loss"] < history[0]["train_loss"]  # the loss falls
     assert all(0.0 <= r["rop"] <= 1.0 for r in history)  # defined for LPWD
     assert summary["steps"] == EPOCHS * STEPS_PER_EPOCH and summary["devices"] == 8
-    records = writers.read_jsonl(str(full_run / "metrics.jsonl"))
+    lines = writers.read_jsonl(str(full_run / "metrics.jsonl"))
+    records = [r for r in lines if "epoch" in r]
     assert [r["epoch"] for r in records] == [1, 2, 3]
+    # Step records every --log_every_steps=2 steps, accuracy in percent like the epoch records.
+    steps = [r for r in lines if "train/loss" in r]
+    assert [r["step"] for r in steps] == list(range(2, EPOCHS * STEPS_PER_EPOCH + 1, 2))
+    assert all(0 <= r["train/top1"] <= 100 for r in steps) and steps[-1]["train/top1"] > 1
     assert {"train_loss", "test_top1", "rop"} <= records[0].keys()
     assert any(k.startswith("layers/head/fc/") for k in records[0])
     assert glob.glob(str(full_run / "tensorboard" / "events.out.tfevents.*"))
@@ -91,7 +96,9 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(tmp_path, cache_dir, f
     assert [r["test_top1"] for r in resumed["history"]] == [
         r["test_top1"] for r in reference["history"]
     ]
-    assert [r["epoch"] for r in writers.read_jsonl(str(out / "metrics.jsonl"))] == [1, 2, 3]
+    records = writers.read_jsonl(str(out / "metrics.jsonl"))
+    assert [r["epoch"] for r in records if "epoch" in r] == [1, 2, 3]
+    assert [r["step"] for r in records if "train/loss" in r] == list(range(2, 13, 2))
 
 
 def test_corrupted_latest_checkpoint_falls_back_to_the_previous(
@@ -107,13 +114,81 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous(
     stdout = capsys.readouterr().out
     assert "checkpoint 12" in stdout and "corrupted" in stdout
     assert "resumed at step 8" in stdout
+    # TensorBoard drops the points after step 8 that the first run wrote (purge at step 9),
+    # as metrics.jsonl does.
+    assert _purge_steps(os.path.join(out, "tensorboard"))[-1] == 9
+    records = writers.read_jsonl(os.path.join(out, "metrics.jsonl"))
+    assert [r["step"] for r in records if "epoch" in r] == [4, 8, 12]
     assert helpers.max_abs_diff(helpers.read_params(out), helpers.read_params(full_run)) == 0.0
 
 
-def test_existing_checkpoints_need_resume(tmp_path, cache_dir, full_run):
+def test_existing_checkpoints_need_resume(tmp_path, cache_dir, full_run, capsys):
     out = helpers.copy_run(full_run, tmp_path / "run")
-    with pytest.raises(ValueError, match="--resume"):
-        cifar.train_and_evaluate(cifar.parse_config(flags(out, cache_dir)))
+    os.remove(os.path.join(out, "summary.json"))  # an interrupted run
+    assert cifar.main(flags(out, cache_dir)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--resume" in err and len(err.splitlines()) == 1
+
+
+def test_rerunning_a_finished_run_reports_it(tmp_path, cache_dir, full_run, capsys):
+    out = helpers.copy_run(full_run, tmp_path / "run")
+    assert cifar.main(flags(out, cache_dir, "--no-progress")) == 0
+    stdout = capsys.readouterr().out
+    assert "holds this finished run" in stdout and SUMMARY_LINE.search(stdout)
+    assert cifar.main(flags(out, cache_dir, "--epochs=5")) == 2
+    assert "other settings (epochs)" in capsys.readouterr().err
+
+
+def test_a_second_run_cannot_write_the_same_directory(tmp_path, cache_dir, capsys):
+    out = tmp_path / "run"
+    os.makedirs(out)
+    with open(out / "lock", "w") as f:
+        f.write(f"{socket.gethostname()} {os.getpid()}\n")  # a live owner: this process
+    assert cifar.main(flags(out, cache_dir, "--epochs=1")) == 2
+    assert f"another run (pid {os.getpid()}) is writing" in capsys.readouterr().err
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with open(out / "lock", "w") as f:
+        f.write(f"{socket.gethostname()} {dead.pid}\n")  # a stale lock is taken over
+    assert cifar.main(flags(out, cache_dir, "--epochs=1", "--method=wd")) == 0
+    assert not os.path.exists(out / "lock")
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--dataset=folder:{tmp}/nowhere", "nowhere"),
+        ("--model=no_such_model", "unknown model 'no_such_model'"),
+        ("--weight_decay=-1", "--weight_decay must be >= 0"),
+        ("--batch_size=60", "--batch_size=60 is not divisible by 8 devices"),
+    ],
+)
+def test_config_errors_are_one_line_exit_2_and_leave_nothing(
+    tmp_path, cache_dir, capsys, flag, message
+):
+    out = tmp_path / "run"
+    code = cifar.main(flags(out, cache_dir, flag.format(tmp=tmp_path), "--eval_batch_size=64"))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+    assert not os.path.exists(out)
+    if "batch_size" in flag:
+        assert "--num_devices=6 would work" in err
+
+
+def test_lpwd_per_layer_rates_go_to_the_run_directory(full_run):
+    with open(full_run / "method.txt") as f:
+        table = f.read()
+    assert "lpwd" in table and "head/fc/kernel" in table
+
+
+def test_progress_without_a_terminal_prints_plain_step_lines(tmp_path, cache_dir, capsys):
+    out = tmp_path / "run"
+    assert cifar.main(flags(out, cache_dir, "--epochs=1", "--method=lpwd")) == 0
+    stdout = capsys.readouterr().out
+    assert "\r" not in stdout
+    assert "step 2 (epoch 1/1): loss " in stdout and "step 4 (epoch 1/1)" in stdout
+    assert "per-layer rates: " in stdout and "head/fc/kernel" not in stdout
 
 
 def test_non_finite_gradients_stop_the_run_and_keep_the_last_good_checkpoint(
@@ -163,13 +238,6 @@ def test_image_folder_run_with_pmap(tmp_path, cache_dir, capsys):
     assert "resumed at step 9" in capsys.readouterr().out
 
 
-def test_bad_dataset_path_is_a_clear_error(tmp_path, cache_dir):
-    with pytest.raises((FileNotFoundError, ValueError), match="nowhere"):
-        cifar.main(
-            helpers.run_flags(tmp_path / "r", cache_dir, f"--dataset=folder:{tmp_path}/nowhere")
-        )
-
-
 def test_help_documents_every_flag(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cifar.main(["--help"])
@@ -196,6 +264,25 @@ def test_help_documents_every_flag(capsys):
         "--preset",
     ):
         assert flag in text
+
+
+def _purge_steps(logdir: str) -> list[int]:
+    """The steps of the 'start' session logs in a TensorBoard log directory: TensorBoard drops
+    every earlier point at or after such a step (tensorboardX's purge_step)."""
+    from tensorboardX.proto import event_pb2
+
+    steps = []
+    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
+        with open(path, "rb") as f:
+            content = f.read()
+        offset = 0
+        while offset < len(content):  # TFRecord framing: length, crc, data, crc
+            length = int.from_bytes(content[offset : offset + 8], "little")
+            event = event_pb2.Event.FromString(content[offset + 12 : offset + 12 + length])
+            offset += 16 + length
+            if event.HasField("session_log") and event.session_log.status == 1:  # START
+                steps.append(event.step)
+    return steps
 
 
 def _free_port() -> int:
