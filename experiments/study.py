@@ -11,19 +11,19 @@ six parts in priority order, so that a study stopped part-way is still useful:
   f. PWD's gain over RWD against lambda.
 
 Every training run is one `experiments.cifar` process (flags only, so the study does not depend
-on the training program's internals) in its own directory under --runs_dir. Finished runs are
+on the training program's internals) in its own directory under --output_dir. Finished runs are
 skipped and interrupted ones continue from their checkpoints, so the same command resumes the
 study after a restart. With seeds 0..n-1 in every cell, two runs with the same seed share the
 model initialization and the data order: comparisons between methods are paired by seed.
 
     # What would run, and how long it should take:
-    python -m experiments.study --protocol=cpu --data=../shared/data/cifar10-jpeg.zip \
-        --runs_dir=~/lpwd_runs/cifar10_cpu --dry_run
+    lpwd-study --protocol=cpu --data=../shared/data/cifar10-jpeg.zip \
+        --output_dir=~/lpwd_runs/cifar10_cpu --dry_run
     # Run (or resume) it, then write the tables and figures:
-    python -m experiments.study --protocol=cpu --data=../shared/data/cifar10-jpeg.zip \
-        --runs_dir=~/lpwd_runs/cifar10_cpu --results_dir=~/lpwd_runs/cifar10_cpu/results
+    lpwd-study --protocol=cpu --data=../shared/data/cifar10-jpeg.zip \
+        --output_dir=~/lpwd_runs/cifar10_cpu --results_dir=~/lpwd_runs/cifar10_cpu/results
     # Only the report, from whatever has finished:
-    python -m experiments.study ... --report_only
+    lpwd-study ... --report_only
 """
 
 from __future__ import annotations
@@ -316,7 +316,6 @@ def run_zero_shot(protocol: Protocol, dataset: str, runs_dir: str) -> int:
             "lpwd_optax.experiments.zero_shot_decay",
             f"--run_dir={run_dir}",
             f"--lambdas={protocol.zero_shot_lambdas}",
-            f"--output={output}",
         ]
         with open(os.path.join(run_dir, "zero_shot_log.txt"), "a") as log:
             code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
@@ -344,11 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="CIFAR-10 as an image folder or zip (e.g. ../shared/data/cifar10-jpeg.zip); "
         "default: the 'cifar10' dataset of tensorflow-datasets ('digits' for --protocol=tiny).",
     )
-    parser.add_argument("--runs_dir", required=True, help="Where the runs go (outside the repo).")
+    parser.add_argument(
+        "--output_dir", required=True, help="Where the runs go (outside the repository)."
+    )
     parser.add_argument(
         "--results_dir",
         default=None,
-        help="Where the tables and figures go; default runs_dir/results.",
+        help="Where the tables and figures go; default output_dir/results.",
     )
     parser.add_argument("--parts", default="abcdef", help="Which parts to run, e.g. 'ab'.")
     parser.add_argument("--dry_run", action="store_true", help="Print the plan and exit.")
@@ -369,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     protocol = PROTOCOLS[args.protocol]
     dataset = dataset_name(protocol, args.data)
-    runs_dir = os.path.abspath(os.path.expanduser(args.runs_dir))
+    runs_dir = os.path.abspath(os.path.expanduser(args.output_dir))
     results_dir = os.path.expanduser(args.results_dir or os.path.join(runs_dir, "results"))
     runs = plan(protocol)
     print(describe(protocol, dataset, runs, runs_dir), flush=True)

@@ -12,11 +12,15 @@ best "mean of the best 10 test top-1" over the lr x lambda grid, as mean +- std.
 Examples:
 
     # The full Table 2 grid for ConvNeXt-T on CIFAR-10 (long: 8 methods x 5 lr x 7 lambda).
-    python -m experiments.sweep --output_dir=runs/table2 --datasets=cifar10
+    lpwd-sweep --output_dir=runs/table2 --datasets=cifar10
 
     # A quick subset on the offline digits data, two cells at a time.
-    python -m experiments.sweep --output_dir=runs/mini --methods=wd,lpwd --optimizers=adam \\
+    lpwd-sweep --output_dir=runs/mini --methods=wd,lpwd --optimizers=adam \\
         --lrs=1e-3 --weight_decays=0.5,0.05 --parallel_processes=2 -- --preset=quickstart
+
+    # On a cluster: one command per cell, run anywhere; then tabulate the copied-back runs.
+    lpwd-sweep --output_dir=runs/table2 --print_commands -- --epochs=100 > commands.txt
+    lpwd-sweep --output_dir=runs/table2 --table_only
 
 Arguments after `--` are passed to every run (e.g. --epochs, --preset, --model_overrides).
 """
@@ -36,6 +40,7 @@ import json
 import os
 import queue
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -150,24 +155,34 @@ def cell_done(run_dir: str) -> bool:
     return os.path.exists(os.path.join(run_dir, "summary.json"))
 
 
-def run_cell(
-    cell: Cell, output_dir: str, extra_flags: Sequence[str], env: dict[str, str]
-) -> tuple[Cell, int, float]:
-    """Runs (or resumes) one cell in a subprocess; its output goes to <run_dir>/log.txt."""
+def cell_command(
+    cell: Cell,
+    output_dir: str,
+    extra_flags: Sequence[str] = (),
+    *,
+    program: Sequence[str] = (sys.executable, "-m", "lpwd_optax.experiments.cifar"),
+) -> list[str]:
+    """The training program's command line for one cell (resuming when it has checkpoints)."""
     run_dir = os.path.abspath(os.path.join(output_dir, cell.name))
-    os.makedirs(run_dir, exist_ok=True)
     resume = os.path.isdir(os.path.join(run_dir, "checkpoints"))
-    command = [
+    return [
         # The cell's own flags come after the shared ones, so the grid always wins.
-        sys.executable,
-        "-m",
-        "lpwd_optax.experiments.cifar",
+        *program,
         *extra_flags,
         *cell.flags(),
         f"--output_dir={run_dir}",
         "--no-progress",
         *(["--resume"] if resume else []),
     ]
+
+
+def run_cell(
+    cell: Cell, output_dir: str, extra_flags: Sequence[str], env: dict[str, str]
+) -> tuple[Cell, int, float]:
+    """Runs (or resumes) one cell in a subprocess; its output goes to <run_dir>/log.txt."""
+    run_dir = os.path.abspath(os.path.join(output_dir, cell.name))
+    os.makedirs(run_dir, exist_ok=True)
+    command = cell_command(cell, output_dir, extra_flags)
     start = time.time()
     with open(os.path.join(run_dir, "log.txt"), "a") as log:
         log.write(f"$ {' '.join(command)}\n")
@@ -210,19 +225,37 @@ def run_sweep(
     return counts
 
 
+def _row(summary: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    config = summary["config"]
+    row = {k: config[k] for k in ("dataset", "model", "optimizer", "method", "seed")}
+    row.update(lr=config["learning_rate"], weight_decay=config["weight_decay"], run_dir=run_dir)
+    row.update({k: summary[k] for k in SUMMARY_FIELDS}, status="ok")
+    if row["method"] in NO_RATE_METHODS:
+        row["weight_decay"] = 0.0
+    return row
+
+
 def collect(cells: Sequence[Cell], output_dir: str) -> list[dict[str, Any]]:
     """One row per cell with its summary's numbers (status 'missing' when not finished)."""
     rows = []
     for cell in cells:
         run_dir = os.path.join(output_dir, cell.name)
-        row: dict[str, Any] = {**dataclasses.asdict(cell), "run_dir": run_dir, "status": "missing"}
         path = os.path.join(run_dir, "summary.json")
         if os.path.exists(path):
             with open(path) as f:
-                summary = json.load(f)
-            row.update({k: summary[k] for k in SUMMARY_FIELDS})
-            row["status"] = "ok"
-        rows.append(row)
+                rows.append({**dataclasses.asdict(cell), **_row(json.load(f), run_dir)})
+        else:
+            rows.append({**dataclasses.asdict(cell), "run_dir": run_dir, "status": "missing"})
+    return rows
+
+
+def collect_run_dirs(output_dir: str) -> list[dict[str, Any]]:
+    """One row per finished run found anywhere under `output_dir`, whatever made it."""
+    rows = []
+    for root, _, files in sorted(os.walk(output_dir)):
+        if "summary.json" in files:
+            with open(os.path.join(root, "summary.json")) as f:
+                rows.append(_row(json.load(f), root))
     return rows
 
 
@@ -321,7 +354,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--dry_run", action="store_true", help="List the cells and exit.")
     parser.add_argument(
-        "--table_only", action="store_true", help="Only (re)write the tables from finished cells."
+        "--print_commands",
+        action="store_true",
+        help="Print one lpwd-cifar command line per unfinished cell and exit (for a cluster's "
+        "job array or xargs -P); then aggregate with --table_only.",
+    )
+    parser.add_argument(
+        "--table_only",
+        action="store_true",
+        help="Only (re)write the tables, from every finished run directory under --output_dir "
+        "(also ones made elsewhere and copied in).",
     )
     return parser
 
@@ -344,17 +386,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         for cell in cells:
             print(cell.name)
         return 0
-    failed = 0
-    if not args.table_only:
-        counts = run_sweep(
-            cells,
-            args.output_dir,
-            extra,
-            parallel_processes=args.parallel_processes,
-            gpus=_names(args.gpus),
-        )
-        failed = counts["failed"]
+    if args.print_commands:
+        for cell in cells:
+            if not cell_done(os.path.join(args.output_dir, cell.name)):
+                print(
+                    shlex.join(cell_command(cell, args.output_dir, extra, program=["lpwd-cifar"]))
+                )
+        return 0
+    if args.table_only:
+        rows = collect_run_dirs(args.output_dir)
+        write_results(rows, args.output_dir)
+        print(table_markdown(rows), end="")
+        return 0
+    counts = run_sweep(
+        cells,
+        args.output_dir,
+        extra,
+        parallel_processes=args.parallel_processes,
+        gpus=_names(args.gpus),
+    )
     rows = collect(cells, args.output_dir)
     write_results(rows, args.output_dir)
     print(table_markdown(rows), end="")
-    return 1 if failed else 0
+    return 1 if counts["failed"] else 0

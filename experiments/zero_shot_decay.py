@@ -10,8 +10,8 @@ shrink, as in training), and measures test top-1 for every lambda_s. The paper's
 accuracy falls as lambda_s grows, i.e. the decay by itself moves a trained model away from
 the point the optimizer found.
 
-    python -m experiments.zero_shot_decay --run_dir=runs/quickstart
-    python -m experiments.plots zero_shot runs/quickstart/zero_shot_decay.json --out fig3a.png
+    lpwd-zero-shot --run_dir=runs/quickstart
+    lpwd-plots zero_shot runs/quickstart/zero_shot_decay.json  # writes fig3a_zero_shot.png there
 """
 
 from __future__ import annotations
@@ -97,7 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="If given, the per-step decay is lambda_s * learning_rate (training convention).",
     )
     parser.add_argument("--batch_size", type=int, default=500, help="Evaluation batch size.")
-    parser.add_argument("--output", default=None, help="JSON output; default in run_dir.")
+    parser.add_argument(
+        "--output_dir", default=None, help="Where zero_shot_decay.json goes; default run_dir."
+    )
     parser.add_argument(
         "--compilation_cache_dir",
         default="~/.cache/lpwd_optax/jax",
@@ -115,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         top1 = accuracy(eval_step, decayed, test_ds, args.batch_size)
         results.append(dict(lambda_s=rate, top1=top1))
         print(f"lambda_s={rate:g}: test top-1 {top1:.2f}", flush=True)
-    output = args.output or os.path.join(args.run_dir, "zero_shot_decay.json")
+    output = os.path.join(args.output_dir or args.run_dir, "zero_shot_decay.json")
     with open(output, "w") as f:
         json.dump(
             dict(

@@ -138,6 +138,6 @@ def test_one_run_then_resumed_study_skips_it(tmp_path, capsys):
     with open(os.path.join(runs_dir, run.directory, "summary.json")) as f:
         summary = json.load(f)
     assert summary["steps"] == TINY.steps and summary["epochs"] == TINY.periods
-    assert study.main(["--protocol=tiny", f"--runs_dir={runs_dir}", "--dry_run"]) == 0
+    assert study.main(["--protocol=tiny", f"--output_dir={runs_dir}", "--dry_run"]) == 0
     out = capsys.readouterr().out
     assert "part a: 10 runs, 1 finished, 9 to run" in out

@@ -119,16 +119,17 @@ def test_two_cell_sweep_resumes_and_tabulates_then_figures(tmp_path, cache_dir, 
 
     # Figures.
     figs = tmp_path / "figs"
-    assert plots.main(["curves", *run_dirs, f"--out={figs}/fig1.png"]) == 0
-    assert plots.main(["rop", *run_dirs, f"--out={figs}/fig2.png"]) == 0
-    assert plots.main(["rop_grid", str(out), "--method=wd", f"--out={figs}/fig2g.png"]) == 0
-    assert (
-        plots.main(
-            ["zero_shot", os.path.join(run_dirs[0], "zero_shot_decay.json"), f"--out={figs}/3a.png"]
-        )
-        == 0
-    )
-    assert plots.main(["heatmap", str(out), f"--out_dir={figs}", "--diff=lpwd,wd"]) == 0
-    for name in ("fig1.png", "fig2.png", "fig2g.png", "3a.png"):
-        assert (figs / name).stat().st_size > 1000
-    assert list(figs.glob("heatmap_*.png"))
+    assert plots.main(["curves", *run_dirs, f"--output_dir={figs}"]) == 0
+    assert plots.main(["rop", *run_dirs, f"--output_dir={figs}"]) == 0
+    assert plots.main(["rop_grid", str(out), "--method=wd", f"--output_dir={figs}"]) == 0
+    zero_shot_json = os.path.join(run_dirs[0], "zero_shot_decay.json")
+    assert plots.main(["zero_shot", zero_shot_json, f"--output_dir={figs}"]) == 0
+    assert plots.main(["heatmap", str(out), f"--output_dir={figs}", "--diff=lpwd,wd"]) == 0
+    for name in ("fig1_curves", "fig2_rop", "fig2_rop_grid_wd", "fig3a_zero_shot"):
+        assert (figs / f"{name}.png").stat().st_size > 1000
+    assert [p.name for p in figs.glob("heatmap_*.png")] == [
+        "heatmap_digits_convnext_atto_cifar_adam.png"
+    ]
+    # By default a figure goes to the (first) run's directory.
+    assert plots.main(["curves", *run_dirs]) == 0
+    assert os.path.exists(os.path.join(run_dirs[0], "fig1_curves.png"))
