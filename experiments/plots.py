@@ -89,7 +89,9 @@ def run_labels(configs: Sequence[dict[str, Any]]) -> list[str]:
 
     def show(key, value):
         value = dataset_label(value) if key == "dataset" else value
-        return f"{SHORT.get(key, key)}={value:g}" if isinstance(value, float) else f"{value}"
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return f"{SHORT.get(key, key)}={value:g}"
+        return f"{value}"
 
     varying = [k for k in LABEL_KEYS[1:] if len({json.dumps(c.get(k)) for c in configs}) > 1]
     return [" ".join([c["method"], *(show(k, c.get(k)) for k in varying)]).strip() for c in configs]

@@ -133,3 +133,75 @@ def test_two_cell_sweep_resumes_and_tabulates_then_figures(tmp_path, cache_dir, 
     # By default a figure goes to the (first) run's directory.
     assert plots.main(["curves", *run_dirs]) == 0
     assert os.path.exists(os.path.join(run_dirs[0], "fig1_curves.png"))
+
+
+def _fake_run(run_dir, **config) -> str:
+    """A finished run directory as experiments.cifar leaves it (only what readers use)."""
+    base = dict(
+        dataset="digits",
+        model="m",
+        optimizer="adam",
+        method="wd",
+        seed=0,
+        batch_size=64,
+        learning_rate=1e-3,
+        weight_decay=0.5,
+        epochs=2,
+    )
+    base.update(config)
+    os.makedirs(run_dir)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(base, f)
+    history = [dict(epoch=1, train_loss=2.0, test_top1=40.0, rop=0.01)]
+    history.append(dict(epoch=2, train_loss=1.0, test_top1=50.0, rop=0.02))
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(dict(r, step=2 * r["epoch"])) + "\n" for r in history)
+    summary = dict(
+        best10_mean=45.0,
+        best10_std=5.0,
+        best_top1=50.0,
+        final_top1=50.0,
+        mean_rop=0.015,
+        epochs=2,
+        wall_time_s=1.0,
+        config=base,
+        history=history,
+    )
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f)
+    return str(run_dir)
+
+
+def test_labels_name_what_differs_and_rop_says_what_it_skipped(tmp_path, capsys):
+    a = _fake_run(tmp_path / "a", dataset="folder:/data/cifar10-jpeg.zip")
+    b = _fake_run(tmp_path / "b", dataset="folder:/data/other.zip", batch_size=128)
+    c = _fake_run(tmp_path / "c", method="baseline")
+    labels = plots.run_labels([plots.load_config(d) for d in (a, b, c)])
+    assert labels == [
+        "wd cifar10-jpeg batch=64",
+        "wd other batch=128",
+        "baseline digits batch=64",
+    ]
+    assert plots.slug("cifar10-jpeg convnext adam") == "cifar10-jpeg_convnext_adam"
+    skipped = plots.plot_rop([a, c], str(tmp_path / "rop.png"))
+    assert skipped == [f"{c}: baseline has no decoupled penalty, so no R_op"]
+    assert "skipped " in capsys.readouterr().out
+
+
+def test_print_commands_then_table_of_runs_made_elsewhere(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = [f"--output_dir={out}", "--datasets=digits", "--models=m", "--optimizers=adam"]
+    argv += ["--methods=wd,lpwd", "--lrs=1e-3", "--weight_decays=0.5,0.05"]
+    assert sweep.main([*argv, "--print_commands", "--", "--epochs=2"]) == 0
+    commands = capsys.readouterr().out.splitlines()
+    assert len(commands) == 4 and all(c.startswith("lpwd-cifar --epochs=2 ") for c in commands)
+    assert all("--output_dir=" + str(out) in c for c in commands)
+    # Runs made on other machines, copied back under any names, are tabulated.
+    _fake_run(out / "host1" / "run_a", method="wd", weight_decay=0.5)
+    _fake_run(out / "host2" / "run_b", method="lpwd", weight_decay=0.05)
+    assert sweep.main([*argv, "--table_only"]) == 0
+    table = capsys.readouterr().out
+    assert "| wd | 45.00 +- 5.00 (lr 0.001, λ 0.5) |" in table
+    assert "| lpwd | 45.00 +- 5.00 (lr 0.001, λ 0.05) |" in table
+    with open(out / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2
