@@ -315,20 +315,11 @@ def _download(name: str, spec: _CifarFiles, root: Path) -> Path | None:
 
 
 def _missing_message(name: str, spec: _CifarFiles, root: Path, download: bool) -> str:
-    folder_hint = (
-        "use the CIFAR-10 JPEG copy shipped with this project, dataset name "
-        "'folder:../shared/data/cifar10-jpeg.zip' (path from the project root)"
-        if name == "cifar10"
-        else "use an image folder, dataset name 'folder:<dir or .zip with train/<class>/*.jpg "
-        "and test/<class>/*.jpg>'"
-    )
+    """One line: what is missing and the three ways to provide it."""
+    fetched = "could not be downloaded" if download else "download=False"
     return (
-        f"{name} was not found under data_dir={root}"
-        f"{' and could not be downloaded' if download else ' (and download=False)'}. Either\n"
-        f"  * {folder_hint}, or\n"
-        f"  * place {spec.binary_archive} or {spec.python_archive} (from "
-        f"https://www.cs.toronto.edu/~kriz/cifar.html) in {root / 'downloads' / 'manual'}, or\n"
-        f"  * copy a TFDS-prepared {name} folder (e.g. ~/tensorflow_datasets/{name}/ from a "
-        f"machine that ran tfds.load('{name}')) to {root / name}, or\n"
-        "  * run once with network access (download=True)."
+        f"{name} was not found under data_dir={root} ({fetched}): put {spec.binary_archive} or "
+        f"{spec.python_archive} in {root / 'downloads' / 'manual'}, or a TFDS-prepared {name} "
+        f"folder in {root / name}, or pass --dataset=folder:<directory or .zip with "
+        "train/<class>/ and test/<class>/ images>"
     )
