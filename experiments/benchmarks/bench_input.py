@@ -1,10 +1,10 @@
-"""Input-pipeline benchmark: the images/s `experiments.data.batches` delivers (issue 5, item 4).
+"""Input-pipeline benchmark: the images/s `experiments.data.batches` delivers.
 
 For each dataset: the time to load it (for an image folder also the one-time decode into the
 cache), then the images/s of training batches (shuffle, flip, normalize, per-process slice),
 produced on demand (``prefetch=0``) and through the background thread (``prefetch=2``),
 median over repeats after a warm-up. Compare with the training step's images/s on the same
-machine (experiments/bench_train_step.py); the target is >= 5x.
+machine (`bench_train_step`, or its `--with-input` option); the target is >= 5x.
 
   python -m lpwd_optax.experiments.benchmarks.bench_input \
       --folder ../shared/data/cifar10-jpeg.zip --out bench_input.json

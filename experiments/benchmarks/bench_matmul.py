@@ -22,7 +22,8 @@ A product timed alone is not the same as inside the step (there it may be fused 
 element-wise work, and its operands may be in cache), so the per-step sums are estimates; the
 XLA/torch ratios on the same product are the figures to trust. Dots inside a while loop are
 counted once. timm's whole step runs with the passive OpenMP policy too, which costs it 3-5% on
-a quiet machine (see the README); set `OMP_WAIT_POLICY=ACTIVE` to time it the other way.
+a quiet machine (see README.md in this folder); set `OMP_WAIT_POLICY=ACTIVE` to time it the
+other way.
 
     python -m lpwd_optax.experiments.benchmarks.bench_matmul --out bench_matmul.json  # swin_tiny
     python -m lpwd_optax.experiments.benchmarks.bench_matmul --model convnext_tiny --no-steps

@@ -1,4 +1,4 @@
-"""Training-step throughput of the Flax ports against timm in PyTorch, on the same CPU.
+"""Training-step throughput of the Flax ports against timm in PyTorch, on the same device.
 
 A training step is forward + backward + AdamW update, float32, on random 32x32 images at the
 CIFAR setting of each model (the `<model>_cifar` presets: ConvNeXt with a 2x2 stem; Swin with
@@ -11,6 +11,12 @@ img_size 32, patch 2, window 4; timm gets the same arguments). Per model:
   state donated: images/s, the time to trace and compile the step, peak host memory;
 - timm in PyTorch (when torch and timm are installed) with `torch.set_num_threads` set to the
   number of CPUs this process may use, which is also the size of XLA's CPU thread pool.
+
+`--device cuda` runs both frameworks on the first GPU instead (JAX needs its CUDA plugin, e.g.
+`pip install 'jax[cuda13]'`). There "auto" is XLA's grouped convolution, and both sides use
+TF32 for float32 matrix products and convolutions: JAX's default precision on GPU, and torch
+is set to match (`torch.set_float32_matmul_precision("high")`). Each result records the device
+its framework ran on.
 
 Each model runs in its own subprocess (so one model's memory and compile caches do not touch
 the next), and inside it its configurations are timed round-robin: the images/s ratios are
@@ -30,6 +36,8 @@ when one of them is descheduled, far more than XLA's thread pool does: compare a
         --with-input --isolate-memory
     python -m lpwd_optax.experiments.benchmarks.bench_train_step --threads 1 \
         --depthwise shift  # busy machine
+    python -m lpwd_optax.experiments.benchmarks.bench_train_step --device cuda \
+        --depthwise auto --batch-size 256 --steps 10 --repeats 5
 """
 
 from __future__ import annotations
@@ -56,6 +64,8 @@ IMAGE_SIZE = 32
 THROUGHPUT_TARGET = 1.0  # Flax images/s over timm's
 COMPILE_TARGET_S = 30.0  # convnext_tiny, CPU
 INPUT_TARGET = 5.0  # input pipeline images/s over the training step's
+DEVICES = ("cpu", "cuda")
+JAX_BACKEND = {"cpu": "cpu", "cuda": "gpu"}  # --device -> jax.default_backend()
 # glibc malloc settings for --retain-freed-memory: one arena for all threads, no mmap for large
 # blocks, never trim. XLA:CPU allocates a step's temporaries (1.7 GB for swin_tiny) as one block
 # per execution; by default glibc maps it fresh and unmaps it after, so every step page-faults
@@ -66,6 +76,14 @@ RETAIN_FREED_MEMORY_ENV = {
     "MALLOC_MMAP_MAX_": "0",
     "MALLOC_TRIM_THRESHOLD_": str(2**62),
 }
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return True  # JAX alone may still have a GPU: its own check names the backend
+    return torch.cuda.is_available()
 
 
 def _torch_available() -> bool:
@@ -90,7 +108,7 @@ def configurations(model: str, depthwise: Sequence[str], with_torch: bool) -> li
 
 def cifar_arguments(model: str) -> tuple[str, str, dict[str, Any]]:
     """(Flax preset name, timm name, timm constructor arguments) of `model` at 32x32."""
-    import models
+    from lpwd_optax import models
 
     preset = f"{model}_cifar"
     if preset not in models.list_models():
@@ -121,7 +139,7 @@ class FlaxStep:
         import optax
         from flax import nnx
 
-        import models
+        from lpwd_optax import models
 
         preset, _, _ = cifar_arguments(model)
         overrides = dict(overrides or {})
@@ -151,6 +169,8 @@ class FlaxStep:
         self.params = bench_common.random_like(fm.params, seed=0)
         self.opt_state = tx.init(self.params)
         self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
+        (device,) = self.images.devices()
+        self.device_name = f"{device.platform}: {device.device_kind}"
         self._jax = jax
         start = time.perf_counter()
         lowered = jax.jit(step, donate_argnums=(0, 1)).lower(
@@ -173,7 +193,9 @@ class FlaxStep:
 class TorchStep:
     """timm's model with torch.optim.AdamW on one fixed batch (NCHW, float32, denormals flushed)."""
 
-    def __init__(self, model: str, batch_size: int, num_classes: int, threads: int):
+    def __init__(
+        self, model: str, batch_size: int, num_classes: int, threads: int, device: str = "cpu"
+    ):
         import timm
         import torch
 
@@ -181,16 +203,24 @@ class TorchStep:
         # XLA's CPU code flushes denormals to zero; do the same here so that neither side pays
         # for denormal arithmetic (timm's layer scale starts at 1e-6).
         torch.set_flush_denormal(True)
+        if device == "cuda":
+            torch.set_float32_matmul_precision("high")  # TF32, as XLA's default on GPU
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
         torch.manual_seed(0)
         _, timm_name, kwargs = cifar_arguments(model)
         self.net = timm.create_model(timm_name, num_classes=num_classes, **kwargs).train()
+        self.net.to(device)
         self.opt = torch.optim.AdamW(
             self.net.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY
         )
-        self.images = torch.randn(batch_size, 3, IMAGE_SIZE, IMAGE_SIZE)
-        self.labels = torch.randint(0, num_classes, (batch_size,))
+        self.images = torch.randn(batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
+        self.labels = torch.randint(0, num_classes, (batch_size,), device=device)
         self.num_params = sum(p.numel() for p in self.net.parameters())
         self.threads = torch.get_num_threads()
+        self.device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+        # CUDA kernels run asynchronously: a timed call ends when the GPU is done.
+        self._sync = torch.cuda.synchronize if device == "cuda" else lambda: None
         self._f = torch.nn.functional
         self.trace_s = self.compile_s = 0.0  # eager
 
@@ -200,6 +230,7 @@ class TorchStep:
             loss = self._f.cross_entropy(self.net(self.images), self.labels)
             loss.backward()
             self.opt.step()
+        self._sync()
 
 
 def build(config: str, args: argparse.Namespace):
@@ -209,11 +240,28 @@ def build(config: str, args: argparse.Namespace):
         impl = impl[0] if impl else None
         xla_options = json.loads(args.xla_options) or None
         return FlaxStep(model, impl, args.batch_size, args.num_classes, overrides, xla_options)
-    return TorchStep(model, args.batch_size, args.num_classes, bench_common.usable_cpus())
+    return TorchStep(
+        model, args.batch_size, args.num_classes, bench_common.usable_cpus(), args.device
+    )
+
+
+def check_jax_backend(device: str) -> None:
+    """Stops with one clear line if JAX's default backend is not the `--device` asked for."""
+    import jax
+
+    backend = jax.default_backend()
+    if backend != JAX_BACKEND[device]:
+        raise SystemExit(
+            f"--device {device}: JAX runs on {backend!r} ({jax.devices()[0]}); set "
+            f"JAX_PLATFORMS={device} before JAX starts (the subprocesses do; --in-process "
+            f"cannot), and for cuda install JAX's CUDA plugin: pip install 'jax[cuda13]'"
+        )
 
 
 def run_configs(configs: Sequence[str], args: argparse.Namespace) -> dict[str, Any]:
     """Build every config (compile + one warm-up step), then time them round-robin."""
+    if any(c.startswith("flax:") for c in configs):
+        check_jax_backend(args.device)
     steps, results = {}, {}
     for config in configs:
         rss_before = bench_common.peak_rss_mib()
@@ -224,6 +272,7 @@ def run_configs(configs: Sequence[str], args: argparse.Namespace) -> dict[str, A
             "framework": config.split(":")[0],
             "model": config.split(":")[1],
             "depthwise_impl": config.split(":")[2] if config.count(":") == 2 else None,
+            "device": step.device_name,
             "num_params": step.num_params,
             "trace_s": step.trace_s,
             "compile_s": step.compile_s,
@@ -268,6 +317,7 @@ def _child_argv(args: argparse.Namespace, configs: Sequence[str], out: str, **ov
         "--model-overrides": args.model_overrides,
         "--xla-options": args.xla_options,
         "--threads": args.threads,
+        "--device": args.device,
         **overrides,
     }
     argv = [
@@ -283,16 +333,15 @@ def _child_argv(args: argparse.Namespace, configs: Sequence[str], out: str, **ov
 
 
 def run_in_subprocess(args: argparse.Namespace, configs: Sequence[str], **overrides) -> dict:
-    env = dict(os.environ)
+    env = dict(os.environ, JAX_PLATFORMS=args.device)  # JAX's backend, before it starts
     if args.omp_passive:
         env["OMP_WAIT_POLICY"] = "PASSIVE"
     if args.retain_freed_memory:
         env.update(RETAIN_FREED_MEMORY_ENV)
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "child.json")
-        cwd = Path(__file__).resolve().parents[1]
         argv = _child_argv(args, configs, out, **overrides)
-        if subprocess.run(argv, cwd=cwd, env=env).returncode:  # report the others anyway
+        if subprocess.run(argv, env=env).returncode:  # report the others anyway
             print(f"FAILED: {' '.join(argv)}", flush=True)
             return {"results": {}, "error": f"subprocess for {configs} failed"}
         return json.loads(Path(out).read_text())
@@ -354,6 +403,7 @@ def summarize_models(report: dict[str, Any]) -> None:
 def print_report(report: dict[str, Any]) -> None:
     headers = [
         "config",
+        "device",
         "params",
         "images/s",
         "vs timm",
@@ -369,6 +419,7 @@ def print_report(report: dict[str, Any]) -> None:
         rows.append(
             [
                 config,
+                r.get("device"),
                 f"{r['num_params'] / 1e6:.2f}M",
                 rate,
                 r.get("vs_timm"),
@@ -381,7 +432,8 @@ def print_report(report: dict[str, Any]) -> None:
         )
     m = report["machine"]
     print(
-        f"\nbatch {report['batch_size']}, {report['steps']} steps x {report['repeats']} repeats "
+        f"\n{report['device']}: batch {report['batch_size']}, "
+        f"{report['steps']} steps x {report['repeats']} repeats "
         f"(median); {m['cpus_usable']} CPUs ({m['cpu']}), XLA and torch threads "
         f"{report['threads']} (OMP_WAIT_POLICY {report['torch_omp_wait_policy']}); "
         f"load at start {m['load_average_1_5_15min']}"
@@ -410,6 +462,12 @@ def print_report(report: dict[str, Any]) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        choices=DEVICES,
+        help="where both frameworks run: cpu, or cuda (the first GPU; JAX needs jax[cuda13])",
+    )
     parser.add_argument(
         "--depthwise",
         nargs="+",
@@ -478,6 +536,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: configs for a subprocess
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not args.child and not _cuda_available():
+        parser.error("--device cuda: torch sees no CUDA device (torch.cuda.is_available())")
     if args.retain_freed_memory and args.in_process:
         parser.error("--retain-freed-memory sets the subprocesses' environment: drop --in-process")
     if json.loads(args.model_overrides) and not args.no_torch and not args.child:
@@ -516,6 +576,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "optimizer": f"AdamW(lr={LEARNING_RATE}, weight_decay={WEIGHT_DECAY})",
         "model_overrides": json.loads(args.model_overrides),
         "xla_options": json.loads(args.xla_options),
+        "device": args.device,
         "threads": bench_common.usable_cpus(),
         "torch_omp_wait_policy": "PASSIVE"
         if args.omp_passive
@@ -544,6 +605,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 report["results"][config]["isolated_trace_and_compile_s"] = alone["results"][
                     config
                 ]["trace_and_compile_s"]
+        if args.out:  # after each model: a run stopped by a time limit keeps what it measured
+            summarize_models(report)
+            bench_common.write_json(args.out, report)
     if args.with_input:
         report["input_pipeline"] = input_pipeline(args)
     summarize_models(report)
