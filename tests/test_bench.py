@@ -60,6 +60,20 @@ def test_bench_train_step_writes_json(tmp_path):
     assert result["trace_and_compile_s"] > 0 and result["peak_rss_mib_after_setup"] > 0
 
 
+def test_bench_train_step_device_option(monkeypatch, capsys):
+    args = bench_train_step.parse_args(["--models", "convnext_atto"])
+    assert args.device == "cpu"  # the default: the CPU benchmark as it always ran
+    argv = bench_train_step._child_argv(args, ["flax:convnext_atto:auto"], "out.json")
+    assert argv[argv.index("--device") + 1] == "cpu"
+    bench_train_step.check_jax_backend("cpu")  # the tests run JAX on CPU
+    with pytest.raises(SystemExit, match="JAX runs on 'cpu'"):
+        bench_train_step.check_jax_backend("cuda")
+    monkeypatch.setattr(bench_train_step, "_cuda_available", lambda: False)
+    with pytest.raises(SystemExit):
+        bench_train_step.parse_args(["--device", "cuda"])
+    assert "torch sees no CUDA device" in capsys.readouterr().err
+
+
 def test_bench_train_step_configurations():
     assert bench_train_step.configurations("convnext_tiny", ["shift", "conv"], True) == [
         "flax:convnext_tiny:shift",

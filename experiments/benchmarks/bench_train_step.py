@@ -249,12 +249,15 @@ def check_jax_backend(device: str) -> None:
     """Stops with one clear line if JAX's default backend is not the `--device` asked for."""
     import jax
 
-    backend = jax.default_backend()
+    try:
+        backend = jax.default_backend()
+    except RuntimeError as e:  # JAX_PLATFORMS names a backend JAX cannot start
+        backend = f"no backend ({e})"
     if backend != JAX_BACKEND[device]:
         raise SystemExit(
-            f"--device {device}: JAX runs on {backend!r} ({jax.devices()[0]}); set "
-            f"JAX_PLATFORMS={device} before JAX starts (the subprocesses do; --in-process "
-            f"cannot), and for cuda install JAX's CUDA plugin: pip install 'jax[cuda13]'"
+            f"--device {device}: JAX runs on {backend!r}; set JAX_PLATFORMS={device} before "
+            f"JAX starts (the subprocesses do; --in-process cannot), and for cuda install "
+            f"JAX's CUDA plugin: pip install 'jax[cuda13]'"
         )
 
 

@@ -235,7 +235,7 @@ else
   REG_ARGS=()
 fi
 run_part regularizers 90 "$PYTHON" -m lpwd_optax.experiments.benchmarks.bench_regularizers \
-  "${REG_ARGS[@]}" --out "$OUTPUT_DIR/regularizers.json"
+  ${REG_ARGS[@]+"${REG_ARGS[@]}"} --out "$OUTPUT_DIR/regularizers.json"
 
 # ---------------------------------------------------------------------------------------------
 # 4. A few epochs of ConvNeXt-T (CIFAR stem) with LPWD on CIFAR-10.
