@@ -27,12 +27,14 @@ def test_device_check_quick_writes_json(tmp_path):
         text=True,
         timeout=600,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.returncode == 0, log
 
     check = json.loads((out / "device_check.json").read_text())
     assert check["device"] == "cpu" and check["quick"] is True
     statuses = {p["part"]: p["status"] for p in check["parts"]}
-    assert statuses == dict.fromkeys(["devices", "train_step", "regularizers", "cifar_train"], "ok")
+    parts = ["devices", "train_step", "regularizers", "cifar_train"]
+    assert statuses == dict.fromkeys(parts, "ok"), log
 
     devices = json.loads((out / "devices.json").read_text())
     assert devices["ok"] and devices["jax"]["backend"] == "cpu"
