@@ -1,14 +1,17 @@
-"""What every regularizer shares: rates, the learning-rate coupling, masks, and validation.
+"""What every regularizer shares: rates, the learning-rate coupling, masks, and one builder.
 
-Each transform in this package keeps its own code to its defining equation; everything else
-(how `rate` / `learning_rate` / `mask` are given, how they are checked against the params, how
-a per-leaf decay `d_t` is computed) lives here, resolved once per update.
+A regularizer here is a rule for one param leaf (its equation). Everything around it lives in
+this module: the values of `rate` / `learning_rate` are checked once, when the transform is
+built; `mask` and per-leaf rates are resolved into trees shaped like the params (checked at
+`init` and resolved again, at trace time, in `update`); and `leafwise_transform` turns a leaf
+rule into an `optax.GradientTransformation` whose state is a step count, or nothing when no
+hyperparameter depends on the step.
 """
 
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, TypeAlias
 
 import chex
@@ -27,46 +30,16 @@ MaskOrFn: TypeAlias = Any | Callable[[optax.Params], Any] | None
 NO_DECAY_NAMES = ("relative_position_bias_table",)
 
 
-class CountState(NamedTuple):
-    """State of the transforms that need nothing but the step count."""
-
-    count: chex.Array  # shape=(), dtype=jnp.int32: the 0-based index of the next update
-
-
-def init_count() -> chex.Array:
-    return jnp.zeros([], jnp.int32)
-
-
-def init_step_state(needs_count: bool) -> CountState | optax.EmptyState:
-    """A step count when the transform's hyperparameters depend on the step, else no state."""
-    return CountState(count=init_count()) if needs_count else optax.EmptyState()
-
-
-def step_and_advance(
-    state: CountState | optax.EmptyState,
-) -> tuple[chex.Numeric, CountState | optax.EmptyState]:
-    """(this update's step, the next state); a stateless transform's step is always 0."""
-    if isinstance(state, CountState):
-        return state.count, CountState(count=optax.safe_increment(state.count))
-    return 0, state
-
-
 # --------------------------------------------------------------------------------------------
 # Paths
-
-
-def _key_name(key: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
 
 
 def path_str(path: Sequence[Any]) -> str:
     """Joins a pytree key path with "/": `(DictKey('a'), SequenceKey(0), ...)` -> `"a/0/..."`.
 
-    A trailing `GetAttrKey('value')`, which `nnx.Variable` adds, is dropped, so an `nnx.State`
-    and a linen params dict with the same modules give the same strings.
+    `jax.tree_util.keystr(path, simple=True, separator="/")`, except that a trailing
+    `GetAttrKey('value')`, which `nnx.Variable` adds, is dropped, so an `nnx.State` and a linen
+    params dict with the same modules give the same strings.
 
     Args:
       path: a key path from `jax.tree_util.tree_flatten_with_path`, or plain names and ints.
@@ -81,10 +54,10 @@ def path_str(path: Sequence[Any]) -> str:
       >>> path_str(path)
       'stages/0/conv/kernel'
     """
-    names = [_key_name(k) for k in path]
-    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and names[-1] == "value":
-        names = names[:-1]
-    return "/".join(names)
+    path = tuple(path)
+    if path and path[-1] == jax.tree_util.GetAttrKey("value"):
+        path = path[:-1]
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:
@@ -167,35 +140,13 @@ def default_decay_mask(params: optax.Params) -> Any:
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def resolve_mask(mask: MaskOrFn, params: Any, transform: str) -> list[bool]:
-    """Per-leaf bools in params' leaf order; `None` means `default_decay_mask`."""
-    if mask is None:
-        mask = default_decay_mask
-    if callable(mask):
-        mask = mask(params)
-    flat = flatten_like_params(mask, params, f"{transform} mask")
-    out = []
-    for (path, _), m in zip(leaves_with_paths(params), flat):
-        if isinstance(m, jax.core.Tracer):
-            raise TypeError(
-                f"{transform} mask at '{path}' is a traced value; a mask must hold Python or "
-                "numpy bools (with optax.inject_hyperparams, pass static_args=('mask',))."
-            )
-        out.append(bool(m))
-    return out
-
-
 # --------------------------------------------------------------------------------------------
-# Rates and the per-step decay d_t
-
-
-def _concrete(x: Any) -> bool:
-    return not isinstance(x, jax.core.Tracer)
+# Rates and the per-step decay d_t, checked once when a transform is built
 
 
 def check_scalar_rate(value: Any, name: str, *, upper: float | None = None) -> None:
     """Raise if a concrete `value` is negative (or >= `upper`); traced values are skipped."""
-    if not _concrete(value):
+    if isinstance(value, jax.core.Tracer):
         return
     try:
         v = float(np.asarray(value))
@@ -207,149 +158,232 @@ def check_scalar_rate(value: Any, name: str, *, upper: float | None = None) -> N
         raise ValueError(f"{name} must be < {upper}, got {v}.")
 
 
-def _value_at(x: ScalarOrSchedule, count: chex.Numeric) -> chex.Numeric:
-    return x(count) if callable(x) else x
+def _value_at(x: ScalarOrSchedule, step: chex.Numeric) -> chex.Numeric:
+    return x(step) if callable(x) else x
 
 
-class DecaySpec(NamedTuple):
-    """A validated (rate, learning_rate) pair: `d_t = rate(t) * learning_rate(t)`."""
-
-    rate: Rate
-    learning_rate: ScalarOrSchedule | None
-    transform: str
-    max_decay: float | None  # None: no upper bound on d_t
-    strict: bool  # d_t < max_decay (True) or d_t <= max_decay (False)
-
-    def per_leaf_rates(self, params: Any) -> list[ScalarOrSchedule]:
-        if _is_scalar_or_schedule(self.rate):
-            return [self.rate] * len(jax.tree_util.tree_leaves(params))
-        rates = flatten_like_params(self.rate, params, f"{self.transform} rate tree")
-        for (path, _), r in zip(leaves_with_paths(params), rates):
-            if not _is_scalar_or_schedule(r):
-                raise TypeError(
-                    f"{self.transform} rate at '{path}' must be a scalar or a schedule, got "
-                    f"{type(r).__name__}."
-                )
-            if not callable(r):
-                check_scalar_rate(r, f"{self.transform} rate at '{path}'")
-        return rates
-
-    def is_constant(self, params: Any) -> bool:
-        """True when no leaf's rate and not the learning rate is a schedule: `d_t` ignores t."""
-        schedules = [*self.per_leaf_rates(params), self.learning_rate]
-        return not any(callable(x) for x in schedules)
-
-    def decay(self, rate: ScalarOrSchedule, count: chex.Numeric) -> chex.Numeric:
-        """`d_t` for one leaf's rate at step `count`."""
-        d = _value_at(rate, count)
-        if self.learning_rate is not None:
-            d = d * _value_at(self.learning_rate, count)
-        return d
+def decay_at(
+    rate: ScalarOrSchedule, learning_rate: ScalarOrSchedule | None, step: chex.Numeric
+) -> chex.Numeric:
+    """`d_t`: one leaf's rate at `step`, times the learning rate at `step` when there is one."""
+    d = _value_at(rate, step)
+    return d if learning_rate is None else d * _value_at(learning_rate, step)
 
 
-def make_decay_spec(
+def rate_leaves(rate: Rate) -> list[tuple[str, ScalarOrSchedule]]:
+    """(path, rate) for a per-leaf rate tree, or `[("", rate)]` for one scalar or schedule."""
+    if _is_scalar_or_schedule(rate):
+        return [("", rate)]
+    flat, _ = jax.tree_util.tree_flatten_with_path(rate, _is_rate_leaf)
+    return [(path_str(p), r) for p, r in flat]
+
+
+def is_scheduled(rate: Rate | None, learning_rate: ScalarOrSchedule | None = None) -> bool:
+    """True when the learning rate or any leaf's rate is a schedule: `d_t` depends on t."""
+    rates = [] if rate is None else [r for _, r in rate_leaves(rate)]
+    return any(callable(x) for x in [*rates, learning_rate])
+
+
+def check_rate(
     rate: Rate,
     learning_rate: ScalarOrSchedule | None,
     transform: str,
     *,
-    max_decay: float | None = 1.0,
-    strict: bool = True,
-) -> DecaySpec:
-    """Validate what can be validated at construction (concrete scalars, schedules at step 0)."""
-    spec = DecaySpec(rate, learning_rate, transform, max_decay, strict)
+    max_decay: float | None,
+    strict: bool,
+) -> None:
+    """Validate every concrete value once: rates >= 0 and `d_0` below `max_decay`.
+
+    Schedules are checked at step 0; traced values (under `optax.inject_hyperparams`) are
+    skipped. Errors name the leaf of a per-leaf rate tree.
+    """
     if learning_rate is not None:
-        lr0 = _value_at(learning_rate, 0)
-        check_scalar_rate(lr0, f"{transform} learning_rate")
-    if _is_scalar_or_schedule(rate):
-        check_scalar_rate(_value_at(rate, 0), f"{transform} rate")
-        check_decay_below_max(spec, rate, 0, transform)
-    return spec
-
-
-def check_decay_below_max(spec: DecaySpec, rate: ScalarOrSchedule, count: int, where: str):
-    if spec.max_decay is None:
-        return
-    d = spec.decay(rate, count)
-    if not _concrete(d):
-        return
-    d = float(np.asarray(d))
-    if d > spec.max_decay or (spec.strict and d == spec.max_decay):
-        bound = "<" if spec.strict else "<="
-        raise ValueError(
-            f"{where}: the per-step decay d_t = rate * learning_rate is {d} at step {count}; "
-            f"it must be {bound} {spec.max_decay} (a larger decay flips the sign of the weights"
-            f"{'' if not spec.strict else ' or divides by zero'})."
-        )
-
-
-def check_against_params(spec: DecaySpec, mask: MaskOrFn, params: Any) -> None:
-    """All structure checks a decoupled transform runs once, at init."""
-    resolve_mask(mask, params, spec.transform)
-    for (path, _), r in zip(leaves_with_paths(params), spec.per_leaf_rates(params)):
-        check_decay_below_max(spec, r, 0, f"{spec.transform} at '{path}'")
+        check_scalar_rate(_value_at(learning_rate, 0), f"{transform} learning_rate")
+    for path, r in rate_leaves(rate):
+        where = f"{transform} rate" + (f" at '{path}'" if path else "")
+        if not _is_scalar_or_schedule(r):
+            raise TypeError(f"{where} must be a scalar or a schedule, got {type(r).__name__}.")
+        check_scalar_rate(_value_at(r, 0), where)
+        d = decay_at(r, learning_rate, 0)
+        if max_decay is None or isinstance(d, jax.core.Tracer):
+            continue
+        d = float(np.asarray(d))
+        if d > max_decay or (strict and d == max_decay):
+            bound = "<" if strict else "<="
+            at = f"{transform} at '{path}'" if path else transform
+            raise ValueError(
+                f"{at}: the per-step decay d_t = rate * learning_rate is {d} at step 0; it "
+                f"must be {bound} {max_decay} (a larger decay flips the sign of the weights"
+                f"{' or divides by zero' if strict else ''})."
+            )
 
 
 # --------------------------------------------------------------------------------------------
-# The shared decoupled-transform builder
+# One resolution of mask, rates and other per-leaf trees, shaped like the params
 
 
-LeafRule: TypeAlias = Callable[..., chex.Array]
+class Resolved(NamedTuple):
+    """Per-leaf hyperparameters as trees with the params' structure."""
+
+    mask: Any  # Python bools
+    rate: Any  # a scalar or schedule per leaf (None where the transform takes no rate)
+    extra: dict[str, Any]  # other per-leaf trees a transform asked for (e.g. AdaDecay's groups)
 
 
-def decoupled_transform(
-    rule: LeafRule,
-    rate: Rate,
-    learning_rate: ScalarOrSchedule | None,
-    mask: MaskOrFn,
+def resolve(
+    params: Any,
     transform: str,
     *,
-    step_offset: int = 0,
-    max_decay: float | None = 1.0,
-    strict: bool = True,
-) -> optax.GradientTransformation:
-    """Build a transform that applies `rule(update, param, d)` to every masked leaf.
+    mask: MaskOrFn,
+    rate: Rate | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Resolved:
+    """Mask, rate and `extra` trees shaped like `params`; a ValueError names a mismatch.
 
-    `d` is the leaf's per-step decay at step `count + step_offset` (PWD looks one step ahead).
-    Unmasked leaves pass their update through. The result is cast to the update's dtype.
-    `max_decay`/`strict` bound `d_t` (checked for concrete values at construction and init).
-    The state is the step count when a rate or the learning rate is a schedule, and empty
-    otherwise (`d_t` is then the same at every step), so that with constant hyperparameters
-    the transform adds no state at all to the optimizer's.
+    `mask=None` means `default_decay_mask`; a callable mask is called on `params`. A scalar or
+    schedule `rate` applies to every leaf.
     """
-    spec = make_decay_spec(rate, learning_rate, transform, max_decay=max_decay, strict=strict)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    paths = [p for p, _ in leaves_with_paths(params)]
+    if mask is None:
+        mask = default_decay_mask
+    if callable(mask):
+        mask = mask(params)
+    masks = []
+    for path, m in zip(paths, flatten_like_params(mask, params, f"{transform} mask")):
+        if isinstance(m, jax.core.Tracer):
+            raise TypeError(
+                f"{transform} mask at '{path}' is a traced value; a mask must hold Python or "
+                "numpy bools (with optax.inject_hyperparams, pass static_args=('mask',))."
+            )
+        masks.append(bool(m))
+    if rate is None or _is_scalar_or_schedule(rate):
+        rates = [rate] * len(leaves)
+    else:
+        rates = flatten_like_params(rate, params, f"{transform} rate tree")
+    trees = {
+        name: treedef.unflatten(flatten_like_params(tree, params, f"{transform} {name}"))
+        for name, tree in (extra or {}).items()
+        if tree is not None
+    }
+    return Resolved(treedef.unflatten(masks), treedef.unflatten(rates), trees)
+
+
+def map_masked(
+    rule: Callable[..., chex.Array], updates: Any, params: Any, mask: Any, *per_leaf: Any
+) -> Any:
+    """`rule(update, param, *per_leaf)` on masked leaves, cast to the update's dtype; other
+    leaves pass through."""
+
+    def leaf(u, p, m, *args):
+        return rule(u, p, *args).astype(u.dtype) if m else u
+
+    return jax.tree.map(leaf, updates, params, mask, *per_leaf)
+
+
+# --------------------------------------------------------------------------------------------
+# The step count
+
+
+class CountState(NamedTuple):
+    """State of the transforms that need nothing but the step count."""
+
+    count: chex.Array  # shape=(), dtype=jnp.int32: the 0-based index of the next update
+
+
+def init_count() -> chex.Array:
+    return jnp.zeros([], jnp.int32)
+
+
+def init_step_state(needs_count: bool) -> CountState | optax.EmptyState:
+    """A step count when the transform's hyperparameters depend on the step, else no state."""
+    return CountState(count=init_count()) if needs_count else optax.EmptyState()
+
+
+def step_and_advance(
+    state: CountState | optax.EmptyState,
+) -> tuple[chex.Numeric, CountState | optax.EmptyState]:
+    """(this update's step, the next state); a stateless transform's step is always 0."""
+    if isinstance(state, CountState):
+        return state.count, CountState(count=optax.safe_increment(state.count))
+    return 0, state
+
+
+# --------------------------------------------------------------------------------------------
+# The leaf-wise builder
+
+
+def leafwise_transform(
+    transform: str,
+    rule: Callable[..., chex.Array],
+    *,
+    mask: MaskOrFn,
+    rate: Rate | None = None,
+    learning_rate: ScalarOrSchedule | None = None,
+    step_offset: int = 0,
+    max_decay: float | None = None,
+    strict: bool = True,
+    extra: Mapping[str, Any] | None = None,
+    leaf_inputs: Callable[[Any, Any, Resolved], Any] | None = None,
+    applies_at: Callable[[chex.Numeric], chex.Array] | None = None,
+    check_leaf: Callable[[str, Any], None] | None = None,
+) -> optax.GradientTransformation:
+    """A transform that applies `rule` to every masked leaf: `rule(update, param, d[, x])`.
+
+    Args:
+      transform: the public name, for error messages.
+      rule: the regularizer's equation for one leaf.
+      mask: which leaves `rule` sees; the others pass through unchanged.
+      rate: lambda (scalar, schedule or per-leaf tree). `d` is the leaf's decay
+        `rate(t) * learning_rate(t)` at `t = count + step_offset`; None when there is no rate.
+      learning_rate: eta, a scalar or a schedule, or None (then `d = rate(t)`).
+      step_offset: PWD decays one step ahead.
+      max_decay, strict: `d_0 < max_decay` (`<=` when not strict), checked at construction.
+      extra: other per-leaf trees to check against the params (resolved into `Resolved.extra`).
+      leaf_inputs: `(updates, params, resolved) -> tree` of one more argument `x` per leaf,
+        computed before the leaf rules run (statistics shared by a group of leaves).
+      applies_at: `step -> bool`; on other steps the updates pass through (one conditional).
+      check_leaf: `(path, param)` raises for a masked leaf the rule cannot take.
+
+    Returns:
+      An `optax.GradientTransformation` whose state is the step count when a rate, the
+      learning rate or `applies_at` depends on the step, and `optax.EmptyState()` otherwise.
+    """
+    if rate is not None:
+        check_rate(rate, learning_rate, transform, max_decay=max_decay, strict=strict)
+    counted = is_scheduled(rate, learning_rate) or applies_at is not None
+
+    def resolved_for(params):
+        require_params(params, transform)
+        resolved = resolve(params, transform, mask=mask, rate=rate, extra=extra)
+        if check_leaf is not None:
+            for (path, p), m in zip(leaves_with_paths(params), jax.tree.leaves(resolved.mask)):
+                if m:
+                    check_leaf(path, p)
+        return resolved
 
     def init_fn(params):
-        require_params(params, transform)
-        check_against_params(spec, mask, params)
-        return init_step_state(not spec.is_constant(params))
+        # optax.tree_utils.tree_map_params inits with a placeholder tree that has no leaves:
+        # there is nothing to check the mask and rate trees against.
+        if params is None or jax.tree.leaves(params):
+            resolved_for(params)
+        return init_step_state(counted)
 
     def update_fn(updates, state, params=None):
-        require_params(params, transform)
-        count, state = step_and_advance(state)
-        step = count + step_offset
-        leaves_u, treedef = jax.tree_util.tree_flatten(updates)
-        leaves_p = treedef.flatten_up_to(params)
-        masks = resolve_mask(mask, params, transform)
-        rates = spec.per_leaf_rates(params)
-        out = []
-        for u, p, m, r in zip(leaves_u, leaves_p, masks, rates):
-            if m:
-                u = rule(u, p, spec.decay(r, step)).astype(u.dtype)
-            out.append(u)
-        return treedef.unflatten(out), state
+        resolved = resolved_for(params)
+        step, state = step_and_advance(state)
+        decay = jax.tree.map(
+            lambda r: decay_at(r, learning_rate, step + step_offset), resolved.rate
+        )
+        per_leaf = [decay]
+        if leaf_inputs is not None:
+            per_leaf.append(leaf_inputs(updates, params, resolved))
+
+        def apply(updates):
+            return map_masked(rule, updates, params, resolved.mask, *per_leaf)
+
+        if applies_at is None:
+            return apply(updates), state
+        return jax.lax.cond(applies_at(step), apply, lambda u: u, updates), state
 
     return optax.GradientTransformation(init_fn, update_fn)
-
-
-def per_leaf_decays(
-    params: Any,
-    rate: Rate,
-    learning_rate: ScalarOrSchedule | None,
-    mask: MaskOrFn,
-    step: chex.Numeric,
-    transform: str,
-) -> list[chex.Numeric | None]:
-    """`d_step` for each leaf in params' order, or None for leaves outside the mask."""
-    spec = make_decay_spec(rate, learning_rate, transform, max_decay=None)
-    masks = resolve_mask(mask, params, transform)
-    return [spec.decay(r, step) if m else None for m, r in zip(masks, spec.per_leaf_rates(params))]

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 
 from lpwd_optax import _common
 from lpwd_optax._common import MaskOrFn, Rate
@@ -27,45 +28,63 @@ class RandomizedDecayState(NamedTuple):
 
 def decay_coefficients(ghat: chex.Array, alpha: chex.Numeric) -> chex.Array:
     """AdaDecay's per-entry coefficient `c = 2 / (1 + exp(-alpha * ghat))`, in (0, 2)."""
-    return 2.0 * jax.nn.sigmoid(alpha * ghat)
+    return _two_sigmoid(alpha * jnp.asarray(ghat, jnp.float32))
 
 
-def _standardized_magnitudes(grads: list[chex.Array], groups: list[Any]) -> list[chex.Array]:
-    """`(|g| - mean_l |g|) / std_l |g|` with mean and population std over each group `l`.
+def _two_sigmoid(x: chex.Array) -> chex.Array:
+    """`2 / (1 + exp(-x))` to 4e-7 relative, from multiplies, adds, a floor and a bit shift.
 
-    A group with zero spread gets `ghat = 0` (so `c = 1`, plain L2).
+    XLA never copies a transcendental op (exp, logistic, divide) into more than one consumer.
+    AdaDecay's penalty feeds both of Adam's moment updates, which XLA:CPU runs as two passes,
+    so `2 * jax.nn.sigmoid(x)` would be written to memory (a param-sized temporary per leaf)
+    and read back twice. Built from cheap ops, the coefficient is recomputed inside each pass.
     """
-    mags = [jnp.abs(g.astype(jnp.float32)) for g in grads]
-    out: list[chex.Array | None] = [None] * len(mags)
-    for label in dict.fromkeys(groups):
-        members = [i for i, gl in enumerate(groups) if gl == label]
-        count = sum(mags[i].size for i in members)
-        mean = sum(jnp.sum(mags[i]) for i in members) / count
-        var = sum(jnp.sum(jnp.square(mags[i] - mean)) for i in members) / count
-        std = jnp.sqrt(var)
-        safe_std = jnp.where(std > 0, std, 1.0)
-        for i in members:
-            out[i] = jnp.where(std > 0, (mags[i] - mean) / safe_std, 0.0)
-    return out
+    t = _exp_of_nonpositive(-jnp.abs(x))  # e^{-|x|}, in (0, 1]
+    z = 1.0 + t
+    r = 24.0 / 17.0 - (8.0 / 17.0) * z  # 1/z on [1, 2] to 1/17; Newton squares the error
+    for _ in range(3):
+        r = r * (2.0 - z * r)
+    return jnp.where(x >= 0, 2.0 * r, 2.0 * t * r)  # sigmoid(-|x|) = e^{-|x|} sigmoid(|x|)
+
+
+def _exp_of_nonpositive(x: chex.Array) -> chex.Array:
+    """`e^x` for `x <= 0`: `2^n` from the exponent bits times a polynomial on |r| <= ln2 / 2."""
+    x = jnp.maximum(x, -87.0)  # e^-87 is near float32's smallest normal
+    n = jnp.floor(x * 1.4426950408889634 + 0.5)
+    r = x - n * 0.693145751953125 - n * 1.4286068203094173e-06  # ln 2 in two parts
+    p = 1.0
+    for k in range(6, 0, -1):  # Taylor to r^6: error below 2e-7 for |r| <= 0.35
+        p = 1.0 + r * p / k
+    return p * lax.bitcast_convert_type((n.astype(jnp.int32) + 127) << 23, jnp.float32)
+
+
+class MagnitudeStatistics(NamedTuple):
+    """Mean and reciprocal population std of `|g|` over a group of entries."""
+
+    mean: chex.Array  # shape=()
+    inv_std: chex.Array  # shape=(); 0 for a group with zero spread, so that ghat = 0
+
+
+def _group_statistics(grads: list[chex.Array]) -> MagnitudeStatistics:
+    """One read of each gradient for `sum |g|` and `sum g^2`; `std^2 = E[g^2] - mean^2`."""
+    count = sum(g.size for g in grads)
+    # `maximum(g, -g)` rather than `abs(g)`: XLA would merge an `abs` here with the one in the
+    # penalty pass and write |g| to memory for both.
+    total = sum(jnp.sum(jnp.maximum(g, -g), dtype=jnp.float32) for g in grads)
+    total_sq = sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in grads)
+    mean = total / count
+    std = jnp.sqrt(jnp.maximum(total_sq / count - jnp.square(mean), 0.0))
+    return MagnitudeStatistics(mean, jnp.where(std > 0, 1.0 / jnp.where(std > 0, std, 1.0), 0.0))
+
+
+def _standardized(g: chex.Array, stats: MagnitudeStatistics) -> chex.Array:
+    """`ghat = (|g| - mean) / std` (0 where the group has no spread)."""
+    return (jnp.abs(g.astype(jnp.float32)) - stats.mean) * stats.inv_std
 
 
 def _check_alpha(alpha: Any) -> None:
     if not isinstance(alpha, jax.core.Tracer) and float(np.asarray(alpha)) < 0:
         raise ValueError(f"alpha must be >= 0, got {alpha}.")
-
-
-def _coupled_penalty(
-    grads_leaves, param_leaves, masks, rates, step, spec, coeffs
-) -> list[chex.Array]:
-    """`g + d_t * c * theta` on masked leaves; `coeffs` holds one array per masked leaf."""
-    out, k = [], 0
-    for g, p, m, r in zip(grads_leaves, param_leaves, masks, rates):
-        if m:
-            c = coeffs[k]
-            k += 1
-            g = (g + spec.decay(r, step) * c * p).astype(g.dtype)
-        out.append(g)
-    return out
 
 
 def adaptive_weight_decay(
@@ -110,38 +129,40 @@ def adaptive_weight_decay(
     References:
       Nakamura & Hong, "Adaptive Weight Decay for Deep Neural Networks" (arXiv:1907.08931).
     """
-    transform = "adaptive_weight_decay"
-    spec = _common.make_decay_spec(rate, None, transform, max_decay=None)
     _check_alpha(alpha)
 
-    def group_labels(params, masks):
-        if groups is None:
-            return list(range(sum(masks)))
-        labels = _common.flatten_like_params(groups, params, f"{transform} groups")
-        return [lab for lab, m in zip(labels, masks) if m]
-
-    def init_fn(params):
-        _common.require_params(params, transform)
-        masks = _common.resolve_mask(mask, params, transform)
-        group_labels(params, masks)
-        return _common.init_step_state(not spec.is_constant(params))  # validates the rates too
-
-    def update_fn(updates, state, params=None):
-        _common.require_params(params, transform)
-        masks = _common.resolve_mask(mask, params, transform)
-        leaves_g, treedef = jax.tree_util.tree_flatten(updates)
-        leaves_p = treedef.flatten_up_to(params)
-        ghats = _standardized_magnitudes(
-            [g for g, m in zip(leaves_g, masks) if m], group_labels(params, masks)
+    def magnitude_statistics(grads, params, resolved):
+        # Mean and std of |g| per masked leaf, or over the masked leaves sharing a label.
+        leaves, treedef = jax.tree.flatten(grads)
+        masks = treedef.flatten_up_to(resolved.mask)
+        labels = (
+            range(len(leaves))
+            if groups is None
+            else treedef.flatten_up_to(resolved.extra["groups"])
         )
-        coeffs = [decay_coefficients(gh, alpha) for gh in ghats]
-        step, state = _common.step_and_advance(state)
-        out = _coupled_penalty(
-            leaves_g, leaves_p, masks, spec.per_leaf_rates(params), step, spec, coeffs
-        )
-        return treedef.unflatten(out), state
+        members: dict[Any, list[int]] = {}
+        for i, (label, m) in enumerate(zip(labels, masks)):
+            if m:
+                members.setdefault(label, []).append(i)
+        stats: list[MagnitudeStatistics | None] = [None] * len(leaves)
+        for group in members.values():
+            group_stats = _group_statistics([leaves[i] for i in group])
+            for i in group:
+                stats[i] = group_stats
+        return treedef.unflatten(stats)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    def penalty(g, theta, d, stats):
+        c = decay_coefficients(_standardized(g, stats), alpha)
+        return g + d * c * theta
+
+    return _common.leafwise_transform(
+        "adaptive_weight_decay",
+        penalty,
+        mask=mask,
+        rate=rate,
+        extra={"groups": groups},
+        leaf_inputs=magnitude_statistics,
+    )
 
 
 def randomized_weight_decay(
@@ -180,31 +201,27 @@ def randomized_weight_decay(
       the randomized-decay ablation.
     """
     transform = "randomized_weight_decay"
-    spec = _common.make_decay_spec(rate, None, transform, max_decay=None)
+    _common.check_rate(rate, None, transform, max_decay=None, strict=True)
     _check_alpha(alpha)
 
+    def penalty(g, theta, d, ghat):
+        return g + d * decay_coefficients(ghat, alpha) * theta
+
     def init_fn(params):
-        _common.require_params(params, transform)
-        _common.resolve_mask(mask, params, transform)
-        spec.per_leaf_rates(params)
+        if params is None or jax.tree.leaves(params):  # not tree_map_params' placeholder
+            _common.require_params(params, transform)
+            _common.resolve(params, transform, mask=mask, rate=rate)
         return RandomizedDecayState(count=_common.init_count(), key=key)
 
     def update_fn(updates, state, params=None):
         _common.require_params(params, transform)
-        masks = _common.resolve_mask(mask, params, transform)
-        leaves_g, treedef = jax.tree_util.tree_flatten(updates)
-        leaves_p = treedef.flatten_up_to(params)
+        resolved = _common.resolve(params, transform, mask=mask, rate=rate)
         next_key, draw_key = jax.random.split(state.key)
-        selected = [g for g, m in zip(leaves_g, masks) if m]
-        keys = jax.random.split(draw_key, max(len(selected), 1))
-        coeffs = [
-            decay_coefficients(jax.random.normal(k, g.shape, jnp.float32), alpha)
-            for k, g in zip(keys, selected)
-        ]
-        out = _coupled_penalty(
-            leaves_g, leaves_p, masks, spec.per_leaf_rates(params), state.count, spec, coeffs
-        )
-        new_state = RandomizedDecayState(optax.safe_increment(state.count), next_key)
-        return treedef.unflatten(out), new_state
+        keys = optax.tree_utils.tree_split_key_like(draw_key, updates)
+        draw = lambda k, g, m: jax.random.normal(k, g.shape, jnp.float32) if m else None
+        ghat = jax.tree.map(draw, keys, updates, resolved.mask)
+        decay = jax.tree.map(lambda r: _common.decay_at(r, None, state.count), resolved.rate)
+        out = _common.map_masked(penalty, updates, params, resolved.mask, decay, ghat)
+        return out, RandomizedDecayState(optax.safe_increment(state.count), next_key)
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -12,6 +12,8 @@ must see the optimizer's final update, like `add_decayed_weights` inside `optax.
 
 from __future__ import annotations
 
+from typing import Any
+
 import chex
 import jax
 import optax
@@ -52,8 +54,9 @@ def l2_regularization(rate: Rate, *, mask: MaskOrFn = None) -> optax.GradientTra
     References:
       Krogh & Hertz, "A Simple Weight Decay Can Improve Generalization", NeurIPS 1991.
     """
-    rule = lambda g, theta, d: g + d * theta
-    return _common.decoupled_transform(rule, rate, None, mask, "l2_regularization", max_decay=None)
+    return _common.leafwise_transform(
+        "l2_regularization", lambda g, theta, d: g + d * theta, mask=mask, rate=rate
+    )
 
 
 def weight_decay(
@@ -93,10 +96,9 @@ def weight_decay(
     References:
       Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019 (arXiv:1711.05101).
     """
-    rule = lambda u, theta, d: u - d * theta
     # d_t = 1 is allowed: it is the limit theta_{t+1} = u_t.
-    return _common.decoupled_transform(
-        rule, rate, learning_rate, mask, "weight_decay", strict=False
+    return _decoupled(
+        "weight_decay", lambda u, theta, d: u - d * theta, rate, learning_rate, mask, strict=False
     )
 
 
@@ -137,8 +139,9 @@ def real_time_weight_decay(
     References:
       "Layer-wise Pre-Weight Decay", ICLR 2024 submission (openreview), eq. 7.
     """
+    # (1 - d)(theta + u) - theta, written so that d = 0 returns u exactly.
     rule = lambda u, theta, d: u - d * (theta + u)
-    return _common.decoupled_transform(rule, rate, learning_rate, mask, "real_time_weight_decay")
+    return _decoupled("real_time_weight_decay", rule, rate, learning_rate, mask)
 
 
 def pre_weight_decay(
@@ -192,17 +195,30 @@ def pre_weight_decay(
     References:
       "Layer-wise Pre-Weight Decay", ICLR 2024 submission (openreview), Algorithms 2 and 3.
     """
-    rule = lambda u, phi, d_next: (1 - d_next) * (phi + u) - phi
-    return _common.decoupled_transform(
-        rule, rate, learning_rate, mask, "pre_weight_decay", step_offset=1
+    # (1 - d_{t+1})(phi + u) - phi, written so that d = 0 returns u exactly.
+    rule = lambda u, phi, d_next: u - d_next * (phi + u)
+    return _decoupled("pre_weight_decay", rule, rate, learning_rate, mask, step_offset=1)
+
+
+def _decoupled(transform, rule, rate, learning_rate, mask, *, strict=True, step_offset=0):
+    """A decay that sees the final update: `d_t = rate(t) * learning_rate(t)` below 1."""
+    return _common.leafwise_transform(
+        transform,
+        rule,
+        mask=mask,
+        rate=rate,
+        learning_rate=learning_rate,
+        step_offset=step_offset,
+        max_decay=1.0,
+        strict=strict,
     )
 
 
 def _rescale_params(params, rate, learning_rate, mask, step, transform, fn):
-    decays = _common.per_leaf_decays(params, rate, learning_rate, mask, step, transform)
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    out = [p if d is None else fn(p, d).astype(p.dtype) for p, d in zip(leaves, decays)]
-    return treedef.unflatten(out)
+    _common.check_rate(rate, learning_rate, transform, max_decay=None, strict=True)
+    resolved = _common.resolve(params, transform, mask=mask, rate=rate)
+    decay = jax.tree.map(lambda r: _common.decay_at(r, learning_rate, step), resolved.rate)
+    return _common.map_masked(lambda p, _, d: fn(p, d), params, params, resolved.mask, decay)
 
 
 def pre_decay_params(
@@ -271,18 +287,26 @@ def lpwd_adam(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
+    eps_root: float = 0.0,
+    mu_dtype: Any | None = None,
+    nesterov: bool = False,
     mask: MaskOrFn = None,
 ) -> optax.GradientTransformation:
-    """Adam with (layer-wise) pre-weight decay, like `optax.adamw` is Adam with WD.
+    """Adam with (layer-wise) pre-weight decay, as `optax.adamw` is Adam with weight decay.
 
-    `chain(optax.adam(lr), pre_weight_decay(weight_decay, learning_rate=lr))`. Pass a per-leaf
-    `weight_decay` tree from `layerwise_schedule` for LPWD. Remember `pre_decay_params` at init
-    and `evaluated_params` for evaluation.
+    `chain(optax.adam(lr, ...), pre_weight_decay(weight_decay, learning_rate=lr))`, taking
+    `optax.adamw`'s arguments. Pass a per-leaf `weight_decay` tree from `layerwise_schedule`
+    for LPWD. Remember `pre_decay_params` at init and `evaluated_params` for evaluation. With
+    `weight_decay=0` the updates are exactly `optax.adamw(..., weight_decay=0)`'s. Unlike
+    `optax.adamw`, the default `mask` decays only leaves with ndim > 1 (`default_decay_mask`);
+    pass `mask=lambda p: jax.tree.map(lambda _: True, p)` to decay every leaf.
 
     Args:
       learning_rate: eta, a float or a schedule.
       weight_decay: lambda, a float, a schedule or a per-leaf tree (LPWD).
-      b1, b2, eps: Adam's hyperparameters.
+      b1, b2, eps, eps_root: Adam's hyperparameters, as in `optax.adam`.
+      mu_dtype: the dtype of the first moment, as in `optax.adam`.
+      nesterov: Nesterov momentum (NAdam), as in `optax.adam`.
       mask: which leaves are decayed; defaults to `default_decay_mask`.
 
     Returns:
@@ -296,7 +320,13 @@ def lpwd_adam(
     References:
       "Layer-wise Pre-Weight Decay", ICLR 2024 submission (openreview).
     """
-    return optax.chain(
-        optax.adam(learning_rate, b1=b1, b2=b2, eps=eps),
-        pre_weight_decay(weight_decay, learning_rate=learning_rate, mask=mask),
+    adam = optax.adam(
+        learning_rate,
+        b1=b1,
+        b2=b2,
+        eps=eps,
+        eps_root=eps_root,
+        mu_dtype=mu_dtype,
+        nesterov=nesterov,
     )
+    return optax.chain(adam, pre_weight_decay(weight_decay, learning_rate=learning_rate, mask=mask))

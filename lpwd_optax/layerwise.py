@@ -25,9 +25,8 @@ import jax
 import jax.extend.core as jex_core
 import numpy as np
 
-from lpwd_optax._common import flatten_like_params, path_str
+from lpwd_optax._common import Schedule, flatten_like_params, path_str
 
-Schedule: TypeAlias = Callable[[Any], Any]
 # A rule maps a "/"-joined leaf path to a group: a number, a tuple of numbers, None (the regex's
 # groups read as ints) or a callable `re.Match -> number | tuple`.
 GroupSpec: TypeAlias = float | tuple[float, ...] | Callable[[re.Match], Any] | None

@@ -33,13 +33,32 @@ def rescale_kernel(kernel: chex.Array, mode: str = "output", eps: float = 1e-12)
     Returns:
       The rescaled kernel, in the kernel's dtype.
     """
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}.")
+    _check_mode(mode, "rescale_kernel")
     if kernel.ndim < 2:
         raise ValueError(f"rescale_kernel needs ndim >= 2, got shape {kernel.shape}.")
+    return _rescaled(kernel, mode, eps).astype(kernel.dtype)
+
+
+def _rescaled(kernel: chex.Array, mode: str, eps: float = 1e-12) -> chex.Array:
     w = kernel.astype(jnp.float32)
     norm = jnp.sqrt(jnp.sum(jnp.square(w), axis=_norm_axes(w.ndim, mode), keepdims=True))
-    return (w / jnp.maximum(norm, eps)).astype(kernel.dtype)
+    return w * (1.0 / jnp.maximum(norm, eps))  # one division per channel, not per entry
+
+
+def _check_mode(mode: str, name: str) -> None:
+    if mode not in _MODES:
+        raise ValueError(f"{name}: mode must be one of {_MODES}, got {mode!r}.")
+
+
+def _kernels_only(name: str):
+    def check(path: str, leaf: chex.Array) -> None:
+        if jnp.ndim(leaf) < 2:
+            raise ValueError(
+                f"{name}: '{path}' has shape {jnp.shape(leaf)}; only kernels "
+                "(ndim >= 2) can be rescaled per channel. Exclude it with `mask`."
+            )
+
+    return check
 
 
 def rescale_params(params: optax.Params, *, mode: str = "output", mask: MaskOrFn = None):
@@ -77,12 +96,13 @@ def rescale_params(params: optax.Params, *, mode: str = "output", mask: MaskOrFn
       >>> round(float(jnp.linalg.norm(new["kernel"][:, 0])), 6), float(new["bias"][0])
       (1.0, 1.0)
     """
-    if mode not in _MODES:
-        raise ValueError(f"rescale_params: mode must be one of {_MODES}, got {mode!r}.")
-    masks = _common.resolve_mask(mask, params, "rescale_params")
-    _check_kernels(params, masks, "rescale_params")
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    return treedef.unflatten([rescale_kernel(p, mode) if m else p for p, m in zip(leaves, masks)])
+    _check_mode(mode, "rescale_params")
+    resolved = _common.resolve(params, "rescale_params", mask=mask)
+    check = _kernels_only("rescale_params")
+    for (path, leaf), m in zip(_common.leaves_with_paths(params), jax.tree.leaves(resolved.mask)):
+        if m:
+            check(path, leaf)
+    return _common.map_masked(lambda p, _: _rescaled(p, mode), params, params, resolved.mask)
 
 
 def weight_rescaling(
@@ -130,46 +150,12 @@ def weight_rescaling(
     """
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f"weight_rescaling: every must be an int >= 1, got {every!r}.")
-    if mode not in _MODES:
-        raise ValueError(f"weight_rescaling: mode must be one of {_MODES}, got {mode!r}.")
-    transform = "weight_rescaling"
-
-    def init_fn(params):
-        _common.require_params(params, transform)
-        _check_kernels(params, _common.resolve_mask(mask, params, transform), transform)
-        return _common.init_step_state(every > 1)
-
-    def update_fn(updates, state, params=None):
-        _common.require_params(params, transform)
-        masks = _common.resolve_mask(mask, params, transform)
-        leaves_u, treedef = jax.tree_util.tree_flatten(updates)
-        leaves_p = treedef.flatten_up_to(params)
-
-        def rescaled(leaves_u):
-            return [
-                (rescale_kernel(p + u, mode) - p).astype(u.dtype) if m else u
-                for u, p, m in zip(leaves_u, leaves_p, masks)
-            ]
-
-        if every == 1:
-            # No branch when every step rescales. A conditional is a fusion barrier: the
-            # update going in and the one coming out would each be written to memory and read
-            # back; without it XLA materializes only `theta + u` for the norms and fuses the
-            # rescale into the final elementwise pass (half the extra memory traffic; see
-            # experiments/bench_regularizers.py).
-            out = rescaled(leaves_u)
-        else:
-            step, state = _common.step_and_advance(state)
-            out = jax.lax.cond((step + 1) % every == 0, rescaled, lambda leaves: leaves, leaves_u)
-        return treedef.unflatten(out), state
-
-    return optax.GradientTransformation(init_fn, update_fn)
-
-
-def _check_kernels(params, masks, name: str) -> None:
-    for (path, leaf), m in zip(_common.leaves_with_paths(params), masks):
-        if m and jnp.ndim(leaf) < 2:
-            raise ValueError(
-                f"{name}: '{path}' has shape {jnp.shape(leaf)}; only kernels "
-                "(ndim >= 2) can be rescaled per channel. Exclude it with `mask`."
-            )
+    _check_mode(mode, "weight_rescaling")
+    return _common.leafwise_transform(
+        "weight_rescaling",
+        lambda u, theta, _: _rescaled(theta + u, mode) - theta,
+        mask=mask,
+        # every=1: no conditional, which XLA could not fuse across.
+        applies_at=None if every == 1 else lambda step: (step + 1) % every == 0,
+        check_leaf=_kernels_only("weight_rescaling"),
+    )

@@ -276,3 +276,28 @@ def test_weight_decay_equals_optax_adamw():
         rtol=1e-6,
         atol=1e-7,
     )
+
+
+@pytest.mark.parametrize(
+    "adam_args",
+    [
+        {},
+        {"b1": 0.8, "b2": 0.99, "eps": 1e-6, "eps_root": 1e-9},
+        {"nesterov": True},
+        {"mu_dtype": jnp.bfloat16},
+    ],
+    ids=["defaults", "betas_eps_root", "nesterov", "mu_bf16"],
+)
+def test_lpwd_adam_with_rate_zero_is_optax_adamw_without_decay(adam_args):
+    theta0, targets = _problem(7)
+    params = jax.tree.map(jnp.asarray, _tree(theta0))
+    ours = lo.lpwd_adam(lr_schedule_adam, 0.0, **adam_args)
+    adamw = optax.adamw(lr_schedule_adam, weight_decay=0.0, **adam_args)
+    grad = jax.jit(jax.grad(_jax_loss))
+    s_ours, s_adamw = ours.init(params), adamw.init(params)
+    for _ in range(10):
+        g = grad(params, _tree(targets))
+        u_ours, s_ours = ours.update(g, s_ours, params)
+        u_adamw, s_adamw = adamw.update(g, s_adamw, params)
+        chex.assert_trees_all_equal(u_ours, u_adamw)
+        params = optax.apply_updates(params, u_ours)

@@ -20,25 +20,25 @@ import lpwd_optax as lo
 LR = 1e-2
 
 
-def _lpwd(params):
+def _lpwd(params, **kw):
     depths = lo.depth_labels(params)
-    return lo.pre_weight_decay(lo.layerwise_schedule(depths, 0.1), learning_rate=LR)
+    return lo.pre_weight_decay(lo.layerwise_schedule(depths, 0.1), learning_rate=LR, **kw)
 
 
-# name -> (factory(params) -> transform, place in the chain, keeps only a step count)
+# name -> (factory(params, **mask) -> transform, place in the chain, keeps only a step count)
 CASES = {
-    "l2": (lambda p: lo.l2_regularization(0.1), "first", True),
-    "wd": (lambda p: lo.weight_decay(0.1, learning_rate=LR), "last", True),
-    "rwd": (lambda p: lo.real_time_weight_decay(0.1, learning_rate=LR), "last", True),
-    "pwd": (lambda p: lo.pre_weight_decay(0.1, learning_rate=LR), "last", True),
+    "l2": (lambda p, **kw: lo.l2_regularization(0.1, **kw), "first", True),
+    "wd": (lambda p, **kw: lo.weight_decay(0.1, learning_rate=LR, **kw), "last", True),
+    "rwd": (lambda p, **kw: lo.real_time_weight_decay(0.1, learning_rate=LR, **kw), "last", True),
+    "pwd": (lambda p, **kw: lo.pre_weight_decay(0.1, learning_rate=LR, **kw), "last", True),
     "lpwd": (_lpwd, "last", True),
-    "adadecay": (lambda p: lo.adaptive_weight_decay(0.1), "first", True),
+    "adadecay": (lambda p, **kw: lo.adaptive_weight_decay(0.1, **kw), "first", True),
     "randomized": (
-        lambda p: lo.randomized_weight_decay(0.1, key=jax.random.key(0)),
+        lambda p, **kw: lo.randomized_weight_decay(0.1, key=jax.random.key(0), **kw),
         "first",
         False,
     ),
-    "wrs": (lambda p: lo.weight_rescaling(2), "last", True),
+    "wrs": (lambda p, **kw: lo.weight_rescaling(2, **kw), "last", True),
 }
 
 
@@ -128,6 +128,78 @@ def test_works_inside_inject_hyperparams(name):
             out2, fresh.update(grads, fresh.init(params), params)[0], rtol=1e-5, atol=1e-6
         )
         assert not np.allclose(out2["fc"]["kernel"], out["fc"]["kernel"])
+
+
+def _fixed_tree_from_callable(params):
+    tree = lo.default_decay_mask(params)
+    return lambda _: tree
+
+
+# How the mask is given: default (a callable on the params), a tree, or a callable that
+# returns a fixed tree (as `optax.adamw(..., mask=tree)` users write it).
+MASKS = {
+    "default": lambda p: {},
+    "tree": lambda p: {"mask": lo.default_decay_mask(p)},
+    "fixed tree from a callable": lambda p: {"mask": _fixed_tree_from_callable(p)},
+}
+
+
+def _transform_and_optimizer(name, params, mask):
+    if name == "lpwd_adam":
+        tx = lo.lpwd_adam(LR, lo.layerwise_schedule(lo.depth_labels(params), 0.1), **mask)
+        return tx, tx
+    make, place, _ = CASES[name]
+    tx = make(params, **mask)
+    return tx, optax.chain(tx, optax.adam(LR)) if place == "first" else optax.chain(
+        optax.adam(LR), tx
+    )
+
+
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("name", [*CASES, "lpwd_adam"])
+def test_works_with_optax_tree_utils_and_eval_shape(name, mask):
+    params = _params()
+    grads = _grads(params, 0)
+    tx, opt = _transform_and_optimizer(name, params, MASKS[mask](params))
+    state = opt.init(params)
+
+    # Shapes without computing anything: the same as the real calls'.
+    chex.assert_trees_all_equal_shapes_and_dtypes(jax.eval_shape(opt.init, params), state)
+    chex.assert_trees_all_equal_shapes_and_dtypes(
+        jax.eval_shape(opt.update, grads, state, params), opt.update(grads, state, params)
+    )
+
+    # Optimizer-state shardings derived from the params' (optax's placeholder init).
+    mesh = Mesh(np.array(jax.devices()[:8]), ("model",))
+    spec = lambda x: PartitionSpec(*([None] * (x.ndim - 1)), "model") if x.ndim else PartitionSpec()
+    param_shardings = jax.tree.map(lambda x: NamedSharding(mesh, spec(x)), params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state_shardings = optax.tree_utils.tree_map_params(
+        opt, lambda _, s: s, state, param_shardings, transform_non_params=lambda _: replicated
+    )
+    sharded_params = jax.device_put(params, param_shardings)
+    sharded_state = jax.jit(opt.init, out_shardings=state_shardings)(sharded_params)
+    moments = optax.tree_utils.tree_get(sharded_state, "mu")
+    for x, s in zip(jax.tree.leaves(moments), jax.tree.leaves(param_shardings)):
+        assert x.sharding.is_equivalent_to(s, x.ndim)
+    step = jax.jit(opt.update, out_shardings=(param_shardings, state_shardings))
+    updates, _ = step(grads, sharded_state, sharded_params)
+    chex.assert_trees_all_close(updates, opt.update(grads, state, params)[0], rtol=1e-5, atol=1e-6)
+
+    # The step count, read and written by name.
+    tx_state = tx.init(params)
+    count = optax.tree_utils.tree_get(tx_state, "count")
+    if count is None:
+        assert jax.tree.leaves(tx_state) == []
+        return
+    assert int(count) == 0
+    jumped = optax.tree_utils.tree_set(tx_state, count=jnp.asarray(3, jnp.int32))
+    out, new_state = tx.update(grads, jumped, params)
+    assert int(optax.tree_utils.tree_get(new_state, "count")) == 4
+    if isinstance(tx_state, lo._common.CountState):  # nothing but the count: three real steps
+        for _ in range(3):
+            _, tx_state = tx.update(grads, tx_state, params)
+        chex.assert_trees_all_close(out, tx.update(grads, tx_state, params)[0], rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", CASES)
