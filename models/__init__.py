@@ -8,6 +8,9 @@ Names are timm's (`convnext_{atto,femto,pico,nano,tiny,small,base,large}`,
 `swin_{tiny,small,base}_patch4_window7_224`) plus 32x32-input presets `<variant>_cifar`
 (`convnext_tiny_cifar`, `swin_tiny_cifar`, ...): ConvNeXt with a 2x2 stem (stages at 8, 4, 2, 1),
 Swin with img_size=32, patch_size=2, window_size=4 (stages at 16, 8, 4, 2).
+
+Fine-tuning from a timm checkpoint of another geometry (224-pixel ImageNet weights into a
+`*_cifar` preset, another class count): `init_from_timm(model, path)` (see models/convert.py).
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ import jax
 from flax import nnx
 
 from lpwd_optax.models.convert import (
+    Adapted,
+    adapt_timm_checkpoint,
     from_timm,
+    init_from_timm,
     load_timm_weights,
     read_state_dict,
     timm_layout,
@@ -30,12 +36,15 @@ from lpwd_optax.models.convnext import CONVNEXT_VARIANTS, ConvNeXt
 from lpwd_optax.models.swin import SWIN_VARIANTS, SwinTransformer
 
 __all__ = [
+    "Adapted",
     "ConvNeXt",
     "FunctionalModel",
     "SwinTransformer",
+    "adapt_timm_checkpoint",
     "create_model",
     "from_timm",
     "functional_model",
+    "init_from_timm",
     "list_models",
     "load_timm_weights",
     "read_state_dict",

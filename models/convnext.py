@@ -25,8 +25,10 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from lpwd_optax.models.convert import Adapted, TimmEntry, default_layout, timm_key
 from lpwd_optax.models.layers import (
     DepthwiseConv,
     DepthwiseImpl,
@@ -41,8 +43,16 @@ from lpwd_optax.models.layers import (
     timm_normal,
     zeros,
 )
+from lpwd_optax.models.resample import resample_patch_kernel
 
 LN_EPS = 1e-6
+# timm's nn.Sequential indices for the stem and the downsample layers.
+TIMM_RENAMES = (
+    ("stem.conv.", "stem.0."),
+    ("stem.norm.", "stem.1."),
+    ("downsample.norm.", "downsample.0."),
+    ("downsample.conv.", "downsample.1."),
+)
 
 # timm's registered variants: depths, dims and whether timm builds the MLP from 1x1 convs.
 CONVNEXT_VARIANTS: dict[str, dict] = {
@@ -241,6 +251,56 @@ class ConvNeXt(nnx.Module):
             in_dim = dim
         self.stages = nnx.List(stages)
         self.head = Head(dims[-1], num_classes, head_init_scale, rngs=rngs)
+
+    # timm conversion (models/convert.py): names, layouts and the checkpoint filter.
+    TIMM_CLASSIFIER = "head.fc"
+    TIMM_BUFFERS: tuple[str, ...] = ()
+
+    def timm_param(self, path: tuple, shape: tuple[int, ...]) -> tuple[str, str]:
+        """timm key and layout of a Flax param; conv_mlp models hold the MLP as 1x1 convs."""
+        key = timm_key(path)
+        for flax_name, timm_name in TIMM_RENAMES:
+            key = key.replace(flax_name, timm_name)
+        layout = default_layout(path, shape)
+        if self.conv_mlp and layout == "linear" and len(path) >= 3 and path[-3] == "mlp":
+            layout = "conv1x1"
+        return key, layout
+
+    def timm_checkpoint_filter(
+        self, state_dict: dict[str, np.ndarray], layout: dict[str, TimmEntry]
+    ) -> Adapted:
+        """A timm ConvNeXt checkpoint moved to this model's stem patch size.
+
+        - `stem.0.weight` of another patch size is resampled (`resample_patch_kernel`, timm's
+          `resample_patch_embed` with bicubic antialiased resizing, as timm's Swin and ViT
+          filters do);
+        - patch_size=2 gives stage 0 a stride-2 downsample that a patch-4 checkpoint lacks:
+          it keeps the model's initialization, as timm's non-strict load leaves missing keys.
+
+        timm itself does neither: its ConvNeXt filter only renames Facebook checkpoints, and
+        `timm.create_model("convnext_tiny", pretrained=True, patch_size=2)` fails on the stem's
+        size mismatch. This is what its other filters would do. The LPWD paper plausibly
+        fine-tuned at timm's geometry (patch 4 on 32x32 inputs: stages at 8, 4, 2, 1, the same
+        as patch 2 reaches after stage 0's downsample), where only the classifier changes.
+        """
+        state_dict, kept, notes = dict(state_dict), [], []
+        stem = "stem.0.weight"
+        if stem in state_dict and stem in layout:
+            old, new = state_dict[stem].shape, layout[stem].timm_shape
+            if old[:2] == new[:2] and old[2:] != new[2:]:
+                state_dict[stem] = resample_patch_kernel(state_dict[stem], new[2:])
+                notes.append(
+                    f"{stem}: {old[2]}x{old[3]} patch kernel resampled to {new[2]}x{new[3]} "
+                    "(pseudo-inverse of a bicubic resize)"
+                )
+        new_downsample = [k for k in layout if k.startswith("stages.0.downsample.")]
+        if new_downsample and not any(k in state_dict for k in new_downsample):
+            kept += new_downsample
+            notes.append(
+                f"stages.0.downsample: not in the checkpoint (patch_size={self.patch_size} "
+                "downsamples in stage 0): left at the model's initialization"
+            )
+        return Adapted(state_dict, tuple(kept), tuple(notes))
 
     def features(
         self, x: jax.Array, *, train: bool = False, rng: jax.Array | None = None

@@ -26,17 +26,25 @@ MATMUL_MAX_POSITIONS_SQUARED = 256 * 256
 MATMUL_MAX_MATRIX_ELEMENTS = 2**24
 
 
-def _host_sample(key: jax.Array, shape, dtype, sample):
-    """Draw `sample(numpy_generator, shape)` on the host, seeded by the JAX `key`.
+def _host_sample(key: jax.Array, shape, dtype, sample) -> jax.Array:
+    """`sample(numpy_generator, shape)` drawn on the host, seeded by the JAX `key`'s data.
 
     Eager JAX RNG compiles one XLA program per parameter shape, seconds each on CPU, which made
     building a model take tens of seconds; numpy draws are immediate. Under tracing
-    (nnx.eval_shape, jit) the key has no value, and jax.random gives the same distribution.
+    (nnx.jit, nnx.eval_shape, jax.jit of a constructor) the same numpy draw runs as a host
+    callback on the key's runtime value, so a seed gives the same weights however the model is
+    built (eval_shape runs nothing; jitting the whole constructor is also fast, where
+    jax.random under jit made it a 20 s compile).
     """
-    if isinstance(key, jax.core.Tracer):
-        return None
-    seed = np.asarray(jax.random.key_data(key)).ravel()
-    return jnp.asarray(sample(np.random.default_rng(seed), shape), dtype)
+
+    def draw(key_data) -> np.ndarray:
+        seed = np.asarray(key_data).ravel()
+        return np.asarray(sample(np.random.default_rng(seed), shape), dtype)
+
+    key_data = jax.random.key_data(key)
+    if isinstance(key_data, jax.core.Tracer):
+        return jax.pure_callback(draw, jax.ShapeDtypeStruct(shape, dtype), key_data)
+    return jnp.asarray(draw(key_data))
 
 
 def timm_normal(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
@@ -45,13 +53,11 @@ def timm_normal(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
     The cutoffs are absolute, 100 standard deviations out: in effect a plain normal. (Flax's
     truncated_normal truncates at 2 standard deviations, a different distribution.)
     """
-    value = _host_sample(key, shape, dtype, lambda g, s: 0.02 * g.standard_normal(s))
-    return 0.02 * jax.random.normal(key, shape, dtype) if value is None else value
+    return _host_sample(key, shape, dtype, lambda g, s: 0.02 * g.standard_normal(s))
 
 
 def _uniform(key: jax.Array, shape, dtype, bound: float) -> jax.Array:
-    value = _host_sample(key, shape, dtype, lambda g, s: g.uniform(-bound, bound, s))
-    return jax.random.uniform(key, shape, dtype, -bound, bound) if value is None else value
+    return _host_sample(key, shape, dtype, lambda g, s: g.uniform(-bound, bound, s))
 
 
 zeros = jax.nn.initializers.zeros

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lpwd_optax.models.convert import Adapted, TimmEntry, default_layout, timm_key
 from lpwd_optax.models.layers import (
     Mlp,
     Stage,
@@ -43,6 +44,10 @@ from lpwd_optax.models.layers import (
     timm_normal,
     torch_default_bias_init,
     torch_default_kernel_init,
+)
+from lpwd_optax.models.resample import (
+    resample_patch_kernel,
+    resize_relative_position_bias_table,
 )
 
 LN_EPS = 1e-5
@@ -401,6 +406,64 @@ class SwinTransformer(nnx.Module):
         self.layers = nnx.List(layers)
         self.norm = layer_norm(dims[-1], LN_EPS, rngs=rngs)
         self.head = Head(dims[-1], num_classes, rngs=rngs)
+
+    # timm conversion (models/convert.py): names, layouts and the checkpoint filter.
+    TIMM_CLASSIFIER = "head.fc"
+    # Buffers that timm and the original checkpoints store but that the port recomputes.
+    TIMM_BUFFERS = ("relative_position_index", "attn_mask")
+
+    def timm_param(self, path: tuple, shape: tuple[int, ...]) -> tuple[str, str]:
+        """timm key and layout of a Flax param (the names are timm's module names)."""
+        return timm_key(path), default_layout(path, shape)
+
+    def timm_checkpoint_filter(
+        self, state_dict: dict[str, np.ndarray], layout: dict[str, TimmEntry]
+    ) -> Adapted:
+        """A timm Swin checkpoint moved to this model's patch, window and image size.
+
+        As timm's `swin_transformer.checkpoint_filter_fn` (the path of
+        `timm.create_model(name, pretrained=True, img_size=..., patch_size=...,
+        window_size=...)`):
+        - `patch_embed.proj.weight` of another patch size is resampled (`resample_patch_kernel`,
+          timm's `resample_patch_embed`, bicubic, antialiased);
+        - every `relative_position_bias_table` of another size is resized to its block's window
+          (`resize_relative_position_bias_table`), including the windows clamped to a small
+          stage's resolution (at img_size 32, patch 2, window 4: 4, 4, 4, 2). The relative
+          position index and shift masks are not weights: the model computes its own.
+        """
+        state_dict, notes = dict(state_dict), []
+        embed = "patch_embed.proj.weight"
+        if embed in state_dict and embed in layout:
+            old, new = state_dict[embed].shape, layout[embed].timm_shape
+            if old[:2] == new[:2] and old[2:] != new[2:]:
+                state_dict[embed] = resample_patch_kernel(state_dict[embed], new[2:])
+                notes.append(
+                    f"{embed}: {old[2]}x{old[3]} patch kernel resampled to {new[2]}x{new[3]} "
+                    "(pseudo-inverse of a bicubic resize)"
+                )
+        for key, entry in layout.items():
+            if not key.endswith("relative_position_bias_table") or key not in state_dict:
+                continue
+            table = state_dict[key]
+            if table.shape == entry.timm_shape or table.shape[1:] != entry.timm_shape[1:]:
+                continue  # matching, or another head count: from_timm names the key
+            stage, block = self.layers[entry.path[1]], entry.path[3]
+            window = stage.blocks[block].window
+            side = round(table.shape[0] ** 0.5)
+            try:
+                state_dict[key] = resize_relative_position_bias_table(table, window)
+            except ValueError:
+                continue  # not a square window's table: from_timm names the key
+            clamped = (
+                f" (clamped to the stage's {stage.resolution[0]}x{stage.resolution[1]} tokens)"
+                if window != self.window_size
+                else ""
+            )
+            notes.append(
+                f"{key}: window {(side + 1) // 2}x{(side + 1) // 2} -> {window[0]}x{window[1]}"
+                f"{clamped}, table resized ({table.shape[0]} -> {entry.timm_shape[0]} offsets)"
+            )
+        return Adapted(state_dict, (), tuple(notes))
 
     def features(
         self, x: jax.Array, *, train: bool = False, rng: jax.Array | None = None

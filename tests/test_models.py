@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from lpwd_optax import models
-from lpwd_optax.models import convert, layers, swin
+from lpwd_optax.models import convert, layers, resample, swin
 from lpwd_optax.models.convnext import stage_strides
 
 # Exact parameter counts of timm 1.0.31's models (num_classes=1000 unless noted), computed with
@@ -552,8 +552,24 @@ def test_read_state_dict_safetensors(tmp_path):
     )
     # A truncated file is an error, not silently partial weights.
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(Exception):  # noqa: B017 (safetensors raises its own error type)
+    with pytest.raises(ValueError, match=r"cannot read .* as safetensors"):
         models.read_state_dict(path)
+    with pytest.raises(FileNotFoundError, match="no checkpoint file"):
+        models.read_state_dict(tmp_path / "absent.safetensors")
+
+
+def test_read_state_dict_refuses_plain_pickles(tmp_path):
+    torch = pytest.importorskip("torch")
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must not run",))
+
+    path = tmp_path / "weights.pth"
+    torch.save({"a.weight": torch.ones(2), "extra": Payload()}, path)
+    with pytest.raises(ValueError, match=r"cannot read .* weights_only=True") as info:
+        models.read_state_dict(path)
+    assert "\n" not in str(info.value)
 
 
 def test_read_state_dict_unwraps_checkpoint():
@@ -628,3 +644,204 @@ def test_swin_attention_vjp_matches_autodiff():
     for got, want in zip(got_vjp(cotangent), want_vjp(cotangent), strict=True):
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- initialization
+
+
+@pytest.mark.parametrize("make", [small_convnext, small_swin])
+def test_one_seed_one_set_of_weights_however_built(make):
+    eager = flat_params(make(seed=5))
+    jitted = flat_params(nnx.jit(lambda: make(seed=5))())
+    abstract = flat_params(nnx.eval_shape(lambda: make(seed=5)))
+    _, state = jax.jit(lambda: nnx.split(make(seed=5), nnx.Param))()
+    traced = flat_params(state)
+    assert eager.keys() == jitted.keys() == abstract.keys() == traced.keys()
+    for path, value in eager.items():
+        np.testing.assert_array_equal(jitted[path][...], value[...])
+        np.testing.assert_array_equal(traced[path][...], value[...])
+        assert abstract[path].shape == value.shape and abstract[path].dtype == value.dtype
+
+
+# --------------------------------------------------------------------------- checkpoint adaptation
+
+
+def test_resample_docstring_examples():
+    import doctest
+
+    assert doctest.testmod(resample).failed == 0
+
+
+def test_bicubic_resize_matrix_hand_worked():
+    # 4 -> 2: scale 2, the Keys cubic (a = -0.5) stretched 2x; output 0 is centred at 1.0 and
+    # reads inputs 0..3 at distances 0.25, 0.25, 0.75, 1.25 (in stretched units).
+    taps = np.array([0.8671875, 0.8671875, 0.2265625, -0.0703125])
+    matrix = resample.bicubic_resize_matrix(4, 2)
+    np.testing.assert_allclose(matrix[0], taps / taps.sum(), rtol=1e-12)
+    np.testing.assert_allclose(matrix[1], matrix[0][::-1], rtol=1e-12)
+    for old, new in [(4, 1), (2, 4), (7, 3), (4, 4)]:
+        np.testing.assert_allclose(resample.bicubic_resize_matrix(old, new).sum(1), 1.0)
+    np.testing.assert_allclose(resample.bicubic_resize_matrix(5, 5), np.eye(5), atol=1e-12)
+
+
+def test_resample_patch_kernel_keeps_embeddings_of_resized_patches():
+    rng = np.random.default_rng(0)
+    kernel = rng.standard_normal((6, 3, 4, 4)).astype(np.float32)
+    assert resample.resample_patch_kernel(kernel, (4, 4)) is kernel
+    small = resample.resample_patch_kernel(kernel, (2, 2))
+    assert small.shape == (6, 3, 2, 2) and small.dtype == np.float32
+    # w' = w pinv(D) gives <w', D x> = <w, P x>, P the projection on the row space of the
+    # resize D: exact for patches in that space, and the least-squares choice for the rest.
+    down = np.kron(resample.bicubic_resize_matrix(4, 2), resample.bicubic_resize_matrix(4, 2))
+    patch = (rng.standard_normal((3, 4)) @ down).reshape(3, 4, 4)
+    resized = (patch.reshape(3, 16) @ down.T).reshape(3, 2, 2)
+    np.testing.assert_allclose(
+        np.einsum("oihw,ihw->o", small, resized),
+        np.einsum("oihw,ihw->o", kernel, patch),
+        rtol=1e-4,
+        atol=1e-4,
+    )
+
+
+def test_relative_position_table_resize():
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((13 * 13, 2))  # window 7: offsets -6..6 per axis
+    grid = table.T.reshape(2, 13, 13)
+    assert resample.resize_relative_position_bias_table(table, (7, 7)) is table
+    for window in (4, 2, 1):
+        side = 2 * window - 1
+        new = resample.resize_relative_position_bias_table(table, (window, window))
+        assert new.shape == (side * side, 2)
+        new_grid = new.T.reshape(2, side, side)
+        # Offsets 0 and +-1 are kept exactly (the source's offset 1 sits at 1.0).
+        keep = min(window - 1, 1)
+        got = new_grid[
+            :, side // 2 - keep : side // 2 + keep + 1, side // 2 - keep : side // 2 + keep + 1
+        ]
+        np.testing.assert_allclose(got, grid[:, 6 - keep : 7 + keep, 6 - keep : 7 + keep])
+    # Offset 3 (window 4) falls between the source's offsets 2 (at 1 + q) and 3 (at 1 + q + q^2),
+    # q = 1.01 to the bisection's 1e-6.
+    new = resample.resize_relative_position_bias_table(table, (4, 4)).T.reshape(2, 7, 7)
+    q = 1.01
+    weight = (3 - (1 + q)) / q**2
+    want = (1 - weight) * grid[:, 6 + 2, 6] + weight * grid[:, 6 + 3, 6]
+    np.testing.assert_allclose(new[:, 6, 3], want, rtol=1e-4)
+    with pytest.raises(ValueError, match="square"):
+        resample.resize_relative_position_bias_table(np.zeros((12, 2)), (2, 2))
+
+
+def test_convnext_checkpoint_adapted_to_patch_2():
+    source = abstract_model("convnext_atto", **SMALL_CONVNEXT, num_classes=7)  # patch 4
+    state_dict = random_state_dict(source)
+    model = small_convnext(num_classes=10)  # patch 2: stage 0 downsamples
+    initial = models.to_timm(model)
+    adapted = models.adapt_timm_checkpoint(model, state_dict)
+    assert adapted.notes == (
+        "stem.0.weight: 4x4 patch kernel resampled to 2x2 (pseudo-inverse of a bicubic resize)",
+        "stages.0.downsample: not in the checkpoint (patch_size=2 downsamples in stage 0): "
+        "left at the model's initialization",
+        "head.fc: the checkpoint has 7 classes, the model 10: classifier left at the model's "
+        "initialization",
+    )
+    assert sorted(adapted.kept) == sorted(
+        [f"stages.0.downsample.{i}.{p}" for i in (0, 1) for p in ("weight", "bias")]
+        + ["head.fc.weight", "head.fc.bias"]
+    )
+    assert models.init_from_timm(model, state_dict) == list(adapted.notes)
+    loaded = models.to_timm(model)
+    for key, value in loaded.items():
+        if key in adapted.kept:
+            np.testing.assert_array_equal(value, initial[key])
+        elif key == "stem.0.weight":
+            want = resample.resample_patch_kernel(state_dict[key], (2, 2))
+            np.testing.assert_allclose(value, want, rtol=1e-6)
+        else:
+            np.testing.assert_array_equal(value, state_dict[key])
+    # The same geometry and classes: nothing to adapt, nothing to report.
+    assert models.init_from_timm(model, loaded) == []
+
+
+def test_adaptation_still_refuses_what_it_cannot_adapt():
+    model = small_convnext()
+    state_dict = random_state_dict(abstract_model("convnext_atto", **SMALL_CONVNEXT))
+    state_dict["stem.0.weight"] = np.zeros((8, 1, 4, 4), np.float32)  # one input channel
+    del state_dict["stages.2.blocks.1.gamma"]
+    state_dict["stages.0.downsample.0.weight"] = np.zeros(8, np.float32)  # half a layer
+    with pytest.raises(ValueError) as info:
+        models.init_from_timm(model, state_dict)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "stem.0.weight: expected (8, 3, 2, 2), got (8, 1, 4, 4)" in message
+    assert "missing keys (4): stages.0.downsample.0.bias" in message
+    assert "stages.2.blocks.1.gamma" in message
+    # A patch-2 checkpoint has a stage-0 downsample that a patch-4 model has no place for.
+    patch4 = small_convnext(patch_size=4)
+    with pytest.raises(ValueError, match=re.escape("unexpected keys (4): stages.0.downsample")):
+        models.init_from_timm(patch4, random_state_dict(small_convnext()))
+
+
+def test_swin_checkpoint_adapted_to_cifar_geometry(tmp_path):
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    source = abstract_model("swin_tiny_patch4_window7_224", **SMALL_SWIN, num_classes=10)
+    state_dict = random_state_dict(source)
+    state_dict["layers.0.blocks.0.attn.relative_position_index"] = np.zeros((49, 49), np.int64)
+    path = tmp_path / "swin.safetensors"
+    safetensors_numpy.save_file(state_dict, str(path))
+    model = small_swin()  # img 32, patch 2, window 4: stages at 16, 8, 4, 2
+    notes = models.init_from_timm(model, path)
+    assert notes[0].startswith("patch_embed.proj.weight: 4x4 patch kernel resampled to 2x2")
+    assert notes[1:] == [
+        "layers.0.blocks.0.attn.relative_position_bias_table: window 7x7 -> 4x4, "
+        "table resized (169 -> 49 offsets)",
+        "layers.0.blocks.1.attn.relative_position_bias_table: window 7x7 -> 4x4, "
+        "table resized (169 -> 49 offsets)",
+        "layers.1.blocks.0.attn.relative_position_bias_table: window 7x7 -> 4x4, "
+        "table resized (169 -> 49 offsets)",
+        "layers.1.blocks.1.attn.relative_position_bias_table: window 7x7 -> 4x4, "
+        "table resized (169 -> 49 offsets)",
+        "layers.2.blocks.0.attn.relative_position_bias_table: window 7x7 -> 4x4, "
+        "table resized (169 -> 49 offsets)",
+        "layers.3.blocks.0.attn.relative_position_bias_table: window 7x7 -> 2x2 (clamped to "
+        "the stage's 2x2 tokens), table resized (169 -> 9 offsets)",
+    ]
+    loaded = models.to_timm(model)
+    key = "layers.3.blocks.0.attn.relative_position_bias_table"
+    want = resample.resize_relative_position_bias_table(state_dict[key], (2, 2))
+    np.testing.assert_allclose(loaded[key], want, rtol=1e-6)
+    np.testing.assert_array_equal(loaded["head.fc.weight"], state_dict["head.fc.weight"])
+
+
+class TinyClassifier(nnx.Module):
+    """A model unknown to convert.py that defines the timm hooks, as model files do."""
+
+    TIMM_CLASSIFIER = "fc"
+    TIMM_BUFFERS = ("counter",)
+
+    def __init__(self, num_classes, rngs):
+        self.fc = nnx.Linear(3, num_classes, rngs=rngs)
+
+    def timm_param(self, path, shape):
+        return convert.timm_key(path), convert.default_layout(path, shape)
+
+    def timm_checkpoint_filter(self, state_dict, layout):
+        return convert.Adapted(state_dict, (), ())
+
+
+def test_converter_is_generic_over_models():
+    model = TinyClassifier(4, nnx.Rngs(0))
+    layout = convert.timm_layout(model)
+    assert {k: (e.layout, e.timm_shape) for k, e in layout.items()} == {
+        "fc.weight": ("linear", (4, 3)),
+        "fc.bias": ("copy", (4,)),
+    }
+    weight = np.arange(12.0, dtype=np.float32).reshape(4, 3)
+    state_dict = {"fc.weight": weight, "fc.bias": np.ones(4, np.float32), "fc.counter": 0}
+    models.load_timm_weights(model, state_dict)
+    np.testing.assert_array_equal(model.fc.kernel[...], weight.T)
+    other = TinyClassifier(5, nnx.Rngs(1))
+    initial = np.asarray(other.fc.kernel[...])
+    assert models.init_from_timm(other, state_dict) == [
+        "fc: the checkpoint has 4 classes, the model 5: classifier left at the model's "
+        "initialization"
+    ]
+    np.testing.assert_array_equal(other.fc.kernel[...], initial)
