@@ -115,15 +115,17 @@ def build(config: Config) -> Setup:
     try:
         train_ds = data.load_dataset(config.dataset, data_dir=config.data_dir, split="train")
         test_ds = data.load_dataset(config.dataset, data_dir=config.data_dir, split="test")
-        model = models.functional_model(
-            models.create_model(
-                config.model,
-                num_classes=train_ds.num_classes,
-                seed=config.seed,
-                drop_path_rate=config.drop_path_rate,
-                **config.overrides,
-            )
+        network = models.create_model(
+            config.model,
+            num_classes=train_ds.num_classes,
+            seed=config.seed,
+            drop_path_rate=config.drop_path_rate,
+            **config.overrides,
         )
+        if config.init_from:  # before the method: PWD/LPWD pre-decay from the loaded weights
+            for note in models.init_from_timm(network, os.path.expanduser(config.init_from)):
+                logging.info("--init_from: %s", note)
+        model = models.functional_model(network)
         method = methods.build_method(
             config.method,
             optimizer=config.optimizer,

@@ -48,6 +48,13 @@ class Config:
         '\'{"dims": [16, 32, 64, 128], "depths": [1, 1, 1, 1]}\'.',
     )
     drop_path_rate: float = _field(0.0, "Stochastic depth rate of the model (timm's default 0).")
+    init_from: str | None = _field(
+        None,
+        "Start from a timm checkpoint (.safetensors, or a torch file read with "
+        "weights_only=True) of any geometry: the patch kernel, Swin's relative position tables "
+        "and the classifier are adapted to --model and the dataset's classes, each adaptation "
+        "reported in one line (models.init_from_timm).",
+    )
     dataset: str = _field(
         "cifar10",
         "cifar10 | cifar100 (tensorflow-datasets) | digits (scikit-learn, offline) | "
