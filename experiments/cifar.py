@@ -139,6 +139,8 @@ def build(config: Config) -> Setup:
             wrs_every=config.wrs_every,
             wrs_mode=config.wrs_mode,
         )
+        # The optimizer checks its rates against the params (e.g. d_t < 1 on decayed leaves).
+        jax.eval_shape(lambda p: train_lib.create_train_state(p, method), model.params)
     except (ValueError, TypeError, FileNotFoundError, NotADirectoryError) as e:
         raise ConfigError(str(e)) from e
     devices = select_devices(config.num_devices)

@@ -204,18 +204,22 @@ def check_rate(
         if not _is_scalar_or_schedule(r):
             raise TypeError(f"{where} must be a scalar or a schedule, got {type(r).__name__}.")
         check_scalar_rate(_value_at(r, 0), where)
-        d = decay_at(r, learning_rate, 0)
-        if max_decay is None or isinstance(d, jax.core.Tracer):
-            continue
-        d = float(np.asarray(d))
-        if d > max_decay or (strict and d == max_decay):
-            bound = "<" if strict else "<="
-            at = f"{transform} at '{path}'" if path else transform
-            raise ValueError(
-                f"{at}: the per-step decay d_t = rate * learning_rate is {d} at step 0; it "
-                f"must be {bound} {max_decay} (a larger decay flips the sign of the weights"
-                f"{' or divides by zero' if strict else ''})."
-            )
+        if not path:  # a per-leaf rate's bound is checked at init, on decayed leaves only
+            check_decay_bound(transform, decay_at(r, learning_rate, 0), max_decay, strict)
+
+
+def check_decay_bound(where: str, d: Any, max_decay: float | None, strict: bool) -> None:
+    """Raise if a concrete per-step decay `d` at step 0 is above (or at) `max_decay`."""
+    if max_decay is None or isinstance(d, jax.core.Tracer):
+        return
+    d = float(np.asarray(d))
+    if d > max_decay or (strict and d == max_decay):
+        bound = "<" if strict else "<="
+        raise ValueError(
+            f"{where}: the per-step decay d_t = rate * learning_rate is {d} at step 0; it "
+            f"must be {bound} {max_decay} (a larger decay flips the sign of the weights"
+            f"{' or divides by zero' if strict else ''})."
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -356,10 +360,20 @@ def leafwise_transform(
     def resolved_for(params):
         require_params(params, transform)
         resolved = resolve(params, transform, mask=mask, rate=rate, extra=extra)
-        if check_leaf is not None:
-            for (path, p), m in zip(leaves_with_paths(params), jax.tree.leaves(resolved.mask)):
-                if m:
-                    check_leaf(path, p)
+        per_leaf_rate = rate is not None and not _is_scalar_or_schedule(rate)
+        leaves = zip(
+            leaves_with_paths(params),
+            jax.tree.leaves(resolved.mask),
+            jax.tree_util.tree_structure(params).flatten_up_to(resolved.rate)
+            if per_leaf_rate
+            else jax.tree.leaves(params),
+        )
+        for (path, p), m, r in leaves:
+            if m and per_leaf_rate:
+                d = decay_at(r, learning_rate, 0)
+                check_decay_bound(f"{transform} at '{path}'", d, max_decay, strict)
+            if m and check_leaf is not None:
+                check_leaf(path, p)
         return resolved
 
     def init_fn(params):

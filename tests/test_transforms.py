@@ -368,8 +368,11 @@ def test_per_step_decay_at_or_above_one_is_rejected(factory):
         factory(0.5, learning_rate=4.0)
     with pytest.raises(ValueError, match="per-step decay"):
         factory(lambda t: 1.5 + 0 * t)
-    with pytest.raises(ValueError, match=r"at 'conv/bias'.*per-step decay"):
+    # A per-leaf rate is bounded on the leaves it decays only (the default mask skips biases).
+    with pytest.raises(ValueError, match=r"at 'conv/kernel'.*per-step decay"):
         factory(jax.tree.map(lambda x: 3.0, _params())).init(_params())
+    rates = jax.tree.map(lambda x: 3.0 if x.ndim <= 1 else 0.1, _params())
+    factory(rates).init(_params())
 
 
 def test_every_below_one_is_rejected():
