@@ -161,6 +161,7 @@ def test_a_second_run_cannot_write_the_same_directory(tmp_path, cache_dir, capsy
         ("--model=no_such_model", "unknown model 'no_such_model'"),
         ("--weight_decay=-1", "--weight_decay must be >= 0"),
         ("--batch_size=60", "--batch_size=60 is not divisible by 8 devices"),
+        ("--lr=1e10", "kernel': the per-step decay"),  # names a decayed leaf, never a bias
     ],
 )
 def test_config_errors_are_one_line_exit_2_and_leave_nothing(
