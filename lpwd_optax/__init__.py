@@ -21,7 +21,12 @@ from lpwd_optax.decay import (
     real_time_weight_decay,
     weight_decay,
 )
-from lpwd_optax.diagnostics import layer_statistics, opposing_penalty_rate, penalties
+from lpwd_optax.diagnostics import (
+    jacobian_norm,
+    layer_statistics,
+    opposing_penalty_rate,
+    penalties,
+)
 from lpwd_optax.layerwise import (
     convnext_rules,
     depth_labels,
@@ -41,6 +46,7 @@ __all__ = [
     "depth_labels",
     "depth_table",
     "evaluated_params",
+    "jacobian_norm",
     "l2_regularization",
     "layer_statistics",
     "layerwise_schedule",
