@@ -126,6 +126,14 @@ def weight_rescaling(
     `weight_decay` with the complementary mask. Place it LAST in a chain. `rescale_params`
     after `optax.apply_updates` gives the same weights at a fraction of this transform's cost.
 
+    BatchNorm in eval mode: the function is unchanged only in train mode, where BatchNorm
+    normalizes with the batch's statistics. Its running statistics were gathered at the old
+    kernel scale, so right after a rescale they are stale and eval accuracy swings until they
+    catch up. Re-estimate them before evaluating (forward passes in train mode over training
+    batches; for a bias-free conv feeding BatchNorm, scaling channel c's running mean by its
+    rescale factor and its running variance by the factor squared is exact), or leave out of
+    `mask` the kernels whose output is normalized with running statistics.
+
     Args:
       every: k >= 1, the rescaling period in steps.
       mode: "output" (WRS: per output channel, over all other axes) or "input" (WRS(IC): per

@@ -122,3 +122,39 @@ def test_randomized_decay_draws_standard_normal_from_state_key():
     assert np.all((c > 0) & (c < 2))
     z = np.log(c / (2 - c))  # alpha = 1
     assert abs(z.mean()) < 0.6 and 0.5 < z.std() < 1.6
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    ghat=hnp.arrays(np.float32, (64,), elements=st.floats(-1e4, 1e4, width=32)),
+    alpha=st.floats(0.0, 8.0),
+)
+def test_coefficients_match_the_logistic_in_float64(ghat, alpha):
+    x = np.float64(np.float32(alpha)) * ghat.astype(np.float64)
+    with np.errstate(over="ignore"):  # exp(-x) = inf: the coefficient is 0
+        expected = 2.0 / (1.0 + np.exp(-x))
+    got = np.asarray(lo.decay_coefficients(jnp.asarray(ghat), alpha), np.float64)
+    # Relative to float32 precision where the value is a normal float32, absolute below.
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-37)
+
+
+def test_coefficient_is_one_at_zero_and_nan_stays_nan():
+    c = np.asarray(lo.decay_coefficients(jnp.array([0.0, np.nan, -np.inf, np.inf]), 4.0))
+    assert c[0] == 1.0 and np.isnan(c[1]) and c[2] < 1e-37 and c[3] == 2.0
+
+
+def test_adadecay_step_writes_no_param_sized_temporary():
+    """The coefficient is recomputed inside Adam's two moment passes, not stored between them
+    (XLA:CPU's buffer assignment; with `2 * jax.nn.sigmoid` this is one kernel's size)."""
+    if jax.default_backend() != "cpu":
+        return
+    params = {"a": jax.ShapeDtypeStruct((256, 512), jnp.float32)}
+    opt = optax.chain(lo.adaptive_weight_decay(0.1), optax.adam(1e-3))
+
+    def step(p, s, g):
+        u, s = opt.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    state = jax.eval_shape(opt.init, params)
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < 256 * 512 * 4 // 4
