@@ -1,9 +1,10 @@
 """What every regularizer shares: rates, the learning-rate coupling, masks, and one builder.
 
 A regularizer here is a rule for one param leaf (its equation). Everything around it lives in
-this module: the values of `rate` / `learning_rate` are checked once, when the transform is
-built; `mask` and per-leaf rates are resolved into trees shaped like the params (checked at
-`init` and resolved again, at trace time, in `update`); and `leafwise_transform` turns a leaf
+this module: the values of `rate` / `learning_rate` are checked when the transform is built
+(a per-leaf rate's bound `d_0 < 1` with the params, on the leaves it decays); `mask` and
+per-leaf rates are resolved into trees shaped like the params (checked at `init` and resolved
+again, at trace time, in `update`); and `leafwise_transform` turns a leaf
 rule into an `optax.GradientTransformation` whose state is a step count, or nothing when no
 hyperparameter depends on the step.
 """

@@ -130,7 +130,7 @@ def test_randomized_decay_draws_standard_normal_from_state_key():
     alpha=st.floats(0.0, 8.0),
 )
 def test_coefficients_match_the_logistic_in_float64(ghat, alpha):
-    x = np.float64(np.float32(alpha)) * ghat.astype(np.float64)
+    x = (np.float32(alpha) * ghat).astype(np.float64)  # the float32 product the library takes
     with np.errstate(over="ignore"):  # exp(-x) = inf: the coefficient is 0
         expected = 2.0 / (1.0 + np.exp(-x))
     got = np.asarray(lo.decay_coefficients(jnp.asarray(ghat), alpha), np.float64)
