@@ -387,8 +387,11 @@ def plot_ablation(protocol: Protocol, cells: dict[Cell, dict[int, dict]], path: 
 
 def plot_lambda_sweep(protocol: Protocol, cells: dict[Cell, dict[int, dict]], path: str) -> None:
     """Best-10 top-1 against lambda per method; and PWD - RWD (paired, 95% CI) against lambda."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     lambdas = sorted(protocol.strong_lambdas)
+    with_data = {lam for (m, lr, lam) in cells if lr == protocol.strong_lr and m != "baseline"}
+    if len(with_data) < 2:  # a sweep needs two lambdas
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for method in ("wd", "rwd", "pwd", "lpwd"):
         xs, means, stds = [], [], []
         for lam in lambdas:
@@ -442,6 +445,8 @@ def plot_lambda_sweep(protocol: Protocol, cells: dict[Cell, dict[int, dict]], pa
 def plot_rop_grid(rows: Sequence[dict[str, Any]], path: str) -> None:
     """WD's R_op over the (eta, lambda) grid of the short runs, each cell labelled."""
     wd = [r for r in rows if r["kind"] == "rop" and r["method"] == "wd"]
+    if not wd:  # no figure before part d has runs
+        return
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     if wd:
         lrs = sorted({r["lr"] for r in wd})
@@ -469,6 +474,8 @@ def plot_rop_grid(rows: Sequence[dict[str, Any]], path: str) -> None:
 
 
 def plot_zero_shot(rows: Sequence[dict[str, Any]], path: str) -> None:
+    if not rows:  # no figure before part e has run
+        return
     fig, ax = plt.subplots(figsize=(6, 4))
     if rows:
         xs = [r["lambda_s"] for r in rows]
