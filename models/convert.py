@@ -47,6 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lpwd_optax.models.resample import resample_patch_kernel
+
 
 class TimmEntry(NamedTuple):
     """Where one Flax param lives in a timm state dict, and how its layout changes."""
@@ -128,6 +130,23 @@ def _as_numpy(value: Any) -> np.ndarray:
             return value.numpy()
         return value.float().numpy()  # bfloat16/float16 have no (or a lossy) numpy view
     return np.asarray(value)
+
+
+def resample_patch_entry(
+    state_dict: dict[str, np.ndarray], layout: Mapping[str, TimmEntry], key: str
+) -> str | None:
+    """Resamples a patch-embedding kernel `state_dict[key]` (in place) to the model's patch
+    size; returns the one-line note, or None when the key is absent or already fits."""
+    if key not in state_dict or key not in layout:
+        return None
+    old, new = state_dict[key].shape, layout[key].timm_shape
+    if old[:2] != new[:2] or old[2:] == new[2:]:
+        return None
+    state_dict[key] = resample_patch_kernel(state_dict[key], new[2:])
+    return (
+        f"{key}: {old[2]}x{old[3]} patch kernel resampled to {new[2]}x{new[3]} "
+        "(pseudo-inverse of a bicubic resize)"
+    )
 
 
 def read_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -28,7 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lpwd_optax.models.convert import Adapted, TimmEntry, default_layout, timm_key
+from lpwd_optax.models.convert import (
+    Adapted,
+    TimmEntry,
+    default_layout,
+    resample_patch_entry,
+    timm_key,
+)
 from lpwd_optax.models.layers import (
     DepthwiseConv,
     DepthwiseImpl,
@@ -43,7 +49,6 @@ from lpwd_optax.models.layers import (
     timm_normal,
     zeros,
 )
-from lpwd_optax.models.resample import resample_patch_kernel
 
 LN_EPS = 1e-6
 # timm's nn.Sequential indices for the stem and the downsample layers.
@@ -285,14 +290,9 @@ class ConvNeXt(nnx.Module):
         """
         state_dict, kept, notes = dict(state_dict), [], []
         stem = "stem.0.weight"
-        if stem in state_dict and stem in layout:
-            old, new = state_dict[stem].shape, layout[stem].timm_shape
-            if old[:2] == new[:2] and old[2:] != new[2:]:
-                state_dict[stem] = resample_patch_kernel(state_dict[stem], new[2:])
-                notes.append(
-                    f"{stem}: {old[2]}x{old[3]} patch kernel resampled to {new[2]}x{new[3]} "
-                    "(pseudo-inverse of a bicubic resize)"
-                )
+        note = resample_patch_entry(state_dict, layout, stem)
+        if note is not None:
+            notes.append(note)
         new_downsample = [k for k in layout if k.startswith("stages.0.downsample.")]
         if new_downsample and not any(k in state_dict for k in new_downsample):
             kept += new_downsample

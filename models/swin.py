@@ -30,7 +30,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lpwd_optax.models.convert import Adapted, TimmEntry, default_layout, timm_key
+from lpwd_optax.models.convert import (
+    Adapted,
+    TimmEntry,
+    default_layout,
+    resample_patch_entry,
+    timm_key,
+)
 from lpwd_optax.models.layers import (
     Mlp,
     Stage,
@@ -46,7 +52,6 @@ from lpwd_optax.models.layers import (
     torch_default_kernel_init,
 )
 from lpwd_optax.models.resample import (
-    resample_patch_kernel,
     resize_relative_position_bias_table,
 )
 
@@ -433,14 +438,9 @@ class SwinTransformer(nnx.Module):
         """
         state_dict, notes = dict(state_dict), []
         embed = "patch_embed.proj.weight"
-        if embed in state_dict and embed in layout:
-            old, new = state_dict[embed].shape, layout[embed].timm_shape
-            if old[:2] == new[:2] and old[2:] != new[2:]:
-                state_dict[embed] = resample_patch_kernel(state_dict[embed], new[2:])
-                notes.append(
-                    f"{embed}: {old[2]}x{old[3]} patch kernel resampled to {new[2]}x{new[3]} "
-                    "(pseudo-inverse of a bicubic resize)"
-                )
+        note = resample_patch_entry(state_dict, layout, embed)
+        if note is not None:
+            notes.append(note)
         for key, entry in layout.items():
             if not key.endswith("relative_position_bias_table") or key not in state_dict:
                 continue
