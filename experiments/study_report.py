@@ -224,6 +224,16 @@ def results_markdown(
         f"{protocol.model}, {os.path.basename(dataset)}, Adam, batch {protocol.batch_size}, "
         f"T = {protocol.steps} steps.",
         "",
+        "| part | runs finished | wall time (h) |",
+        "|---|---|---|",
+    ]
+    for part in "abcdf":
+        done = [r for r in records if r["part"] == part]
+        total = sum(r.part == part for r in runs)
+        seconds = sum(r["wall_time_s"] for r in done)
+        lines.append(f"| {part} | {len(done)} of {total} | {seconds / 3600:.2f} |")
+    lines += [
+        "",
         "## Cells (mean +- sample std over seeds)",
         "",
         "| method | eta | lambda | d*T | best-10 top-1 | final top-1 | final train loss | n |",

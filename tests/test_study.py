@@ -121,6 +121,8 @@ def test_report_from_runs_with_known_numbers(tmp_path):
     assert cells[("wd", 0.5)]["n"] == "2"
     text = open(os.path.join(results, "results.md")).read()
     assert "| lpwd - wd | 0.001 | 0.5 |" in text
+    # Part a of the tiny protocol: 2 seeds x (baseline + 4 methods), 60 s each.
+    assert "| a | 10 of 10 | 0.17 |" in text
     for name in ("fig_strong_curves", "fig_ablation", "fig_lambda_sweep", "fig_rop_grid"):
         assert os.path.getsize(os.path.join(results, f"{name}.png")) > 10_000
     assert not os.path.exists(os.path.join(results, "fig_zero_shot.png"))  # no part e yet
