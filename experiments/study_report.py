@@ -443,6 +443,15 @@ def plot_lambda_sweep(protocol: Protocol, cells: dict[Cell, dict[int, dict]], pa
                 highs.append(diff.high - diff.mean)
     if xs:
         right.errorbar(xs, means, yerr=[lows, highs], marker="o", capsize=3, color=COLORS["pwd"])
+    else:
+        right.text(
+            0.5,
+            0.5,
+            "no lambda has two seeds of both PWD and RWD yet",
+            transform=right.transAxes,
+            ha="center",
+            va="center",
+        )
     right.axhline(0, color="black", linewidth=0.8)
     right.set_xscale("log")
     right.set_xlabel("lambda")
