@@ -303,9 +303,9 @@ def train_and_evaluate(config: Config) -> dict[str, Any]:
             ckpt.close()
             writer.close()
 
-        summary = _summary(config, setup, state, history, total_steps, start_time)
+        final = parallel.to_host(parallel.eval_params(state))  # every process: a collective
+        summary = _summary(config, setup, final, history, total_steps, start_time)
         if is_main:
-            final = parallel.to_host(parallel.eval_params(state))
             np.savez(
                 os.path.join(out, "final_params.npz"),
                 **{k: np.asarray(v) for k, v in train_lib.flat_dict(final).items()},
@@ -396,8 +396,8 @@ def _describe(config: Config, setup: Setup, start_step: int, print_fn) -> None:
         json.dump(to_dict(config), f, indent=2)
 
 
-def _summary(config, setup, state, history, total_steps, start_time) -> dict[str, Any]:
-    parallel = setup.parallel
+def _summary(config, setup, final, history, total_steps, start_time) -> dict[str, Any]:
+    """The run's summary; `final` are the evaluated weights on the host."""
     top1 = [r["test_top1"] for r in history]
     mean, std = best_k_summary(top1)
     rops = [r["rop"] for r in history if r.get("rop") is not None]
@@ -409,7 +409,7 @@ def _summary(config, setup, state, history, total_steps, start_time) -> dict[str
         final_top1=top1[-1],
         final_train_loss=history[-1]["train_loss"],
         mean_rop=float(np.mean(rops)) if rops else None,
-        params_fingerprint=train_lib.fingerprint(parallel.to_host(parallel.eval_params(state))),
+        params_fingerprint=train_lib.fingerprint(final),
         epochs=len(history),
         steps=total_steps,
         method_description=setup.method.description.splitlines()[0],
