@@ -3,7 +3,8 @@
 Place coupled regularizers (`l2_regularization`, `adaptive_weight_decay`,
 `randomized_weight_decay`) FIRST in an `optax.chain`, before the optimizer; place decoupled
 ones (`weight_decay`, `real_time_weight_decay`, `pre_weight_decay`, `weight_rescaling`) LAST,
-after it, where they see the optimizer's final update.
+after it, where they see the optimizer's final update. `project_scale_invariant` (AdamP's
+projection) wraps the optimizer: it needs both the raw gradient and the final update.
 """
 
 from lpwd_optax._common import default_decay_mask, path_str
@@ -34,11 +35,13 @@ from lpwd_optax.layerwise import (
     layerwise_schedule,
     swin_rules,
 )
+from lpwd_optax.projection import adamp, project_scale_invariant, sgdp
 from lpwd_optax.rescaling import rescale_kernel, rescale_params, weight_rescaling
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "adamp",
     "adaptive_weight_decay",
     "convnext_rules",
     "decay_coefficients",
@@ -56,10 +59,12 @@ __all__ = [
     "penalties",
     "pre_decay_params",
     "pre_weight_decay",
+    "project_scale_invariant",
     "randomized_weight_decay",
     "real_time_weight_decay",
     "rescale_kernel",
     "rescale_params",
+    "sgdp",
     "swin_rules",
     "weight_decay",
     "weight_rescaling",

@@ -274,6 +274,39 @@ def resolve(
     return Resolved(treedef.unflatten(masks), treedef.unflatten(rates), trees)
 
 
+def checked_resolution(
+    params: Any,
+    transform: str,
+    *,
+    mask: MaskOrFn,
+    rate: Rate | None = None,
+    learning_rate: ScalarOrSchedule | None = None,
+    max_decay: float | None = None,
+    strict: bool = True,
+    extra: Mapping[str, Any] | None = None,
+    check_leaf: Callable[[str, Any], None] | None = None,
+) -> Resolved:
+    """`resolve`, after checking that there are params, then each decayed leaf's per-leaf
+    rate bound `d_0 < max_decay` and `check_leaf(path, param)` on every masked leaf."""
+    require_params(params, transform)
+    resolved = resolve(params, transform, mask=mask, rate=rate, extra=extra)
+    per_leaf_rate = rate is not None and not _is_scalar_or_schedule(rate)
+    leaves = zip(
+        leaves_with_paths(params),
+        jax.tree.leaves(resolved.mask),
+        jax.tree_util.tree_structure(params).flatten_up_to(resolved.rate)
+        if per_leaf_rate
+        else jax.tree.leaves(params),
+    )
+    for (path, p), m, r in leaves:
+        if m and per_leaf_rate:
+            d = decay_at(r, learning_rate, 0)
+            check_decay_bound(f"{transform} at '{path}'", d, max_decay, strict)
+        if m and check_leaf is not None:
+            check_leaf(path, p)
+    return resolved
+
+
 def map_masked(
     rule: Callable[..., chex.Array], updates: Any, params: Any, mask: Any, *per_leaf: Any
 ) -> Any:
@@ -359,23 +392,17 @@ def leafwise_transform(
     counted = is_scheduled(rate, learning_rate) or applies_at is not None
 
     def resolved_for(params):
-        require_params(params, transform)
-        resolved = resolve(params, transform, mask=mask, rate=rate, extra=extra)
-        per_leaf_rate = rate is not None and not _is_scalar_or_schedule(rate)
-        leaves = zip(
-            leaves_with_paths(params),
-            jax.tree.leaves(resolved.mask),
-            jax.tree_util.tree_structure(params).flatten_up_to(resolved.rate)
-            if per_leaf_rate
-            else jax.tree.leaves(params),
+        return checked_resolution(
+            params,
+            transform,
+            mask=mask,
+            rate=rate,
+            learning_rate=learning_rate,
+            max_decay=max_decay,
+            strict=strict,
+            extra=extra,
+            check_leaf=check_leaf,
         )
-        for (path, p), m, r in leaves:
-            if m and per_leaf_rate:
-                d = decay_at(r, learning_rate, 0)
-                check_decay_bound(f"{transform} at '{path}'", d, max_decay, strict)
-            if m and check_leaf is not None:
-                check_leaf(path, p)
-        return resolved
 
     def init_fn(params):
         # optax.tree_utils.tree_map_params inits with a placeholder tree that has no leaves:

@@ -122,3 +122,65 @@ def opposing_penalty_rate(theta, u, p) -> float:
             opp += abs(pp)
         tot += abs(pp)
     return opp / tot if tot > 0 else 0.0
+
+
+def _cosine(a: np.ndarray, b: np.ndarray, eps: float) -> float:
+    a, b = a.ravel(), b.ravel()
+    return abs(float(a @ b)) / (max(np.linalg.norm(a), eps) * max(np.linalg.norm(b), eps))
+
+
+def adamp_projection(
+    theta: np.ndarray, grad: np.ndarray, update: np.ndarray, delta: float, eps: float
+) -> tuple[np.ndarray, str | None]:
+    """Heo et al.'s projection of one kernel (output channel last): channel by channel if every
+    channel passes the test, else the whole kernel if it passes; returns the view used."""
+    channels = theta.shape[-1]
+    channel_dim = theta.size // channels
+    out = np.array(update, np.float64)
+    if all(
+        _cosine(grad[..., c], theta[..., c], eps) < delta / np.sqrt(channel_dim)
+        for c in range(channels)
+    ):
+        for c in range(channels):
+            w = theta[..., c] / (np.linalg.norm(theta[..., c]) + eps)
+            out[..., c] -= w * (w.ravel() @ out[..., c].ravel())
+        return out, "channel"
+    if _cosine(grad, theta, eps) < delta / np.sqrt(theta.size):
+        w = theta / (np.linalg.norm(theta) + eps)
+        return out - w * (w.ravel() @ out.ravel()), "layer"
+    return out, None
+
+
+def run_adamp(
+    theta0: Params,
+    grad_fn: Callable[[Params, int], Params],
+    steps: int,
+    *,
+    lr: float,
+    weight_decay: float,
+    delta: float = 0.1,
+    wd_ratio: float = 0.1,
+    eps: float = 1e-8,
+    b1: float = 0.9,
+    b2: float = 0.999,
+) -> tuple[Params, list[dict[str, str | None]]]:
+    """AdamP (Heo et al., Algorithm 2) on every leaf; returns the params and, per step, the
+    view each kernel was projected in."""
+    theta = {k: np.asarray(v, np.float64).copy() for k, v in theta0.items()}
+    m = {k: np.zeros_like(v) for k, v in theta.items()}
+    v = {k: np.zeros_like(x) for k, x in theta.items()}
+    views = []
+    for t in range(1, steps + 1):
+        g = grad_fn(theta, t - 1)
+        used = {}
+        for k in theta:
+            m[k] = b1 * m[k] + (1 - b1) * g[k]
+            v[k] = b2 * v[k] + (1 - b2) * g[k] ** 2
+            direction = (m[k] / (1 - b1**t)) / (np.sqrt(v[k] / (1 - b2**t)) + eps)
+            ratio, used[k] = 1.0, None
+            if theta[k].ndim >= 2:
+                direction, used[k] = adamp_projection(theta[k], g[k], direction, delta, eps)
+                ratio = wd_ratio if used[k] else 1.0
+            theta[k] = theta[k] * (1 - lr * weight_decay * ratio) - lr * direction
+        views.append(used)
+    return theta, views

@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-MODULES = ["decay", "adaptive", "rescaling", "diagnostics", "layerwise", "_common"]
+MODULES = ["decay", "adaptive", "rescaling", "diagnostics", "layerwise", "projection", "_common"]
 
 
 @pytest.mark.parametrize("name", MODULES)

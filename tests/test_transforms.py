@@ -39,12 +39,22 @@ CASES = {
         False,
     ),
     "wrs": (lambda p, **kw: lo.weight_rescaling(2, **kw), "last", True),
+    # AdamP's projection wraps the optimizer (it needs the raw gradient and the final update).
+    "adamp": (
+        lambda p, base=None, **kw: lo.project_scale_invariant(
+            base or optax.adam(LR), weight_decay=0.1, learning_rate=LR, **kw
+        ),
+        "wrap",
+        False,
+    ),
 }
 
 
 def _chain(name, params, base=None):
     make, place, _ = CASES[name]
     base = base or optax.adam(LR)
+    if place == "wrap":
+        return make(params, base=base)
     tx = make(params)
     return optax.chain(tx, base) if place == "first" else optax.chain(base, tx)
 
@@ -101,6 +111,7 @@ INJECT = {
     "pwd": (lo.pre_weight_decay, {"rate": 0.1, "learning_rate": LR}, ()),
     "adadecay": (lo.adaptive_weight_decay, {"rate": 0.1, "alpha": 4.0}, ()),
     "wrs": (lo.weight_rescaling, {"every": 1, "mode": "output"}, ("every", "mode")),
+    "adamp": (lo.adamp, {"learning_rate": LR, "weight_decay": 0.1}, ()),
 }
 
 
@@ -120,10 +131,11 @@ def test_works_inside_inject_hyperparams(name):
         rtol=1e-5,
         atol=1e-6,
     )
-    if "rate" in kwargs:  # a new rate takes effect without recompiling
-        state.hyperparams["rate"] = jnp.full_like(state.hyperparams["rate"], 0.2)
+    rate = next((k for k in ("rate", "weight_decay") if k in kwargs), None)
+    if rate:  # a new rate takes effect without recompiling
+        state.hyperparams[rate] = jnp.full_like(state.hyperparams[rate], 0.2)
         out2, _ = update(grads, state, params)
-        fresh = factory(**{**kwargs, "rate": 0.2})
+        fresh = factory(**{**kwargs, rate: 0.2})
         chex.assert_trees_all_close(
             out2, fresh.update(grads, fresh.init(params), params)[0], rtol=1e-5, atol=1e-6
         )
@@ -150,6 +162,8 @@ def _transform_and_optimizer(name, params, mask):
         return tx, tx
     make, place, _ = CASES[name]
     tx = make(params, **mask)
+    if place == "wrap":
+        return tx, tx
     return tx, optax.chain(tx, optax.adam(LR)) if place == "first" else optax.chain(
         optax.adam(LR), tx
     )
@@ -317,7 +331,7 @@ def test_works_on_nnx_state_and_linen_params(name, tree):
     kernel = next(p for p in paths if p.endswith("kernel"))
     scale = next(p for p in paths if p.endswith("scale"))
     assert not np.allclose(paths[kernel], base_paths[kernel], rtol=0, atol=1e-7)
-    if CASES[name][1] == "last":
+    if CASES[name][1] in ("last", "wrap"):
         np.testing.assert_allclose(paths[scale], base_paths[scale], rtol=1e-6)
 
 
@@ -436,7 +450,7 @@ def test_default_mask_follows_timm():
     assert blk["gamma"] is False
 
 
-@pytest.mark.parametrize("name", ["wd", "rwd", "pwd", "l2", "adadecay", "wrs"])
+@pytest.mark.parametrize("name", ["wd", "rwd", "pwd", "l2", "adadecay", "wrs", "adamp"])
 def test_runs_under_pmap(name):
     """Replicated over 8 devices with pmap (each device a different gradient), every replica
     equals the single-device update of its own gradient."""
