@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 OPTIMIZERS = ("adam", "sgdm")
-METHODS = ("baseline", "l2", "wd", "rwd", "pwd", "lpwd", "adadecay", "wrs")
+METHODS = ("baseline", "l2", "wd", "rwd", "pwd", "lpwd", "adadecay", "wrs", "adamp", "wrs+adamp")
 PARALLEL = ("jit", "pmap")
 # The paper's base learning rates (Table 2), used when --lr is not given.
 DEFAULT_LR = {"adam": 1e-4, "sgdm": 1e-2}
@@ -70,7 +70,8 @@ class Config:
         "lpwd",
         "Regularizer: baseline (none) | l2 (coupled, placed first) | wd | rwd | pwd | lpwd "
         "(decoupled, placed last) | adadecay (placed first) | wrs (weight rescaling + WD on the "
-        "non-rescaled leaves).",
+        "non-rescaled leaves) | adamp (AdamP, or SGDP with sgdm: projected updates and "
+        "decoupled decay) | wrs+adamp (wrs on AdamP's projected update).",
         choices=METHODS,
     )
     lr: float | None = _field(None, "Constant learning rate; default 1e-4 (adam) / 1e-2 (sgdm).")

@@ -13,6 +13,11 @@ update `u` and the regularized one `u'`, and can measure the decay's penalty `P 
   For wrs, `P` is the whole change made by the regularizer stage, i.e. the rescaling of the
   kernels (which can grow weights, and so counts as opposing) plus WD on the other leaves.
 
+AdamP (adamp; SGDP with `--optimizer=sgdm`) needs the raw gradient as well as the update, so it
+replaces the base optimizer: its first stage is the whole optimizer with its decay, the second
+the identity, and R_op is not defined. `wrs+adamp` is WRS with AdamP's projected update (no
+AdamP decay) as the base: kernels are rescaled, the other leaves get WD, and R_op is WRS's.
+
 PWD and LPWD store the pre-decayed weights `phi_t`; `Method.init_params` applies the first
 pre-decay and `Method.eval_params` recovers the paper's weights `theta_t`, which are what is
 evaluated and exported. For every other method both are the identity.
@@ -34,7 +39,9 @@ Params = Any
 class Method(NamedTuple):
     name: str
     stages: tuple[optax.GradientTransformation, optax.GradientTransformation]
-    placement: str  # "last": decoupled (R_op defined), "first": gradient-side, "none": baseline
+    # "last": decoupled (R_op defined), "first": gradient-side, "wrap": replaces the base
+    # optimizer (AdamP), "none": baseline
+    placement: str
     init_params: Callable[[Params], Params]  # theta_0 -> stored params
     eval_params: Callable[[Params, Any], Params]  # (stored params, step) -> evaluated weights
     description: str  # printable summary; LPWD includes its depth table
@@ -49,11 +56,20 @@ class Method(NamedTuple):
         return self.placement == "last"
 
 
-def base_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
-    """The paper's base optimizers: Adam (0.9, 0.999, 1e-8) or SGD with momentum 0.9."""
+def base_optimizer(
+    name: str, learning_rate: float, *, projected: bool = False, weight_decay: float = 0.0
+) -> optax.GradientTransformation:
+    """The paper's base optimizers: Adam (0.9, 0.999, 1e-8) or SGD with momentum 0.9.
+
+    With `projected`, their AdamP forms (AdamP / SGDP, decaying kernels by `weight_decay`).
+    """
     if name == "adam":
+        if projected:
+            return lo.adamp(learning_rate, 0.9, 0.999, 1e-8, weight_decay=weight_decay)
         return optax.adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8)
     if name == "sgdm":
+        if projected:
+            return lo.sgdp(learning_rate, momentum=0.9, weight_decay=weight_decay)
         return optax.sgd(learning_rate, momentum=0.9)
     raise ValueError(f"unknown optimizer {name!r}; expected 'adam' or 'sgdm'")
 
@@ -84,7 +100,7 @@ def build_method(
     """Builds method `name` (see `config.METHODS`) around the base optimizer.
 
     Args:
-      name: baseline | l2 | wd | rwd | pwd | lpwd | adadecay | wrs.
+      name: baseline | l2 | wd | rwd | pwd | lpwd | adadecay | wrs | adamp | wrs+adamp.
       optimizer: adam | sgdm.
       learning_rate: the constant learning rate eta.
       weight_decay: lambda.
@@ -121,9 +137,22 @@ def build_method(
     if name in plain_decays:
         reg = plain_decays[name](lam, learning_rate=lr)
         return Method(name, (base, reg), "last", identity, identity, description)
-    if name == "wrs":
+    if name == "adamp":
+        optimizer_name = "AdamP" if optimizer == "adam" else "SGDP"
+        full = base_optimizer(optimizer, lr, projected=True, weight_decay=lam)
+        return Method(
+            name,
+            (full, optax.identity()),
+            "wrap",
+            identity,
+            identity,
+            f"{description}: {optimizer_name}, delta=0.1, wd_ratio=0.1",
+        )
+    if name in ("wrs", "wrs+adamp"):
         # As in the WRS paper: kernels are rescaled (default mask); norm scales and biases get
-        # plain WD.
+        # plain WD. wrs+adamp takes AdamP's projected update as the base.
+        if name == "wrs+adamp":
+            base = base_optimizer(optimizer, lr, projected=True)
         kernels = lo.default_decay_mask(params)
         reg = optax.chain(
             lo.weight_decay(lam, learning_rate=lr, mask=_not(kernels)),

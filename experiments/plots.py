@@ -55,7 +55,7 @@ LABEL_KEYS = (
     "seed",
 )
 SHORT = {"learning_rate": "lr", "weight_decay": "λ", "batch_size": "batch"}
-NO_ROP_METHODS = ("baseline", "l2", "adadecay")
+NO_ROP_METHODS = ("baseline", "l2", "adadecay", "adamp")
 
 
 def dataset_label(dataset: str) -> str:

@@ -15,6 +15,7 @@ import numpy as np
 import optax
 import pytest
 
+import lpwd_optax as lo
 from lpwd_optax import models
 from lpwd_optax.experiments import checkpointing, config, methods, train_lib, writers
 from tests import _cifar_helpers as helpers
@@ -100,8 +101,38 @@ def test_placement_of_each_method():
         pwd="last",
         lpwd="last",
         wrs="last",
+        adamp="wrap",
+        **{"wrs+adamp": "last"},
     )
-    assert [n for n in config.METHODS if build(n).has_rop] == ["wd", "rwd", "pwd", "lpwd", "wrs"]
+    assert [n for n in config.METHODS if build(n).has_rop] == [
+        "wd",
+        "rwd",
+        "pwd",
+        "lpwd",
+        "wrs",
+        "wrs+adamp",
+    ]
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgdm"])
+def test_adamp_methods_use_the_projected_optimizer(optimizer):
+    params = toy_params()
+    grads = jax.grad(lambda p: toy_apply(p, toy_batch()["image"]).sum())(params)
+    if optimizer == "adam":
+        want_full, want_base = lo.adamp(0.05, weight_decay=0.1), lo.adamp(0.05)
+    else:
+        want_full = lo.sgdp(0.05, momentum=0.9, weight_decay=0.1)
+        want_base = lo.sgdp(0.05, momentum=0.9)
+    full = build("adamp", optimizer).stages[0]
+    base = build("wrs+adamp", optimizer).stages[0]
+    for got, want in ((full, want_full), (base, want_base)):
+        chex.assert_trees_all_close(
+            got.update(grads, got.init(params), params)[0],
+            want.update(grads, want.init(params), params)[0],
+            rtol=0,
+            atol=0,
+        )
+    assert ("AdamP" if optimizer == "adam" else "SGDP") in build("adamp", optimizer).description
 
 
 @pytest.mark.parametrize("name", ["pwd", "lpwd"])
