@@ -27,6 +27,8 @@ from lpwd_optax.diagnostics import (
     layer_statistics,
     opposing_penalty_rate,
     penalties,
+    scale_invariant_mask,
+    scale_sensitivity,
 )
 from lpwd_optax.layerwise import (
     convnext_rules,
@@ -64,6 +66,8 @@ __all__ = [
     "real_time_weight_decay",
     "rescale_kernel",
     "rescale_params",
+    "scale_invariant_mask",
+    "scale_sensitivity",
     "sgdp",
     "swin_rules",
     "weight_decay",

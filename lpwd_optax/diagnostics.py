@@ -1,13 +1,16 @@
-"""Diagnostics: the opposing-penalty rate R_op, per-layer norms, and the Jacobian norm."""
+"""Diagnostics: the opposing-penalty rate R_op, per-layer norms and effective learning rates,
+scale invariance detected from the forward pass, and the Jacobian norm."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from lpwd_optax import _common
@@ -77,45 +80,257 @@ def module_path(path: str) -> str:
 
 
 def layer_statistics(
-    params: optax.Params, updates: optax.Updates
-) -> dict[str, dict[str, chex.Array]]:
-    """Per-module weight norm, update norm and effective step `||u|| / ||theta||`.
+    params: optax.Params,
+    updates: optax.Updates,
+    *,
+    learning_rate: chex.Numeric | None = None,
+    scale_invariant: Any | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Per-module weight norm, update norm, effective step and effective learning rate.
 
-    The effective step is the "effective learning rate" through which weight decay acts on
-    scale-invariant layers (Zhang et al.). Cheap reductions: log them every N steps.
+    For a module with weights `theta` (all its leaves: kernel and bias) and final update `u`:
+
+    .. math::
+      \\mathrm{effective\\_step} = \\frac{\\|u\\|}{\\|\\theta\\|}, \\qquad
+      \\mathrm{effective\\_lr} = \\frac{\\eta}{\\|\\theta\\|^2}
+
+    If the network's output does not depend on the scale of `theta` (a normalization follows
+    it, see `scale_invariant_mask`), its gradient is orthogonal to `theta` and scales as
+    `1 / ||theta||`, so an SGD step of rate `eta` moves the direction `theta / ||theta||` as a
+    step of rate `eta / ||theta||^2` on the unit sphere would (Zhang et al., first mechanism):
+    weight decay shrinks `||theta||` and so raises this effective learning rate. For other
+    modules, and for adaptive optimizers, `effective_lr` is a formula, not a rate; the
+    effective step is the optimizer-independent measure. Cheap reductions: log them every N
+    steps.
 
     Args:
       params: `theta_t`.
       updates: the final updates `u_t` (what `optax.apply_updates` adds).
+      learning_rate: `eta`; if given, each module also reports `effective_lr`.
+      scale_invariant: a tree of bools shaped like `params` (e.g. from `scale_invariant_mask`);
+        if given, each module also reports `scale_invariant`, True when any of its leaves is.
 
     Returns:
-      `{module_path: {"weight_norm", "update_norm", "effective_step"}}`, float32 scalars.
+      `{module_path: {"weight_norm", "update_norm", "effective_step"}}`, float32 scalars, plus
+      `"effective_lr"` (float32; 0 for an all-zero module, like `effective_step`) and
+      `"scale_invariant"` (a Python bool) when asked for.
 
     Example:
       >>> import jax.numpy as jnp, lpwd_optax
       >>> stats = lpwd_optax.layer_statistics({"fc": {"kernel": jnp.ones((2, 2))}},
-      ...                                     {"fc": {"kernel": jnp.full((2, 2), 0.1)}})
-      >>> round(float(stats["fc"]["effective_step"]), 6)
-      0.1
+      ...                                     {"fc": {"kernel": jnp.full((2, 2), 0.1)}},
+      ...                                     learning_rate=0.1,
+      ...                                     scale_invariant={"fc": {"kernel": True}})
+      >>> [round(float(stats["fc"][k]), 6) for k in ("effective_step", "effective_lr")]
+      [0.1, 0.025]
+      >>> stats["fc"]["scale_invariant"]
+      True
 
     References:
-      Zhang et al., "Three Mechanisms of Weight Decay Regularization" (arXiv:1810.12281).
+      Zhang, Wang, Xu & Grosse, "Three Mechanisms of Weight Decay Regularization", ICLR 2019
+      (arXiv:1810.12281).
     """
+    leaves = _common.leaves_with_paths(params)
+    flags = [False] * len(leaves)
+    if scale_invariant is not None:
+        flags = _common.flatten_like_params(scale_invariant, params, "scale_invariant")
     sq_w: dict[str, Any] = {}
     sq_u: dict[str, Any] = {}
-    for (path, theta), u in zip(_common.leaves_with_paths(params), jax.tree.leaves(updates)):
+    invariant: dict[str, bool] = {}
+    for (path, theta), u, flag in zip(leaves, jax.tree.leaves(updates), flags):
         key = module_path(path)
         sq_w[key] = sq_w.get(key, 0.0) + jnp.sum(jnp.square(theta.astype(jnp.float32)))
         sq_u[key] = sq_u.get(key, 0.0) + jnp.sum(jnp.square(u.astype(jnp.float32)))
+        invariant[key] = invariant.get(key, False) or bool(flag)
     stats = {}
     for key in sq_w:
-        w, u = jnp.sqrt(sq_w[key]), jnp.sqrt(sq_u[key])
+        w2, u = sq_w[key], jnp.sqrt(sq_u[key])
+        nonzero = w2 > 0
+        safe_w2 = jnp.where(nonzero, w2, 1.0)
+        w = jnp.sqrt(w2)
         stats[key] = {
             "weight_norm": w,
             "update_norm": u,
-            "effective_step": jnp.where(w > 0, u / jnp.where(w > 0, w, 1.0), 0.0),
+            "effective_step": jnp.where(nonzero, u / jnp.sqrt(safe_w2), 0.0),
         }
+        if learning_rate is not None:
+            stats[key]["effective_lr"] = jnp.where(nonzero, learning_rate / safe_w2, 0.0)
+        if scale_invariant is not None:
+            stats[key]["scale_invariant"] = invariant[key]
     return stats
+
+
+# scale_invariant_mask's threshold. ConvNeXt-atto (LayerNorm eps 1e-6) at init: kernels followed
+# by a LayerNorm measure 2e-7 to 5e-3 (the eps term), every other kernel 0.08 to 1.6.
+SCALE_INVARIANCE_TOL = 0.02
+
+
+def scale_sensitivity(
+    apply_fn: Callable[[Any, chex.Array], chex.Array],
+    params: Any,
+    inputs: chex.Array,
+    *,
+    num_probes: int = 8,
+    key: chex.PRNGKey | None = None,
+) -> Any:
+    """How much scaling each kernel changes the outputs, relative to changing its direction.
+
+    A kernel's module `m` (the kernel and its bias, `theta_m`, with `d_m` entries) is scaled
+    as a whole; `J_m = d f / d theta_m` is the Jacobian of every output for the batch of
+    `inputs`. Scaling changes the outputs at the rate `J_m theta_m`; a random direction `v` of
+    the same norm changes them by `E ||J_m v||^2 = ||theta_m||^2 ||J_m||_F^2 / d_m`. The
+    sensitivity is their ratio:
+
+    .. math::
+      s_m = \\frac{\\sqrt{d_m}\\, \\|J_m \\theta_m\\|}{\\|\\theta_m\\|\\, \\|J_m\\|_F}
+          \\approx \\sqrt{\\frac{d_m \\sum_k \\langle g_k, \\theta_m \\rangle^2}
+          {\\|\\theta_m\\|^2 \\sum_k \\|g_k\\|^2}}, \\qquad
+      g_k = J_m^\\top w_k, \\quad w_k \\sim N(0, I)
+
+    (one `jax.vjp` per probe `w_k` gives `g_k` for every module at once). `s_m = 0` when the
+    outputs do not depend on the scale of `theta_m` (`f(c theta_m) = f(theta_m)` for `c > 0`
+    implies `J_m theta_m = 0`), `s_m ~ 1` when scaling is no different from any other change.
+    It is `sqrt(d_m)` times the RMS cosine between `theta_m` and the output gradients, the
+    quantity AdamP thresholds with the loss gradient (`cos < delta / sqrt(d)`).
+
+    Why not compare `f(2 theta_m)` with `f(theta_m)`: the difference is also small when the
+    module barely matters, e.g. every kernel inside a ConvNeXt block at init, whose output is
+    multiplied by a layer scale of 1e-6; the ratio here divides that factor out. A normalization
+    with an `eps` (LayerNorm, BatchNorm) is only approximately invariant: it contributes
+    `s ~ eps / Var(h)` for its input `h`, larger when weight decay has shrunk the kernel.
+
+    The model must be in evaluation mode or normalize with batch statistics that `apply_fn`
+    computes from `inputs`; drop path or dropout would make the probes disagree.
+
+    Args:
+      apply_fn: `apply_fn(params, inputs) -> outputs`.
+      params: the model's params (a linen params dict or an `nnx.State`).
+      inputs: a batch of inputs; a few examples suffice.
+      num_probes: output probes `w_k`. The estimate of `s_m^2` is about `s_m^2 chi^2_K / K`
+        for `K` probes: with 8, it falls below a quarter of `s_m` with probability 2e-4.
+      key: PRNG key of the probes; default `jax.random.key(0)`.
+
+    Returns:
+      A tree shaped like `params` of Python floats: `s_m` on every leaf with `ndim >= 2` (a
+      kernel), NaN on the others and where `theta_m` or the gradients are zero.
+
+    Example:
+      >>> import jax, lpwd_optax
+      >>> def f(p, x):  # a normalized hidden layer, then a linear read-out
+      ...   h = x @ p["hidden"]["kernel"]
+      ...   h = (h - h.mean(-1, keepdims=True)) / h.std(-1, keepdims=True)
+      ...   return h @ p["out"]["kernel"]
+      >>> k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+      >>> params = {"hidden": {"kernel": jax.random.normal(k1, (4, 8))},
+      ...           "out": {"kernel": jax.random.normal(k2, (8, 3))}}
+      >>> s = lpwd_optax.scale_sensitivity(f, params, jax.random.normal(k3, (16, 4)))
+      >>> s["hidden"]["kernel"] < 1e-5, 0.3 < s["out"]["kernel"] < 3
+      (True, True)
+
+    References:
+      Zhang, Wang, Xu & Grosse, "Three Mechanisms of Weight Decay Regularization", ICLR 2019
+      (arXiv:1810.12281); Heo et al., "AdamP" (arXiv:2006.08217) for the cosine test.
+    """
+    key = jax.random.key(0) if key is None else key
+    leaves, treedef = jax.tree.flatten(params)
+    modules = [module_path(path) for path, _ in _common.leaves_with_paths(params)]
+
+    @jax.jit
+    def radial_and_squared(params, inputs, key):
+        outputs, vjp = jax.vjp(lambda p: apply_fn(p, inputs), params)
+
+        def probe(k):
+            (grads,) = vjp(jax.random.normal(k, outputs.shape, outputs.dtype))
+            pairs = []
+            for g, theta in zip(jax.tree.leaves(grads), jax.tree.leaves(params)):
+                g, theta = g.astype(jnp.float32), theta.astype(jnp.float32)
+                pairs.append(jnp.stack([jnp.vdot(g, theta), jnp.vdot(g, g)]))
+            return jnp.stack(pairs, axis=1)  # (2, leaves)
+
+        return jax.lax.map(probe, jax.random.split(key, num_probes))  # (probes, 2, leaves)
+
+    per_leaf = np.asarray(radial_and_squared(params, inputs, key), np.float64)
+    radial, squared, theta2, size = {}, {}, {}, {}
+    for i, (m, theta) in enumerate(zip(modules, leaves)):
+        radial[m] = radial.get(m, 0.0) + per_leaf[:, 0, i]
+        squared[m] = squared.get(m, 0.0) + per_leaf[:, 1, i].sum()
+        theta2[m] = theta2.get(m, 0.0) + float(np.sum(np.square(np.asarray(theta, np.float64))))
+        size[m] = size.get(m, 0) + int(np.size(theta))
+
+    def sensitivity(m: str) -> float:
+        denominator = theta2[m] * squared[m]
+        if not denominator > 0:
+            return math.nan
+        return math.sqrt(size[m] * float(np.sum(np.square(radial[m]))) / denominator)
+
+    return jax.tree.unflatten(
+        treedef,
+        [sensitivity(m) if np.ndim(theta) >= 2 else math.nan for m, theta in zip(modules, leaves)],
+    )
+
+
+def scale_invariant_mask(
+    apply_fn: Callable[[Any, chex.Array], chex.Array],
+    params: Any,
+    inputs: chex.Array,
+    *,
+    tol: float = SCALE_INVARIANCE_TOL,
+    num_probes: int = 8,
+    key: chex.PRNGKey | None = None,
+) -> Any:
+    """Which kernels the network's outputs are (numerically) invariant to the scale of.
+
+    A kernel is scale-invariant when `f(c theta_m) = f(theta_m)` for every `c > 0`, with
+    `theta_m` the kernel and its module's bias: the case when a normalization (LayerNorm,
+    BatchNorm in training mode, weight normalization) follows the module. Detected from the
+    forward pass as `scale_sensitivity(...) < tol`: see there for the measure and for why it
+    is not the plain relative change of the outputs.
+
+    The default `tol = 0.02` sits between what ConvNeXt-atto gives at init for kernels followed
+    by a LayerNorm (2e-7 to 5e-3; the norm's `eps` keeps it from 0) and for all others (0.08
+    and up; in copies only 8 or 16 channels wide, some MLP kernels measure 0.03). A
+    normalization whose input variance nears its `eps` stops being scale-invariant, and the
+    mask says so. The answer holds for the params it is given: in a ConvNeXt at init, whose
+    blocks are scaled by 1e-6, the downsample convolutions come out invariant too (each feeds
+    the next stage's LayerNorm almost alone); with trained layer scales they do not.
+
+    Args:
+      apply_fn: `apply_fn(params, inputs) -> outputs`, in evaluation mode (or batch-statistics
+        normalization computed from `inputs`).
+      params: the model's params (a linen params dict or an `nnx.State`).
+      inputs: a batch of inputs; a few examples suffice.
+      tol: the threshold on the sensitivity.
+      num_probes: output probes, see `scale_sensitivity`.
+      key: PRNG key of the probes; default `jax.random.key(0)`.
+
+    Returns:
+      A tree of Python bools shaped like `params`: True on the scale-invariant kernels, False on
+      the other kernels and on every leaf with `ndim < 2`. It fits `layer_statistics`'s
+      `scale_invariant` and optax's masks.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, lpwd_optax
+      >>> class Net(nn.Module):
+      ...   @nn.compact
+      ...   def __call__(self, x):
+      ...     x = nn.LayerNorm()(nn.Dense(8, name="normalized")(x))
+      ...     x = nn.relu(nn.Dense(8, name="hidden")(x))
+      ...     return nn.Dense(2, name="out")(x)
+      >>> x = jax.random.normal(jax.random.key(1), (16, 4))
+      >>> params = Net().init(jax.random.key(0), x)["params"]
+      >>> mask = lpwd_optax.scale_invariant_mask(
+      ...     lambda p, x: Net().apply({"params": p}, x), params, x)
+      >>> mask["normalized"]["kernel"], mask["hidden"]["kernel"], mask["out"]["kernel"]
+      (True, False, False)
+      >>> mask["normalized"]["bias"]
+      False
+
+    References:
+      Zhang, Wang, Xu & Grosse, "Three Mechanisms of Weight Decay Regularization", ICLR 2019
+      (arXiv:1810.12281); Heo et al., "AdamP" (arXiv:2006.08217).
+    """
+    sensitivity = scale_sensitivity(apply_fn, params, inputs, num_probes=num_probes, key=key)
+    return jax.tree.map(lambda s: bool(s < tol), sensitivity)
 
 
 class JacobianNorm(NamedTuple):
