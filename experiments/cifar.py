@@ -18,9 +18,12 @@ epoch evaluation and a checkpoint). Everything it reports goes through one write
 TensorBoard events and the console.
 
 Outputs in --output_dir: config.json, metrics.jsonl (per epoch: train loss, test top-1 (%),
-mean R_op, per-layer norms; per logging interval: train/loss, train/top1 (%)), tensorboard/,
-checkpoints/ (orbax, one per epoch), final_params.npz (the evaluated weights; for PWD/LPWD
-theta_t, not the stored phi_t), summary.json and, for LPWD, method.txt (its per-layer rates).
+mean R_op, per-layer norms and effective steps, the effective learning rate eta / ||theta||^2
+of the scale-invariant layers and, with --jacobian_probes, the input-output Jacobian norm; per
+logging interval: train/loss, train/top1 (%)), tensorboard/, checkpoints/ (orbax, one per
+epoch), final_params.npz (the evaluated weights; for PWD/LPWD theta_t, not the stored phi_t),
+summary.json, layers.txt (which layers are scale-invariant, detected at the start from the
+forward pass) and, for LPWD, method.txt (its per-layer rates).
 R_op is reported for the decoupled methods (wd, rwd, pwd, lpwd, wrs); for baseline, l2 and
 adadecay it is undefined and written as null.
 
@@ -52,7 +55,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import lpwd_optax as lo
 from lpwd_optax import models
+from lpwd_optax._common import leaves_with_paths
+from lpwd_optax.diagnostics import SCALE_INVARIANCE_TOL, module_path
 from lpwd_optax.experiments import checkpointing, data, methods, train_lib, writers
 from lpwd_optax.experiments.config import Config, ConfigError, parse_config, to_dict
 
@@ -69,7 +75,11 @@ EXECUTION_FLAGS = (
     "num_processes",
     "process_id",
     "output_dir",
+    "jacobian_probes",
+    "jacobian_examples",
 )
+# Training images on which the scale-invariant layers are detected (lo.scale_sensitivity).
+SCALE_PROBE_EXAMPLES = 16
 
 
 class NonFiniteError(FloatingPointError):
@@ -108,6 +118,7 @@ class Setup(NamedTuple):
     devices: list[jax.Device]
     steps_per_epoch: int
     eval_batch_size: int
+    scale_sensitivity: dict[str, float]  # lo.scale_sensitivity of each module with a kernel
 
 
 def build(config: Config) -> Setup:
@@ -143,6 +154,16 @@ def build(config: Config) -> Setup:
         jax.eval_shape(lambda p: train_lib.create_train_state(p, method), model.params)
     except (ValueError, TypeError, FileNotFoundError, NotADirectoryError) as e:
         raise ConfigError(str(e)) from e
+    sensitivity = lo.scale_sensitivity(
+        model.apply, model.params, first_images(train_ds, SCALE_PROBE_EXAMPLES)
+    )
+    kernels = {  # a module's kernel and bias share its sensitivity
+        module_path(path): s
+        for (path, theta), (_, s) in zip(
+            leaves_with_paths(model.params), leaves_with_paths(sensitivity)
+        )
+        if np.ndim(theta) >= 2
+    }
     devices = select_devices(config.num_devices)
     parallel = train_lib.make_parallel(
         config.parallel,
@@ -150,6 +171,7 @@ def build(config: Config) -> Setup:
         method,
         config.seed,
         devices=devices if config.num_devices else None,
+        learning_rate=config.learning_rate,
     )
     shards = jax.process_count() * parallel.local_device_count
     eval_batch_size = config.eval_batch_size or config.batch_size
@@ -170,8 +192,27 @@ def build(config: Config) -> Setup:
     if config.steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
     return Setup(
-        train_ds, test_ds, model, method, parallel, devices, steps_per_epoch, eval_batch_size
+        train_ds,
+        test_ds,
+        model,
+        method,
+        parallel,
+        devices,
+        steps_per_epoch,
+        eval_batch_size,
+        kernels,
     )
+
+
+def first_images(ds: data.ArrayDataset, n: int) -> np.ndarray:
+    """The first `n` images of `ds` in stored order, normalized as the model sees them."""
+    batch = data.batches(ds, min(n, len(ds)), seed=0, epoch=0, train=False, prefetch=0)
+    return next(iter(batch))["image"]
+
+
+def scale_invariant_modules(setup: Setup) -> list[str]:
+    """The modules whose kernels `lo.scale_invariant_mask` marks."""
+    return [m for m, s in setup.scale_sensitivity.items() if s < SCALE_INVARIANCE_TOL]
 
 
 def finished_summary(config: Config) -> dict[str, Any] | None:
@@ -222,6 +263,8 @@ def train_and_evaluate(config: Config) -> dict[str, Any]:
         writer = _writer(config, start_step, progress) if is_main else writers.MultiWriter([])
         if is_main:
             _describe(config, setup, start_step, progress.print)
+        invariant = set(scale_invariant_modules(setup))
+        jacobian = _jacobian_norm(config, setup) if is_main and config.jacobian_probes else None
 
         batches, sums, previous, epoch_start = None, None, None, time.time()
         try:
@@ -282,7 +325,9 @@ def train_and_evaluate(config: Config) -> dict[str, Any]:
                             f"layers/{path}/{stat}": float(v)
                             for path, stats in layers.items()
                             for stat, v in stats.items()
+                            if stat != "effective_lr" or path in invariant
                         },
+                        **(jacobian(parallel.to_host(evaluated)) if jacobian else {}),
                     },
                 )
                 writer.flush()
@@ -385,6 +430,14 @@ def _describe(config: Config, setup: Setup, start_step: int, print_fn) -> None:
             f.write(description + "\n")
         logging.debug("%s", description)
         print_fn(f"  (per-layer rates: {path})")
+    path = os.path.join(config.output_dir, "layers.txt")
+    with open(path, "w") as f:
+        f.write(_scale_invariance_table(setup))
+    print_fn(
+        f"scale-invariant layers: {len(scale_invariant_modules(setup))} of "
+        f"{len(setup.scale_sensitivity)} with a kernel; their effective learning rates are "
+        f"logged (table: {path})"
+    )
     print_fn(
         f"model {config.model} ({_count(setup.model.params):,} params), {config.dataset} "
         f"({len(setup.train_ds.labels)} train / {len(setup.test_ds.labels)} test), "
@@ -394,6 +447,41 @@ def _describe(config: Config, setup: Setup, start_step: int, print_fn) -> None:
     )
     with open(os.path.join(config.output_dir, "config.json"), "w") as f:
         json.dump(to_dict(config), f, indent=2)
+
+
+def _scale_invariance_table(setup: Setup) -> str:
+    width = max(len(m) for m in setup.scale_sensitivity) + 2
+    lines = [
+        "A layer is scale-invariant when scaling its kernel and bias leaves the logits unchanged:",
+        f"lo.scale_sensitivity below {SCALE_INVARIANCE_TOL:g}, measured on the first "
+        f"{SCALE_PROBE_EXAMPLES} training images with the initial weights. The effective",
+        "learning rate eta / ||theta||^2 of these layers is logged as layers/<layer>/effective_lr.",
+        "",
+        f"{'layer':<{width}}sensitivity  scale-invariant",
+    ]
+    for module, s in setup.scale_sensitivity.items():
+        invariant = "yes" if s < SCALE_INVARIANCE_TOL else "no"
+        lines.append(f"{module:<{width}}{s:11.2e}  {invariant}")
+    return "\n".join(lines) + "\n"
+
+
+def _jacobian_norm(config: Config, setup: Setup):
+    """`host params -> {"jacobian/norm_sq", "jacobian/norm_sq_stderr"}`: `lo.jacobian_norm` of
+    the logits w.r.t. the images, on the first --jacobian_examples test images and with the
+    same probes every epoch, so that its changes from epoch to epoch are not probe noise."""
+    images = jnp.asarray(first_images(setup.test_ds, config.jacobian_examples))
+    key = jax.random.key(config.seed)
+    estimate = jax.jit(
+        lambda params, images: lo.jacobian_norm(
+            setup.model.apply, params, images, key, num_probes=config.jacobian_probes
+        )
+    )
+
+    def measure(params: Any) -> dict[str, float]:
+        est = estimate(params, images)
+        return {"jacobian/norm_sq": float(est.mean), "jacobian/norm_sq_stderr": float(est.stderr)}
+
+    return measure
 
 
 def _summary(config, setup, final, history, total_steps, start_time) -> dict[str, Any]:

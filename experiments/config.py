@@ -106,6 +106,20 @@ class Config:
     log_every_steps: int = _field(20, "Write step metrics (loss, R_op) every this many steps.")
     progress: bool = _field(True, "Show a tqdm progress bar (process 0 only).")
 
+    # Diagnostics: reported, not trained on (Zhang et al.'s mechanisms, arXiv:1810.12281).
+    jacobian_probes: int = _field(
+        0,
+        "Each epoch, log the mean squared Frobenius norm of d logits / d image, "
+        "E_x ||J_x||_F^2, and its standard error (lo.jacobian_norm: this many random "
+        "projections, one vjp each) on --jacobian_examples fixed test images; 0: off. Off by "
+        "default: on the quickstart preset, measured on a 2-core CPU beside another training "
+        "run (noisy), 8 probes on 64 images take 0.12 s per epoch against 1.2 s for the "
+        "epoch itself (4 on 32: 0.034 s), plus about 10 s to compile once.",
+    )
+    jacobian_examples: int = _field(
+        64, "The first this many test images (the same every epoch) of --jacobian_probes."
+    )
+
     # Parallelism.
     parallel: str = _field(
         "jit",
@@ -149,9 +163,18 @@ class Config:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.parallel not in PARALLEL:
             raise ValueError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
-        for name in ("epochs", "batch_size", "keep_checkpoints", "log_every_steps", "wrs_every"):
+        for name in (
+            "epochs",
+            "batch_size",
+            "keep_checkpoints",
+            "log_every_steps",
+            "wrs_every",
+            "jacobian_examples",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.jacobian_probes < 0:
+            raise ValueError(f"--jacobian_probes must be >= 0, got {self.jacobian_probes}")
         for name in ("steps_per_epoch", "eval_steps", "eval_batch_size", "num_devices"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")

@@ -162,6 +162,7 @@ def test_a_second_run_cannot_write_the_same_directory(tmp_path, cache_dir, capsy
         ("--weight_decay=-1", "--weight_decay must be >= 0"),
         ("--batch_size=60", "--batch_size=60 is not divisible by 8 devices"),
         ("--lr=1e10", "kernel': the per-step decay"),  # names a decayed leaf, never a bias
+        ("--jacobian_probes=-1", "--jacobian_probes must be >= 0"),
     ],
 )
 def test_config_errors_are_one_line_exit_2_and_leave_nothing(
@@ -175,6 +176,47 @@ def test_config_errors_are_one_line_exit_2_and_leave_nothing(
     assert not os.path.exists(out)
     if "batch_size" in flag:
         assert "--num_devices=6 would work" in err
+
+
+@pytest.mark.parametrize("parallel", ["jit", "pmap"])
+def test_scale_invariant_layers_and_the_jacobian_norm_are_logged(
+    tmp_path, cache_dir, capsys, parallel
+):
+    out = tmp_path / "run"
+    extra = [f"--parallel={parallel}", "--jacobian_probes=4", "--jacobian_examples=16"]
+    assert cifar.main(flags(out, cache_dir, "--epochs=2", *extra)) == 0
+    assert "scale-invariant layers: " in capsys.readouterr().out
+    # layers.txt: every layer with a kernel, its (finite) scale sensitivity and the verdict.
+    with open(out / "layers.txt") as f:
+        rows = [
+            line.split() for line in f if re.match(r"^\S+\s+\d\.\d\de[+-]\d\d\s+(yes|no)$", line)
+        ]
+    table = {name: (float(s), verdict == "yes") for name, s, verdict in rows}
+    assert set(table) == {
+        "stem/conv",
+        "stages/0/downsample/conv",
+        "stages/0/blocks/0/conv_dw",
+        "stages/0/blocks/0/mlp/fc1",
+        "stages/0/blocks/0/mlp/fc2",
+        "head/fc",
+    }
+    assert all(np.isfinite(s) and s >= 0 for s, _ in table.values())
+    assert table["stem/conv"][1] and table["stages/0/blocks/0/conv_dw"][1]  # LayerNorm follows
+    assert not table["head/fc"][1] and not table["stages/0/blocks/0/mlp/fc1"][1]
+    invariant = {name for name, (_, yes) in table.items() if yes}
+    # Each epoch: the effective learning rate of exactly the scale-invariant layers, and the
+    # Jacobian norm with its standard error.
+    records = [r for r in writers.read_jsonl(str(out / "metrics.jsonl")) if "epoch" in r]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for r in records:
+        effective_lr = {k.split("/", 1)[1].rsplit("/", 1)[0] for k in r if "effective_lr" in k}
+        assert effective_lr == invariant
+        assert all(np.isfinite(r[f"layers/{name}/effective_lr"]) for name in invariant)
+        assert 0 < r["jacobian/norm_sq"] < np.inf
+        assert 0 < r["jacobian/norm_sq_stderr"] < r["jacobian/norm_sq"]
+    # Diagnostics do not change the run: a finished run is reported whatever they are set to.
+    assert cifar.main(flags(out, cache_dir, "--epochs=2", f"--parallel={parallel}")) == 0
+    assert "holds this finished run" in capsys.readouterr().out
 
 
 def test_lpwd_per_layer_rates_go_to_the_run_directory(full_run):
@@ -263,6 +305,7 @@ def test_help_documents_every_flag(capsys):
         "--process_id",
         "--steps_per_epoch",
         "--preset",
+        "--jacobian_probes",
     ):
         assert flag in text
 
