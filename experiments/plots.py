@@ -11,6 +11,9 @@
     # Fig. 4: heat maps of the best-10 mean test top-1 over lr x lambda, one per method (and
     # the difference of two methods) for every dataset / model / optimizer of a sweep.
     lpwd-plots heatmap runs/sweep --diff=lpwd,wd
+    # Zhang et al.'s mechanisms: the effective learning rate eta / ||theta||^2 of the
+    # scale-invariant layers and the input-output Jacobian norm (--jacobian_probes) per epoch.
+    lpwd-plots mechanisms runs/wd runs/lpwd
 
 A run directory is what experiments/cifar.py writes (config.json, metrics.jsonl); a sweep
 directory is what experiments/sweep.py writes (results.csv). Figures go to --output_dir, by
@@ -142,6 +145,55 @@ def plot_rop(run_dirs: Sequence[str], out: str) -> list[str]:
     return skipped
 
 
+def plot_mechanisms(run_dirs: Sequence[str], out: str) -> list[str]:
+    """Zhang et al.'s first two mechanisms against the step: the effective learning rate
+    eta / ||theta||^2 of the scale-invariant layers (geometric mean over the layers; they span
+    orders of magnitude) and the Jacobian norm E ||J_x||_F^2 (one standard error shaded).
+    Returns the panels it could not draw for a run, with the reason."""
+    fig, (ax_lr, ax_jac) = plt.subplots(1, 2, figsize=(11, 4.5))
+    labels = run_labels([load_config(d) for d in run_dirs])
+    skipped, layer_counts = [], set()
+    for i, (run_dir, label) in enumerate(zip(run_dirs, labels)):
+        color, records = f"C{i}", load_history(run_dir)
+        lrs = [[v for k, v in r.items() if k.endswith("/effective_lr")] for r in records]
+        if records and lrs[0]:
+            steps = [r["step"] for r in records]
+            ax_lr.plot(steps, np.exp(np.log(lrs).mean(axis=1)), color=color, label=label)
+            layer_counts.add(len(lrs[0]))
+        else:
+            skipped.append(f"{run_dir}: no effective_lr of scale-invariant layers logged")
+        points = [r for r in records if r.get("jacobian/norm_sq") is not None]
+        if points:
+            steps = np.array([r["step"] for r in points])
+            mean = np.array([r["jacobian/norm_sq"] for r in points])
+            err = np.array([r.get("jacobian/norm_sq_stderr") or 0.0 for r in points])
+            ax_jac.plot(steps, mean, color=color, label=label)
+            ax_jac.fill_between(steps, mean - err, mean + err, color=color, alpha=0.25)
+        else:
+            skipped.append(f"{run_dir}: no Jacobian norm (run it with --jacobian_probes)")
+    for line in skipped:
+        print(f"skipped {line}")
+    layers = " or ".join(str(n) for n in sorted(layer_counts)) or "no"
+    ax_lr.set(
+        xlabel="step",
+        ylabel="η / ‖θ‖²  (geometric mean over the layers)",
+        yscale="log",
+        title=f"Effective learning rate of the {layers} scale-invariant layers",
+    )
+    ax_jac.set(
+        xlabel="step",
+        ylabel="E ‖J_x‖²_F  (± 1 standard error)",
+        yscale="log",
+        title="Input-output Jacobian norm (test images)",
+    )
+    for ax in (ax_lr, ax_jac):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    _save(fig, out)
+    return skipped
+
+
 def load_results(sweep_dir: str) -> list[dict[str, Any]]:
     with open(os.path.join(sweep_dir, "results.csv")) as f:
         rows = list(csv.DictReader(f))
@@ -261,6 +313,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--method", default="wd")
     p = sub.add_parser("zero_shot", help="Fig. 3a: zero-shot weight decay.")
     p.add_argument("results", nargs="+", help="zero_shot_decay.json files.")
+    p = sub.add_parser(
+        "mechanisms", help="Effective learning rate and Jacobian norm of runs (Zhang et al.)."
+    )
+    p.add_argument("run_dirs", nargs="+")
     p = sub.add_parser("heatmap", help="Fig. 4: accuracy heat maps over lr x lambda.")
     p.add_argument("sweep_dir")
     p.add_argument("--diff", default="lpwd,wd", help="Also plot method A - method B.")
@@ -280,6 +336,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         plot_rop_grid(
             args.sweep_dir, args.method, os.path.join(out_dir, f"fig2_rop_grid_{args.method}.png")
         )
+    elif args.figure == "mechanisms":
+        plot_mechanisms(args.run_dirs, os.path.join(out_dir, "mechanisms.png"))
     elif args.figure == "zero_shot":
         plot_zero_shot(args.results, os.path.join(out_dir, "fig3a_zero_shot.png"))
     else:
