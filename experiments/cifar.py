@@ -24,8 +24,8 @@ logging interval: train/loss, train/top1 (%)), tensorboard/, checkpoints/ (orbax
 epoch), final_params.npz (the evaluated weights; for PWD/LPWD theta_t, not the stored phi_t),
 summary.json, layers.txt (which layers are scale-invariant, detected at the start from the
 forward pass) and, for LPWD, method.txt (its per-layer rates).
-R_op is reported for the decoupled methods (wd, rwd, pwd, lpwd, wrs); for baseline, l2 and
-adadecay it is undefined and written as null.
+R_op is reported for the decoupled methods (wd, rwd, pwd, lpwd, wrs, wrs+adamp); for baseline,
+l2, adadecay and adamp it is undefined and written as null.
 
 Rerunning a finished run's command reports its result; a run that was stopped continues with
 --resume. A configuration error (bad flag value, missing data, a batch that does not split over
