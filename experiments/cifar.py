@@ -171,7 +171,6 @@ def build(config: Config) -> Setup:
         method,
         config.seed,
         devices=devices if config.num_devices else None,
-        learning_rate=config.learning_rate,
     )
     shards = jax.process_count() * parallel.local_device_count
     eval_batch_size = config.eval_batch_size or config.batch_size
@@ -325,8 +324,8 @@ def train_and_evaluate(config: Config) -> dict[str, Any]:
                             f"layers/{path}/{stat}": float(v)
                             for path, stats in layers.items()
                             for stat, v in stats.items()
-                            if stat != "effective_lr" or path in invariant
                         },
+                        **_effective_lrs(layers, invariant, config.learning_rate),
                         **(jacobian(parallel.to_host(evaluated)) if jacobian else {}),
                     },
                 )
@@ -463,6 +462,16 @@ def _scale_invariance_table(setup: Setup) -> str:
         invariant = "yes" if s < SCALE_INVARIANCE_TOL else "no"
         lines.append(f"{module:<{width}}{s:11.2e}  {invariant}")
     return "\n".join(lines) + "\n"
+
+
+def _effective_lrs(layers: dict[str, Any], invariant: set[str], eta: float) -> dict[str, float]:
+    """Zhang et al.'s `eta / ||theta||^2` of the scale-invariant layers, from the weight norms
+    `lo.layer_statistics` reported (0 for an all-zero layer, as the library's `effective_lr`)."""
+    out = {}
+    for path in sorted(invariant):
+        w2 = float(layers[path]["weight_norm"]) ** 2
+        out[f"layers/{path}/effective_lr"] = eta / w2 if w2 > 0 else 0.0
+    return out
 
 
 def _jacobian_norm(config: Config, setup: Setup):

@@ -3,7 +3,7 @@
 The step applies a method's two optax stages one after the other (see `methods.py`), so that
 besides the new state it can report R_op of the decay in use (the penalty is `P = u - u'`
 between the base optimizer's update `u` and the regularized update `u'`), per-layer weight and
-update norms and effective learning rates, and whether the loss and gradients are finite.
+update norms, and whether the loss and gradients are finite.
 
 Two ways to build the same step for many devices, behind one interface (`Parallel`):
 - 'jit' (default): one `jax.jit` over a `Mesh` with a `data` axis; the batch is sharded over it
@@ -76,7 +76,6 @@ def make_train_step(
     *,
     axis_name: str | None = None,
     layer_stats: bool = True,
-    learning_rate: float | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Any]]]:
     """The per-step function `(state, batch) -> (state, metrics)`, not yet compiled.
 
@@ -86,7 +85,6 @@ def make_train_step(
       seed: base seed of the drop-path keys.
       axis_name: under pmap, the device axis over which gradients and metrics are averaged.
       layer_stats: also return `lo.layer_statistics` of the params and the final update.
-      learning_rate: eta, for the layer statistics' `effective_lr = eta / ||theta||^2`.
 
     Returns:
       The step function. Metrics: loss, accuracy (train batch), grad_norm, rop (NaN when the
@@ -129,9 +127,7 @@ def make_train_step(
             finite=jnp.isfinite(loss) & all_finite(grads),
         )
         if layer_stats:
-            metrics["layers"] = lo.layer_statistics(
-                state.params, u_reg, learning_rate=learning_rate
-            )
+            metrics["layers"] = lo.layer_statistics(state.params, u_reg)
         return new_state, metrics
 
     return step_fn
@@ -301,16 +297,16 @@ def make_parallel(
     *,
     devices: list[jax.Device] | None = None,
     layer_stats: bool = True,
-    learning_rate: float | None = None,
 ) -> Parallel:
     """The same step built for `kind`: 'jit' (sharded over `devices`, default all) or 'pmap'."""
-    stats = dict(layer_stats=layer_stats, learning_rate=learning_rate)
     if kind == "jit":
-        step_fn = make_train_step(apply_fn, method, seed, **stats)
+        step_fn = make_train_step(apply_fn, method, seed, layer_stats=layer_stats)
         devices = jax.devices() if devices is None else devices
         return _jit_parallel(step_fn, make_eval_step(apply_fn), method, devices)
     if kind == "pmap":
-        step_fn = make_train_step(apply_fn, method, seed, axis_name=DATA_AXIS, **stats)
+        step_fn = make_train_step(
+            apply_fn, method, seed, axis_name=DATA_AXIS, layer_stats=layer_stats
+        )
         eval_fn = make_eval_step(apply_fn, axis_name=DATA_AXIS)
         return _pmap_parallel(step_fn, eval_fn, method, devices)
     raise ValueError(f"parallel must be 'jit' or 'pmap', got {kind!r}")
