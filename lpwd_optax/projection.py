@@ -148,21 +148,8 @@ def project_scale_invariant(
     _common.check_rate(weight_decay, learning_rate, name, max_decay=1.0, strict=False)
     counted = _common.is_scheduled(weight_decay, learning_rate)
 
-    def init_fn(params):
-        if params is None or jax.tree.leaves(params):
-            _common.checked_resolution(
-                params,
-                name,
-                mask=mask,
-                rate=weight_decay,
-                learning_rate=learning_rate,
-                max_decay=1.0,
-                strict=False,
-            )
-        return ProjectionState(inner.init(params), _common.init_step_state(counted))
-
-    def update_fn(grads, state, params=None):
-        resolved = _common.checked_resolution(
+    def resolved_for(params):
+        return _common.checked_resolution(
             params,
             name,
             mask=mask,
@@ -171,6 +158,14 @@ def project_scale_invariant(
             max_decay=1.0,
             strict=False,
         )
+
+    def init_fn(params):
+        if params is None or jax.tree.leaves(params):
+            resolved_for(params)
+        return ProjectionState(inner.init(params), _common.init_step_state(counted))
+
+    def update_fn(grads, state, params=None):
+        resolved = resolved_for(params)
         updates, inner_state = inner.update(grads, state.inner_state, params)
         step, decay_state = _common.step_and_advance(state.decay_state)
         decay = jax.tree.map(lambda r: _common.decay_at(r, learning_rate, step), resolved.rate)
@@ -320,10 +315,12 @@ def sgdp(
     decay_lr = (
         (lambda t: learning_rate(t) * scale) if callable(learning_rate) else learning_rate * scale
     )
-    if _is_zero(momentum) or nesterov:
-        # A concrete zero momentum keeps no trace (optax.sgd's momentum=None).
-        momentum = None if _is_zero(momentum) else momentum
-        base = optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov)
+    # A concrete zero momentum keeps no trace (optax.sgd's momentum=None).
+    no_momentum = not isinstance(momentum, jax.core.Tracer) and float(momentum) == 0.0
+    if no_momentum or nesterov:
+        base = optax.sgd(
+            learning_rate, momentum=None if no_momentum else momentum, nesterov=nesterov
+        )
     else:
         base = optax.chain(
             _projected_trace(momentum, VIEWS, delta, eps, mask),
@@ -367,7 +364,3 @@ def _projected_trace(
         return trace, optax.TraceState(trace=trace)
 
     return optax.GradientTransformation(init_fn, update_fn)
-
-
-def _is_zero(x: Any) -> bool:
-    return not isinstance(x, jax.core.Tracer) and float(x) == 0.0
