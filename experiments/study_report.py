@@ -2,7 +2,8 @@
 
 Reads the `summary.json` of every finished run of `experiments.study` and writes, to the results
 directory: `runs.csv` and `runs.jsonl` (one line per run, with its per-period history), `cells.csv`,
-`comparisons.csv`, `rop_grid.csv`, `zero_shot.csv`, `results.md` (every table) and the figures.
+`comparisons.csv`, `growth.csv` (how a comparison changes across lambda), `rop_grid.csv`,
+`zero_shot.csv`, `results.md` (every table) and the figures.
 Missing runs are left out and counted, so a partial study still gets a report.
 """
 
@@ -39,6 +40,10 @@ STRONG_COMPARISONS = (
     ("lpwd", "baseline"),
 )
 BASE_COMPARISONS = (("lpwd", "wd"), ("wd", "baseline"), ("lpwd", "baseline"), ("l2", "wd"))
+# (a, b) pairs whose a - b is compared across the strong learning rate's lambdas: per seed, a - b
+# at the largest lambda minus a - b at the smallest (Fig. 3b: PWD's gain over RWD grows with
+# lambda; and LPWD's over WD).
+GROWTH_COMPARISONS = (("pwd", "rwd"), ("lpwd", "wd"))
 METHOD_ORDER = ("baseline", "l2", "wd", "rwd", "pwd", "lpwd")
 COLORS = {
     "baseline": "#555555",
@@ -120,24 +125,50 @@ def comparison_rows(cells: dict[Cell, dict[int, dict]], protocol: Protocol) -> l
                 continue
             row: dict[str, Any] = dict(comparison=f"{a} - {b}", lr=lr, weight_decay=lam)
             for metric in METRICS:
-                diff = stats.paired_difference(
-                    {s: r[metric] for s, r in runs_a.items()},
-                    {s: r[metric] for s, r in runs_b.items()},
-                )
-                if diff is None:
-                    continue
-                row.update(
-                    {
-                        metric: diff.mean,
-                        f"{metric}_low": diff.low,
-                        f"{metric}_high": diff.high,
-                        f"{metric}_significant": diff.significant,
-                        "n": diff.n,
-                    }
+                _add_difference(
+                    row,
+                    metric,
+                    stats.paired_difference(
+                        {s: r[metric] for s, r in runs_a.items()},
+                        {s: r[metric] for s, r in runs_b.items()},
+                    ),
                 )
             if "n" in row:
                 rows.append(row)
     return rows
+
+
+def growth_rows(cells: dict[Cell, dict[int, dict]], protocol: Protocol) -> list[dict[str, Any]]:
+    """Per seed, (a - b) at the largest strong lambda minus (a - b) at the smallest."""
+    lr = protocol.strong_lr
+    low, high = min(protocol.strong_lambdas), max(protocol.strong_lambdas)
+    rows = []
+    for a, b in GROWTH_COMPARISONS:
+        row: dict[str, Any] = dict(comparison=f"{a} - {b}", lr=lr, from_lambda=low, to_lambda=high)
+        for metric in METRICS:
+            at = {}
+            for lam in (low, high):
+                runs_a, runs_b = cells.get((a, lr, lam), {}), cells.get((b, lr, lam), {})
+                at[lam] = {
+                    s: runs_a[s][metric] - runs_b[s][metric] for s in runs_a.keys() & runs_b.keys()
+                }
+            _add_difference(row, metric, stats.paired_difference(at[high], at[low]))
+        if "n" in row:
+            rows.append(row)
+    return rows
+
+
+def _add_difference(row: dict[str, Any], metric: str, diff: stats.Difference | None) -> None:
+    if diff is not None:
+        row.update(
+            {
+                metric: diff.mean,
+                f"{metric}_low": diff.low,
+                f"{metric}_high": diff.high,
+                f"{metric}_significant": diff.significant,
+                "n": diff.n,
+            }
+        )
 
 
 def rop_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -178,6 +209,7 @@ def write_report(
     tables = dict(
         cells=cell_rows(cells),
         comparisons=comparison_rows(cells, protocol),
+        growth=growth_rows(cells, protocol),
         rop_grid=rop_rows(records),
         zero_shot=zero_shot_rows(protocol, runs_dir),
     )
@@ -255,21 +287,24 @@ def results_markdown(
         "|---|---|---|---|---|---|---|",
     ]
     for r in tables["comparisons"]:
-        cells = []
-        for metric in METRICS:
-            if metric not in r:
-                cells.append("-")
-                continue
-            digits = 3 if metric == "final_train_loss" else 2
-            mark = " *" if r[f"{metric}_significant"] else ""
-            cells.append(
-                f"{r[metric]:+.{digits}f} [{r[f'{metric}_low']:+.{digits}f}, "
-                f"{r[f'{metric}_high']:+.{digits}f}]{mark}"
-            )
         lines.append(
-            f"| {r['comparison']} | {r['lr']:g} | {r['weight_decay']:g} | "
-            + " | ".join(cells)
-            + f" | {r['n']} |"
+            f"| {r['comparison']} | {r['lr']:g} | {r['weight_decay']:g} | {_intervals(r)} | "
+            f"{r['n']} |"
+        )
+    lines += [
+        "",
+        "## Change of a paired difference from the smallest to the largest lambda",
+        "",
+        "Per seed, a - b at the largest lambda minus a - b at the smallest; mean over seeds, 95%",
+        "t-interval.",
+        "",
+        "| a - b | eta | lambda | best-10 top-1 | final top-1 | final train loss | n |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in tables["growth"]:
+        lines.append(
+            f"| {r['comparison']} | {r['lr']:g} | {r['from_lambda']:g} -> {r['to_lambda']:g} | "
+            f"{_intervals(r)} | {r['n']} |"
         )
     lines += [
         "",
@@ -296,6 +331,22 @@ def results_markdown(
             f"{_fmt(r['top1_std'])} | {r['n']} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _intervals(row: dict[str, Any]) -> str:
+    """A difference row as markdown cells, one per metric: `mean [low, high]`, * if significant."""
+    cells = []
+    for metric in METRICS:
+        if metric not in row:
+            cells.append("-")
+            continue
+        digits = 3 if metric == "final_train_loss" else 2
+        mark = " *" if row[f"{metric}_significant"] else ""
+        cells.append(
+            f"{row[metric]:+.{digits}f} [{row[f'{metric}_low']:+.{digits}f}, "
+            f"{row[f'{metric}_high']:+.{digits}f}]{mark}"
+        )
+    return " | ".join(cells)
 
 
 def _write_csv(path: str, rows: Sequence[dict[str, Any]], fields: Sequence[str] | None = None):

@@ -96,6 +96,8 @@ def test_report_from_runs_with_known_numbers(tmp_path):
     for run in runs:
         top1 = final[run.method] + run.seed
         extra = 1.0 if (run.method == "lpwd" and run.seed == 1) else 0.0
+        if run.method == "pwd" and run.weight_decay == 0.5:
+            extra = (1.0, 2.0)[run.seed]  # PWD - RWD grows from lambda 0.05 to 0.5 by 1 and 2
         rop = 0.01 if run.method == "wd" else 0.0
         summary = _fake_summary(run, [top1 - 5, top1 + extra], 1.0 - 0.1 * run.seed, rop)
         os.makedirs(os.path.join(runs_dir, run.directory))
@@ -114,6 +116,16 @@ def test_report_from_runs_with_known_numbers(tmp_path):
     wd_base = rows[("wd - baseline", 0.5)]
     assert float(wd_base["final_top1"]) == pytest.approx(1.0)
     assert wd_base["final_top1_significant"] == "True"  # a constant difference: zero width
+    with open(os.path.join(results, "growth.csv")) as f:
+        growth = {r["comparison"]: r for r in csv.DictReader(f)}
+    pwd_rwd = growth["pwd - rwd"]
+    assert (float(pwd_rwd["from_lambda"]), float(pwd_rwd["to_lambda"])) == (0.05, 0.5)
+    # Per-seed changes of the final top-1 difference: 1 and 2 -> mean 1.5, std 0.7071.
+    assert float(pwd_rwd["final_top1"]) == pytest.approx(1.5)
+    assert float(pwd_rwd["final_top1_high"]) == pytest.approx(1.5 + 12.706205 * 0.5, abs=1e-5)
+    assert float(pwd_rwd["final_train_loss"]) == pytest.approx(0.0)  # the losses do not move
+    assert float(growth["lpwd - wd"]["final_top1"]) == pytest.approx(0.0)
+    assert pwd_rwd["n"] == "2"
     with open(os.path.join(results, "cells.csv")) as f:
         cells = {(r["method"], float(r["weight_decay"])): r for r in csv.DictReader(f)}
     assert float(cells[("wd", 0.5)]["final_top1"]) == pytest.approx(51.5)
@@ -121,6 +133,7 @@ def test_report_from_runs_with_known_numbers(tmp_path):
     assert cells[("wd", 0.5)]["n"] == "2"
     text = open(os.path.join(results, "results.md")).read()
     assert "| lpwd - wd | 0.001 | 0.5 |" in text
+    assert "| pwd - rwd | 0.001 | 0.05 -> 0.5 | " in text
     # Part a of the tiny protocol: 2 seeds x (baseline + 4 methods), 60 s each.
     assert "| a | 10 of 10 | 0.17 |" in text
     for name in ("fig_strong_curves", "fig_ablation", "fig_lambda_sweep", "fig_rop_grid"):
