@@ -442,7 +442,7 @@ def plot_ablation(protocol: Protocol, cells: dict[Cell, dict[int, dict]], path: 
     if values:
         ax.set_ylim(min(values) - 5, max(values) + 3)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(ncols=5, fontsize=8, loc="lower center")
+    ax.legend(ncols=5, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
     _save(fig, path)
 
 
