@@ -145,13 +145,14 @@ def growth_rows(cells: dict[Cell, dict[int, dict]], protocol: Protocol) -> list[
     rows = []
     for a, b in GROWTH_COMPARISONS:
         row: dict[str, Any] = dict(comparison=f"{a} - {b}", lr=lr, from_lambda=low, to_lambda=high)
+        pair = {
+            lam: (cells.get((a, lr, lam), {}), cells.get((b, lr, lam), {})) for lam in (low, high)
+        }
         for metric in METRICS:
-            at = {}
-            for lam in (low, high):
-                runs_a, runs_b = cells.get((a, lr, lam), {}), cells.get((b, lr, lam), {})
-                at[lam] = {
-                    s: runs_a[s][metric] - runs_b[s][metric] for s in runs_a.keys() & runs_b.keys()
-                }
+            at = {
+                lam: {s: ra[s][metric] - rb[s][metric] for s in ra.keys() & rb.keys()}
+                for lam, (ra, rb) in pair.items()
+            }
             _add_difference(row, metric, stats.paired_difference(at[high], at[low]))
         if "n" in row:
             rows.append(row)
