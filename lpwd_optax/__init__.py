@@ -39,10 +39,13 @@ from lpwd_optax.layerwise import (
 )
 from lpwd_optax.projection import adamp, project_scale_invariant, sgdp
 from lpwd_optax.rescaling import rescale_kernel, rescale_params, weight_rescaling
+from lpwd_optax.structure import LayerStructure, LeafLayout, layer_structure
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LayerStructure",
+    "LeafLayout",
     "adamp",
     "adaptive_weight_decay",
     "convnext_rules",
@@ -54,6 +57,7 @@ __all__ = [
     "jacobian_norm",
     "l2_regularization",
     "layer_statistics",
+    "layer_structure",
     "layerwise_schedule",
     "lpwd_adam",
     "opposing_penalty_rate",

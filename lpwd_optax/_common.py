@@ -70,17 +70,31 @@ def leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:
 # Structure checks
 
 
+def is_function(x: Any) -> bool:
+    """A schedule or a mask function: callable AND a pytree leaf.
+
+    A callable pytree (an Equinox Module, an `nnx.Variable`) given as a rate, mask, label or
+    group tree is a tree, not a function: its leaves are what count.
+    """
+    return callable(x) and jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(x))
+
+
 def _is_scalar_or_schedule(x: Any) -> bool:
-    if callable(x) or isinstance(x, numbers.Number):
+    if is_function(x) or isinstance(x, numbers.Number):
         return True
     return isinstance(x, (jax.Array, np.ndarray, np.generic)) and np.ndim(x) == 0
 
 
+def _is_rate_value(x: Any) -> bool:
+    # One leaf's rate: a scalar, a schedule, or an array that broadcasts against the leaf
+    # (per-slice rates of a stacked leaf, from `layerwise_schedule`).
+    return _is_scalar_or_schedule(x) or isinstance(x, (jax.Array, np.ndarray))
+
+
 def _is_rate_leaf(x: Any) -> bool:
-    # Schedules are leaves; NNX Variables are callable too, but they are pytree nodes.
-    if x is None:
-        return True
-    return callable(x) and jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(x))
+    # Schedules are leaves; NNX Variables are callable too, but they are pytree nodes. None is
+    # no leaf, as everywhere in jax.
+    return is_function(x)
 
 
 def flatten_like_params(tree: Any, params: Any, what: str) -> list[Any]:
@@ -123,9 +137,12 @@ def require_params(params: Any, transform: str) -> None:
 
 
 def default_decay_mask(params: optax.Params) -> Any:
-    """timm's no-decay rule: decay leaves with ndim > 1, except relative position bias tables.
+    """timm's no-decay rule: decay leaves with more than one axis of size > 1, except relative
+    position bias tables.
 
-    Biases, normalization scales and layer-scale gammas (ndim <= 1) are not decayed.
+    Biases, normalization scales and layer-scale gammas (one axis, or Haiku's `(1, 1, 1, C)`
+    BatchNorm scale and offset) are not decayed. For stacked layers use
+    `layer_structure(...).decay_mask`, which applies the same rule to one slice.
 
     Args:
       params: a pytree of arrays (a linen params dict or an `nnx.State`).
@@ -134,33 +151,44 @@ def default_decay_mask(params: optax.Params) -> Any:
       A pytree of Python bools shaped like `params`.
     """
 
-    def keep(path, leaf):
-        name = path_str(path)
-        return bool(np.ndim(leaf) > 1 and not any(n in name for n in NO_DECAY_NAMES))
-
+    keep = lambda path, leaf: decays_by_default(path_str(path), np.shape(leaf))
     return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def decays_by_default(path: str, shape: Sequence[int], stacked: Sequence[int] = ()) -> bool:
+    """The default decay rule on one layer: more than one axis of size > 1 (outside the
+    `stacked` axes, which index layers), and no name of `NO_DECAY_NAMES` in the path."""
+    ndim = sum(1 for a, n in enumerate(shape) if n > 1 and a not in stacked)
+    return bool(ndim > 1 and not any(n in path for n in NO_DECAY_NAMES))
 
 
 # --------------------------------------------------------------------------------------------
 # Rates and the per-step decay d_t, checked once when a transform is built
 
 
-def check_scalar_rate(value: Any, name: str, *, upper: float | None = None) -> None:
-    """Raise if a concrete `value` is negative (or >= `upper`); traced values are skipped."""
+def check_scalar_rate(
+    value: Any, name: str, *, upper: float | None = None, array: bool = False
+) -> None:
+    """Raise if a concrete `value` is negative (or >= `upper`); traced values are skipped.
+
+    With `array`, `value` may be an array (per-slice rates) and every entry is checked."""
     if isinstance(value, jax.core.Tracer):
         return
     try:
-        v = float(np.asarray(value))
-    except TypeError as e:  # not a scalar
+        values = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as e:  # not a number
         raise TypeError(f"{name} must be a scalar, got {type(value).__name__}.") from e
-    if not np.isfinite(v) or v < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {v}.")
-    if upper is not None and v >= upper:
-        raise ValueError(f"{name} must be < {upper}, got {v}.")
+    if values.ndim and not array:
+        raise TypeError(f"{name} must be a scalar, got an array of shape {values.shape}.")
+    bad = values[~np.isfinite(values) | (values < 0)]
+    if bad.size:
+        raise ValueError(f"{name} must be a finite number >= 0, got {float(bad.ravel()[0])}.")
+    if upper is not None and values.size and float(values.max()) >= upper:
+        raise ValueError(f"{name} must be < {upper}, got {float(values.max())}.")
 
 
 def _value_at(x: ScalarOrSchedule, step: chex.Numeric) -> chex.Numeric:
-    return x(step) if callable(x) else x
+    return x(step) if is_function(x) else x
 
 
 def decay_at(
@@ -182,7 +210,7 @@ def rate_leaves(rate: Rate) -> list[tuple[str, ScalarOrSchedule]]:
 def is_scheduled(rate: Rate | None, learning_rate: ScalarOrSchedule | None = None) -> bool:
     """True when the learning rate or any leaf's rate is a schedule: `d_t` depends on t."""
     rates = [] if rate is None else [r for _, r in rate_leaves(rate)]
-    return any(callable(x) for x in [*rates, learning_rate])
+    return any(is_function(x) for x in [*rates, learning_rate])
 
 
 def check_rate(
@@ -202,9 +230,9 @@ def check_rate(
         check_scalar_rate(_value_at(learning_rate, 0), f"{transform} learning_rate")
     for path, r in rate_leaves(rate):
         where = f"{transform} rate" + (f" at '{path}'" if path else "")
-        if not _is_scalar_or_schedule(r):
+        if not (_is_rate_value(r) if path else _is_scalar_or_schedule(r)):
             raise TypeError(f"{where} must be a scalar or a schedule, got {type(r).__name__}.")
-        check_scalar_rate(_value_at(r, 0), where)
+        check_scalar_rate(_value_at(r, 0), where, array=bool(path))
         if not path:  # a per-leaf rate's bound is checked at init, on decayed leaves only
             check_decay_bound(transform, decay_at(r, learning_rate, 0), max_decay, strict)
 
@@ -213,7 +241,7 @@ def check_decay_bound(where: str, d: Any, max_decay: float | None, strict: bool)
     """Raise if a concrete per-step decay `d` at step 0 is above (or at) `max_decay`."""
     if max_decay is None or isinstance(d, jax.core.Tracer):
         return
-    d = float(np.asarray(d))
+    d = float(np.max(np.asarray(d)))
     if d > max_decay or (strict and d == max_decay):
         bound = "<" if strict else "<="
         raise ValueError(
@@ -252,7 +280,7 @@ def resolve(
     paths = [p for p, _ in leaves_with_paths(params)]
     if mask is None:
         mask = default_decay_mask
-    if callable(mask):
+    if is_function(mask):
         mask = mask(params)
     masks = []
     for path, m in zip(paths, flatten_like_params(mask, params, f"{transform} mask")):
@@ -365,6 +393,7 @@ def leafwise_transform(
     leaf_inputs: Callable[[Any, Any, Resolved], Any] | None = None,
     applies_at: Callable[[chex.Numeric], chex.Array] | None = None,
     check_leaf: Callable[[str, Any], None] | None = None,
+    check_params: Callable[[Any], None] | None = None,
 ) -> optax.GradientTransformation:
     """A transform that applies `rule` to every masked leaf: `rule(update, param, d[, x])`.
 
@@ -382,6 +411,8 @@ def leafwise_transform(
         computed before the leaf rules run (statistics shared by a group of leaves).
       applies_at: `step -> bool`; on other steps the updates pass through (one conditional).
       check_leaf: `(path, param)` raises for a masked leaf the rule cannot take.
+      check_params: `params` raises for params the transform was not built for (a layer
+        structure of other params), at `init` and at every update.
 
     Returns:
       An `optax.GradientTransformation` whose state is the step count when a rate, the
@@ -392,7 +423,7 @@ def leafwise_transform(
     counted = is_scheduled(rate, learning_rate) or applies_at is not None
 
     def resolved_for(params):
-        return checked_resolution(
+        resolved = checked_resolution(
             params,
             transform,
             mask=mask,
@@ -403,6 +434,9 @@ def leafwise_transform(
             extra=extra,
             check_leaf=check_leaf,
         )
+        if check_params is not None:
+            check_params(params)
+        return resolved
 
     def init_fn(params):
         # optax.tree_utils.tree_map_params inits with a placeholder tree that has no leaves:

@@ -6,6 +6,7 @@ gradient, so they go FIRST in an `optax.chain`, before the optimizer.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import chex
@@ -15,8 +16,9 @@ import numpy as np
 import optax
 from jax import lax
 
-from lpwd_optax import _common
+from lpwd_optax import _common, structure
 from lpwd_optax._common import MaskOrFn, Rate
+from lpwd_optax.structure import LayerStructure
 
 
 class RandomizedDecayState(NamedTuple):
@@ -82,6 +84,47 @@ def _group_statistics(grads: list[chex.Array]) -> MagnitudeStatistics:
     return MagnitudeStatistics(mean, jnp.where(std > 0, 1.0 / jnp.where(std > 0, std, 1.0), 0.0))
 
 
+def _slice_statistics(
+    grads: list[chex.Array], layouts: list[Any], labels: list[Any] | None
+) -> list[MagnitudeStatistics]:
+    """Statistics per layer of a `LayerStructure`: every slice of a stacked leaf is a layer of
+    its own, or, with `labels` (a label per leaf, or an array of labels over its slices), the
+    slices sharing a label are one group."""
+    sums = []
+    for g, layout in zip(grads, layouts):
+        axes = layout.slice_axes
+        count = math.prod(g.shape[a] for a in axes)
+        abs_sum = jnp.sum(jnp.maximum(g, -g), axis=axes, keepdims=True, dtype=jnp.float32)
+        sq_sum = jnp.sum(jnp.square(g.astype(jnp.float32)), axis=axes, keepdims=True)
+        sums.append((count, abs_sum, sq_sum))
+
+    def stats(total, total_sq, count):
+        mean = total / count
+        std = jnp.sqrt(jnp.maximum(total_sq / count - jnp.square(mean), 0.0))
+        inv = jnp.where(std > 0, 1.0 / jnp.where(std > 0, std, 1.0), 0.0)
+        return mean, inv
+
+    if labels is None:
+        return [MagnitudeStatistics(*stats(s1, s2, n)) for n, s1, s2 in sums]
+    slice_labels = [
+        np.broadcast_to(np.asarray(label), s1.shape) for label, (_, s1, _) in zip(labels, sums)
+    ]
+    values = sorted({v.item() for lab in slice_labels for v in lab.ravel()}, key=repr)
+    totals = []
+    for v in values:
+        n = sum(c * int(np.sum(lab == v)) for lab, (c, _, _) in zip(slice_labels, sums))
+        s1 = sum(jnp.sum(jnp.where(lab == v, a, 0.0)) for lab, (_, a, _) in zip(slice_labels, sums))
+        s2 = sum(jnp.sum(jnp.where(lab == v, b, 0.0)) for lab, (_, _, b) in zip(slice_labels, sums))
+        totals.append(stats(s1, s2, n))
+    means, invs = jnp.stack([m for m, _ in totals]), jnp.stack([i for _, i in totals])
+    index = {v: k for k, v in enumerate(values)}
+    out = []
+    for lab in slice_labels:
+        idx = np.vectorize(lambda v: index[v], otypes=[np.int32])(lab)
+        out.append(MagnitudeStatistics(means[idx], invs[idx]))
+    return out
+
+
 def _standardized(g: chex.Array, stats: MagnitudeStatistics) -> chex.Array:
     """`ghat = (|g| - mean) / std` (0 where the group has no spread)."""
     return (jnp.abs(g.astype(jnp.float32)) - stats.mean) * stats.inv_std
@@ -98,6 +141,7 @@ def adaptive_weight_decay(
     alpha: chex.Numeric = 4.0,
     groups: Any | None = None,
     mask: MaskOrFn = None,
+    layers: LayerStructure | None = None,
 ) -> optax.GradientTransformation:
     """AdaDecay: a per-entry L2 rate that grows with the entry's standardized gradient magnitude.
 
@@ -107,7 +151,9 @@ def adaptive_weight_decay(
       g_j \\leftarrow g_j + \\lambda_t c_j \\theta_j
 
     `l` is the layer of entry `j`: one param leaf by default, or all leaves sharing a label in
-    `groups` (e.g. `depth_labels(params)`). With plain SGD this is
+    `groups` (e.g. `depth_labels(params)`). With `layers` (a `LayerStructure`), every slice of a
+    stacked leaf is a layer of its own (and `groups` may hold arrays of labels over a stacked
+    leaf's slices, as `depth_labels` gives). With plain SGD this is
     `w <- (1 - eta * lambda * c_j) w - eta * g_j`; `alpha = 0` gives `c = 1`, plain L2.
     Place it FIRST in a chain.
 
@@ -117,7 +163,8 @@ def adaptive_weight_decay(
       groups: optional pytree of hashable labels shaped like the params; entries of leaves with
         equal labels share the mean and std. None: each leaf is its own group.
       mask: a pytree of bools or a callable `params -> pytree of bools`; defaults to
-        `default_decay_mask`.
+        `default_decay_mask`, or with `layers` to its `decay_mask`.
+      layers: optional `LayerStructure` of the params (from `layer_structure`).
 
     Returns:
       An `optax.GradientTransformation` whose state is the step count, or empty when no rate
@@ -135,6 +182,7 @@ def adaptive_weight_decay(
       Nakamura & Hong, "Adaptive Weight Decay for Deep Neural Networks" (arXiv:1907.08931).
     """
     _check_alpha(alpha)
+    structure.check_layers(layers, "adaptive_weight_decay")
 
     def magnitude_statistics(grads, params, resolved):
         # Mean and std of |g| per masked leaf, or over the masked leaves sharing a label.
@@ -145,6 +193,18 @@ def adaptive_weight_decay(
             if groups is None
             else treedef.flatten_up_to(resolved.extra["groups"])
         )
+        if layers is not None:
+            layouts = structure.layouts(layers, params, "adaptive_weight_decay")
+            chosen = [i for i, m in enumerate(masks) if m]
+            per_leaf = _slice_statistics(
+                [leaves[i] for i in chosen],
+                [layouts[i] for i in chosen],
+                None if groups is None else [labels[i] for i in chosen],
+            )
+            stats: list[MagnitudeStatistics | None] = [None] * len(leaves)
+            for i, st in zip(chosen, per_leaf):
+                stats[i] = st
+            return treedef.unflatten(stats)
         members: dict[Any, list[int]] = {}
         for i, (label, m) in enumerate(zip(labels, masks)):
             if m:
@@ -163,10 +223,11 @@ def adaptive_weight_decay(
     return _common.leafwise_transform(
         "adaptive_weight_decay",
         penalty,
-        mask=mask,
+        mask=structure.default_mask(layers, mask),
         rate=rate,
         extra={"groups": groups},
         leaf_inputs=magnitude_statistics,
+        check_params=structure.params_check(layers, "adaptive_weight_decay"),
     )
 
 
@@ -176,6 +237,7 @@ def randomized_weight_decay(
     key: chex.PRNGKey,
     alpha: chex.Numeric = 4.0,
     mask: MaskOrFn = None,
+    layers: LayerStructure | None = None,
 ) -> optax.GradientTransformation:
     """AdaDecay's ablation: the standardized magnitude is replaced by noise, `ghat ~ N(0, 1)`.
 
@@ -190,7 +252,10 @@ def randomized_weight_decay(
       rate: lambda; a float, a schedule, or a pytree of per-leaf floats or schedules.
       key: the PRNG key the draws start from.
       alpha: the sigmoid's steepness, >= 0.
-      mask: a pytree of bools or a callable; defaults to `default_decay_mask`.
+      mask: a pytree of bools or a callable; defaults to `default_decay_mask`, or with
+        `layers` to its `decay_mask`.
+      layers: optional `LayerStructure` of the params; the draws are per entry, so the layer
+        structure only sets the default mask.
 
     Returns:
       An `optax.GradientTransformation` with `RandomizedDecayState`.
@@ -208,6 +273,8 @@ def randomized_weight_decay(
     transform = "randomized_weight_decay"
     _common.check_rate(rate, None, transform, max_decay=None, strict=True)
     _check_alpha(alpha)
+    structure.check_layers(layers, transform)
+    mask = structure.default_mask(layers, mask)
 
     def penalty(g, theta, d, ghat):
         return g + d * decay_coefficients(ghat, alpha) * theta

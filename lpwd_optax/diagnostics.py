@@ -4,6 +4,7 @@ scale invariance detected from the forward pass, and the Jacobian norm."""
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -13,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lpwd_optax import _common
+from lpwd_optax import _common, structure
+from lpwd_optax.structure import LayerStructure
 
 
 def penalties(updates: optax.Updates, regularized_updates: optax.Updates) -> optax.Updates:
@@ -85,6 +87,7 @@ def layer_statistics(
     *,
     learning_rate: chex.Numeric | None = None,
     scale_invariant: Any | None = None,
+    layers: LayerStructure | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Per-module weight norm, update norm, effective step and effective learning rate.
 
@@ -109,9 +112,13 @@ def layer_statistics(
       learning_rate: `eta`; if given, each module also reports `effective_lr`.
       scale_invariant: a tree of bools shaped like `params` (e.g. from `scale_invariant_mask`);
         if given, each module also reports `scale_invariant`, True when any of its leaves is.
+      layers: optional `LayerStructure`: a stacked module (its leaves sliced by a scan)
+        reports one value per slice, arrays over its stacked axes, slice `i` equal to what its
+        unrolled twin's module `i` reports.
 
     Returns:
-      `{module_path: {"weight_norm", "update_norm", "effective_step"}}`, float32 scalars, plus
+      `{module_path: {"weight_norm", "update_norm", "effective_step"}}`, float32 scalars (or
+      arrays over a stacked module's slices), plus
       `"effective_lr"` (float32; 0 for an all-zero module, like `effective_step`) and
       `"scale_invariant"` (a Python bool) when asked for.
 
@@ -134,13 +141,24 @@ def layer_statistics(
     flags = [False] * len(leaves)
     if scale_invariant is not None:
         flags = _common.flatten_like_params(scale_invariant, params, "scale_invariant")
+    layouts = structure.layouts(layers, params, "layer_statistics")
     sq_w: dict[str, Any] = {}
     sq_u: dict[str, Any] = {}
+    stacking: dict[str, tuple] = {}
     invariant: dict[str, bool] = {}
-    for (path, theta), u, flag in zip(leaves, jax.tree.leaves(updates), flags):
+    for (path, theta), u, flag, layout in zip(leaves, jax.tree.leaves(updates), flags, layouts):
         key = module_path(path)
-        sq_w[key] = sq_w.get(key, 0.0) + jnp.sum(jnp.square(theta.astype(jnp.float32)))
-        sq_u[key] = sq_u.get(key, 0.0) + jnp.sum(jnp.square(u.astype(jnp.float32)))
+        axes = structure.slice_axes(layout, np.ndim(theta))
+        slices = tuple(np.shape(theta)[a] for a in range(np.ndim(theta)) if a not in axes)
+        if stacking.setdefault(key, slices) != slices:
+            raise ValueError(
+                f"layer_statistics: '{path}' has {slices or 'no'} stacked slices, other leaves "
+                f"of its module '{key}' {stacking[key] or 'none'}; they cannot be summed per "
+                "slice."
+            )
+        sq = lambda x, axes=axes: jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axes)
+        sq_w[key] = sq_w.get(key, 0.0) + sq(theta)
+        sq_u[key] = sq_u.get(key, 0.0) + sq(u)
         invariant[key] = invariant.get(key, False) or bool(flag)
     stats = {}
     for key in sq_w:
@@ -172,6 +190,7 @@ def scale_sensitivity(
     *,
     num_probes: int = 8,
     key: chex.PRNGKey | None = None,
+    layers: LayerStructure | None = None,
 ) -> Any:
     """How much scaling each kernel changes the outputs, relative to changing its direction.
 
@@ -209,10 +228,14 @@ def scale_sensitivity(
       num_probes: output probes `w_k`. The estimate of `s_m^2` is about `s_m^2 chi^2_K / K`
         for `K` probes: with 8, it falls below a quarter of `s_m` with probability 2e-4.
       key: PRNG key of the probes; default `jax.random.key(0)`.
+      layers: optional `LayerStructure`: the kernels are the traced ones (role "kernel"),
+        and every slice of a stacked module is scaled on its own.
 
     Returns:
       A tree shaped like `params` of Python floats: `s_m` on every leaf with `ndim >= 2` (a
-      kernel), NaN on the others and where `theta_m` or the gradients are zero.
+      kernel; with `layers`, every traced kernel, and for a stacked one a float array that
+      broadcasts against it, one value per slice), NaN on the others and where `theta_m` or
+      the gradients are zero.
 
     Example:
       >>> import jax, lpwd_optax
@@ -234,6 +257,8 @@ def scale_sensitivity(
     key = jax.random.key(0) if key is None else key
     leaves, treedef = jax.tree.flatten(params)
     modules = [module_path(path) for path, _ in _common.leaves_with_paths(params)]
+    layouts = structure.layouts(layers, params, "scale_sensitivity")
+    axes = [structure.slice_axes(x, np.ndim(leaf)) for x, leaf in zip(layouts, leaves)]
 
     @jax.jit
     def radial_and_squared(params, inputs, key):
@@ -242,30 +267,34 @@ def scale_sensitivity(
         def probe(k):
             (grads,) = vjp(jax.random.normal(k, outputs.shape, outputs.dtype))
             pairs = []
-            for g, theta in zip(jax.tree.leaves(grads), jax.tree.leaves(params)):
+            for g, theta, a in zip(jax.tree.leaves(grads), jax.tree.leaves(params), axes):
                 g, theta = g.astype(jnp.float32), theta.astype(jnp.float32)
-                pairs.append(jnp.stack([jnp.vdot(g, theta), jnp.vdot(g, g)]))
-            return jnp.stack(pairs, axis=1)  # (2, leaves)
+                pairs.append((jnp.sum(g * theta, a), jnp.sum(g * g, a)))  # per slice
+            return pairs
 
-        return jax.lax.map(probe, jax.random.split(key, num_probes))  # (probes, 2, leaves)
+        return jax.lax.map(probe, jax.random.split(key, num_probes))  # per leaf, (probes, ...)
 
-    per_leaf = np.asarray(radial_and_squared(params, inputs, key), np.float64)
+    sums = radial_and_squared(params, inputs, key)
     radial, squared, theta2, size = {}, {}, {}, {}
-    for i, (m, theta) in enumerate(zip(modules, leaves)):
-        radial[m] = radial.get(m, 0.0) + per_leaf[:, 0, i]
-        squared[m] = squared.get(m, 0.0) + per_leaf[:, 1, i].sum()
-        theta2[m] = theta2.get(m, 0.0) + float(np.sum(np.square(np.asarray(theta, np.float64))))
-        size[m] = size.get(m, 0) + int(np.size(theta))
+    for m, theta, (r, q), a in zip(modules, leaves, sums, axes):
+        theta = np.asarray(theta, np.float64)
+        radial[m] = radial.get(m, 0.0) + np.asarray(r, np.float64)
+        squared[m] = squared.get(m, 0.0) + np.asarray(q, np.float64).sum(axis=0)
+        theta2[m] = theta2.get(m, 0.0) + np.sum(np.square(theta), axis=a)
+        size[m] = size.get(m, 0) + math.prod(theta.shape[i] for i in a)
 
-    def sensitivity(m: str) -> float:
+    def sensitivity(m: str, theta: Any, layout: Any) -> Any:
         denominator = theta2[m] * squared[m]
-        if not denominator > 0:
-            return math.nan
-        return math.sqrt(size[m] * float(np.sum(np.square(radial[m]))) / denominator)
+        kernel = np.ndim(theta) >= 2 if layout is None else layout.role == "kernel"
+        ok = (denominator > 0) & kernel
+        safe = np.where(ok, denominator, 1.0)
+        s = np.where(ok, np.sqrt(size[m] * np.sum(np.square(radial[m]), axis=0) / safe), np.nan)
+        if layout is None or not layout.stacked_axes:
+            return float(s)
+        return s.reshape([n if i in layout.stacked_axes else 1 for i, n in enumerate(theta.shape)])
 
     return jax.tree.unflatten(
-        treedef,
-        [sensitivity(m) if np.ndim(theta) >= 2 else math.nan for m, theta in zip(modules, leaves)],
+        treedef, [sensitivity(m, t, x) for m, t, x in zip(modules, leaves, layouts)]
     )
 
 
@@ -277,6 +306,7 @@ def scale_invariant_mask(
     tol: float = SCALE_INVARIANCE_TOL,
     num_probes: int = 8,
     key: chex.PRNGKey | None = None,
+    layers: LayerStructure | None = None,
 ) -> Any:
     """Which kernels the network's outputs are (numerically) invariant to the scale of.
 
@@ -302,6 +332,9 @@ def scale_invariant_mask(
       tol: the threshold on the sensitivity.
       num_probes: output probes, see `scale_sensitivity`.
       key: PRNG key of the probes; default `jax.random.key(0)`.
+      layers: optional `LayerStructure`: the traced kernels, each slice of a stacked kernel
+        measured on its own; a stacked kernel is True when every slice is invariant (a
+        warning names a kernel whose slices disagree).
 
     Returns:
       A tree of Python bools shaped like `params`: True on the scale-invariant kernels, False on
@@ -329,8 +362,21 @@ def scale_invariant_mask(
       Zhang, Wang, Xu & Grosse, "Three Mechanisms of Weight Decay Regularization", ICLR 2019
       (arXiv:1810.12281); Heo et al., "AdamP" (arXiv:2006.08217).
     """
-    sensitivity = scale_sensitivity(apply_fn, params, inputs, num_probes=num_probes, key=key)
-    return jax.tree.map(lambda s: bool(s < tol), sensitivity)
+    sensitivity = scale_sensitivity(
+        apply_fn, params, inputs, num_probes=num_probes, key=key, layers=layers
+    )
+    flat, treedef = jax.tree_util.tree_flatten_with_path(sensitivity)
+    out = []
+    for path, s in flat:
+        below = np.asarray(s) < tol
+        if below.any() and not below.all():
+            warnings.warn(
+                f"scale_invariant_mask: the slices of '{_common.path_str(path)}' disagree "
+                f"({int(below.sum())} of {below.size} invariant); it is marked not invariant.",
+                stacklevel=2,
+            )
+        out.append(bool(below.all()))
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 class JacobianNorm(NamedTuple):

@@ -17,15 +17,14 @@ from __future__ import annotations
 import math
 import numbers
 import re
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias
 
 import jax
-import jax.extend.core as jex_core
 import numpy as np
 
-from lpwd_optax._common import Schedule, flatten_like_params, path_str
+from lpwd_optax import structure
+from lpwd_optax._common import Schedule, flatten_like_params, is_function, path_str
 
 # A rule maps a "/"-joined leaf path to a group: a number, a tuple of numbers, None (the regex's
 # groups read as ints) or a callable `re.Match -> number | tuple`.
@@ -81,7 +80,7 @@ def _leaves(tree: Any, what: str) -> tuple[list[_Leaf], Any]:
 
 def _match_structure(tree: Any, params: Any, what: str, *, allow_scalar: bool = False) -> list:
     """Leaves of `tree` in the params' leaf order; a mismatch names the first differing path."""
-    if allow_scalar and (tree is None or callable(tree) or isinstance(tree, numbers.Number)):
+    if allow_scalar and (tree is None or is_function(tree) or isinstance(tree, numbers.Number)):
         return [tree] * jax.tree_util.tree_structure(params).num_leaves
     return flatten_like_params(tree, params, what)
 
@@ -158,140 +157,6 @@ def _rule_key(path: str, rules: list[tuple[re.Pattern, GroupSpec]]) -> tuple[flo
 
 
 # --------------------------------------------------------------------------------------------
-# Forward-pass order: where each param leaf is first consumed in the traced computation
-
-# Primitives that only re-view a value (a cast for mixed precision, a reshape before a bias add):
-# their output stands for the same param, and the param counts as used where the view is used.
-_VIEW_PRIMITIVES = frozenset(
-    {
-        "bitcast_convert_type",
-        "broadcast_in_dim",
-        "convert_element_type",
-        "copy",
-        "copy_p",
-        "device_put",
-        "expand_dims",
-        "mesh_cast",
-        "optimization_barrier",
-        "pvary",
-        "reduce_precision",
-        "reshape",
-        "reshard",
-        "sharding_constraint",
-        "squeeze",
-        "transpose",
-    }
-)
-
-
-def _as_jaxpr(x: Any) -> jex_core.Jaxpr | None:
-    if isinstance(x, jex_core.ClosedJaxpr):
-        return x.jaxpr
-    if isinstance(x, jex_core.Jaxpr):
-        return x
-    return None
-
-
-def _sub_jaxprs(eqn: Any, ins: list[int | None]) -> list[tuple[Any, list[int | None], bool]]:
-    """(inner jaxpr, the params its invars stand for, whether its outvars are the eqn's)."""
-    if eqn.primitive.name == "while":
-        nc, nb = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
-        return [
-            (eqn.params["cond_jaxpr"].jaxpr, ins[:nc] + ins[nc + nb :], False),
-            (eqn.params["body_jaxpr"].jaxpr, ins[nc:], True),
-        ]
-    subs = []
-    for value in eqn.params.values():
-        for x in value if isinstance(value, (tuple, list)) else (value,):
-            jaxpr = _as_jaxpr(x)
-            if jaxpr is None:
-                continue
-            # Call-like primitives (jit, remat, scan, custom_jvp/vjp, shard_map) pass their
-            # operands 1:1; cond's branches get all operands but the branch index (the first).
-            k = len(jaxpr.invars)
-            inner = ins[len(ins) - k :] if k <= len(ins) else [None] * k
-            subs.append((jaxpr, inner, len(jaxpr.outvars) == len(eqn.outvars)))
-    return subs
-
-
-def _first_uses(jaxpr: Any, in_leaves: list[int | None]) -> dict[int, int]:
-    """Maps leaf index -> index of the first equation (in execution order) that consumes it."""
-    first: dict[int, int] = {}
-    counter = [0]
-
-    def walk(jaxpr: Any, in_leaves: list[int | None]) -> list[int | None]:
-        env = {v: leaf for v, leaf in zip(jaxpr.invars, in_leaves) if leaf is not None}
-        read = lambda v: None if isinstance(v, jex_core.Literal) else env.get(v)
-        for eqn in jaxpr.eqns:
-            position = counter[0]
-            counter[0] += 1
-            ins = [read(v) for v in eqn.invars]
-            if all(leaf is None for leaf in ins):
-                continue  # nothing of ours flows in, so nothing inside can consume a param
-            if eqn.primitive.name in _VIEW_PRIMITIVES:
-                for v, leaf in zip(eqn.outvars, ins):
-                    if leaf is not None:
-                        env[v] = leaf
-                continue
-            subs = _sub_jaxprs(eqn, ins)
-            passed = set()
-            outs: list[int | None] = [None] * len(eqn.outvars)
-            for inner, inner_ins, outs_match in subs:
-                passed.update(leaf for leaf in inner_ins if leaf is not None)
-                inner_outs = walk(inner, inner_ins)
-                if outs_match:
-                    outs = [o if o is not None else i for o, i in zip(outs, inner_outs)]
-            for leaf in ins:
-                if leaf is not None and leaf not in passed:
-                    first[leaf] = min(first.get(leaf, position), position)
-            for v, leaf in zip(eqn.outvars, outs):
-                if leaf is not None:
-                    env[v] = leaf
-        return [read(v) for v in jaxpr.outvars]
-
-    walk(jaxpr, in_leaves)
-    return first
-
-
-def _is_traceable_input(x: Any) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
-
-
-def _trace_first_uses(
-    params: Any, n_leaves: int, apply_fn: Callable, example_args: tuple, example_kwargs: dict
-) -> dict[int, int]:
-    # Arrays and ShapeDtypeStructs are traced; everything else (train=False, None, strings, an
-    # rng object) is closed over as is, so Python branching on it keeps working.
-    leaves, treedef = jax.tree_util.tree_flatten((example_args, example_kwargs))
-    dynamic = [i for i, x in enumerate(leaves) if _is_traceable_input(x)]
-
-    def forward(params, dynamic_leaves):
-        full = list(leaves)
-        for i, x in zip(dynamic, dynamic_leaves):
-            full[i] = x
-        args, kwargs = jax.tree_util.tree_unflatten(treedef, full)
-        return apply_fn(params, *args, **kwargs)
-
-    try:
-        closed = jax.make_jaxpr(forward)(params, [leaves[i] for i in dynamic])
-    except Exception as e:
-        name = getattr(apply_fn, "__name__", type(apply_fn).__name__)
-        raise ValueError(
-            f"depth_labels could not trace apply_fn {name}(params, *example_args, "
-            f"**example_kwargs): {type(e).__name__}: {e}. Check that the example inputs have "
-            "the shapes and dtypes the model expects, or call depth_labels(params) for "
-            "path-based labels."
-        ) from e
-    invars = closed.jaxpr.invars
-    if len(invars) != n_leaves + len(dynamic):
-        raise RuntimeError(
-            f"depth_labels: traced {len(invars)} inputs, expected {n_leaves} params + "
-            f"{len(dynamic)} example arrays."
-        )
-    return _first_uses(closed.jaxpr, list(range(n_leaves)) + [None] * len(dynamic))
-
-
-# --------------------------------------------------------------------------------------------
 # Public API
 
 
@@ -365,6 +230,20 @@ def depth_labels(
     leaves, treedef = _leaves(params, "params")
     compiled = None if rules is None else _compile_rules(rules)
 
+    if apply_fn is not None:
+        group_of = None if compiled is None else (lambda path: _rule_key(path, compiled))
+        layouts = structure.analyse(
+            params,
+            apply_fn,
+            example_args,
+            example_kwargs,
+            caller="depth_labels",
+            group_of=group_of,
+        )
+        return jax.tree_util.tree_unflatten(treedef, [x.depth for x in layouts])
+    if example_args or example_kwargs:
+        raise TypeError("example inputs were given without an apply_fn.")
+
     def group_of(leaf: _Leaf) -> tuple:
         if compiled is None:
             return ("module", _natural_path_key(leaf.module))
@@ -373,38 +252,7 @@ def depth_labels(
     groups: dict[tuple, list[_Leaf]] = {}
     for leaf in leaves:
         groups.setdefault(group_of(leaf), []).append(leaf)
-
-    if apply_fn is None:
-        if example_args or example_kwargs:
-            raise TypeError("example inputs were given without an apply_fn.")
-        order = sorted(groups)
-        rank = {g: i + 1 for i, g in enumerate(order)}
-    else:
-        if not callable(apply_fn):
-            raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}.")
-        first = _trace_first_uses(params, len(leaves), apply_fn, example_args, example_kwargs)
-        if not first:
-            raise ValueError(
-                "apply_fn used none of the params in its forward pass; check that it reads "
-                "them from its first argument."
-            )
-        used = {
-            g: min(first[x.index] for x in members if x.index in first)
-            for g, members in groups.items()
-            if any(x.index in first for x in members)
-        }
-        order = sorted(used, key=lambda g: (used[g], g))
-        rank = {g: i + 1 for i, g in enumerate(order)}
-        unused = sorted(g for g in groups if g not in used)
-        if unused:
-            paths = [x.path for g in unused for x in groups[g]]
-            warnings.warn(
-                f"depth_labels: apply_fn never used {len(paths)} param leaves (e.g. "
-                f"{', '.join(paths[:3])}); they get the last label {len(order) + 1}.",
-                stacklevel=2,
-            )
-            rank.update({g: len(order) + 1 for g in unused})
-
+    rank = {g: i + 1 for i, g in enumerate(sorted(groups))}
     labels = [0] * len(leaves)
     for g, members in groups.items():
         for leaf in members:
@@ -412,18 +260,25 @@ def depth_labels(
     return jax.tree_util.tree_unflatten(treedef, labels)
 
 
-def _check_depths(depths: Any) -> tuple[list[int], Any]:
+def _check_depths(depths: Any) -> tuple[list[Any], Any]:
     flat, treedef = jax.tree_util.tree_flatten_with_path(depths)
     if not flat:
         raise ValueError("depths has no leaves; pass the output of depth_labels.")
     out = []
     for path, d in flat:
+        where = f"depth at '{path_str(path)}'"
+        if isinstance(d, (np.ndarray, jax.Array)) and np.ndim(d):  # a stacked leaf's slices
+            d = np.asarray(d)
+            if not np.issubdtype(d.dtype, np.integer):
+                raise TypeError(f"{where} must hold ints (from depth_labels), got {d.dtype}.")
+            if d.min() < 1:
+                raise ValueError(f"{where} must be >= 1, got {int(d.min())}.")
+            out.append(d.astype(np.int64))
+            continue
         if isinstance(d, bool) or not isinstance(d, numbers.Integral):
-            raise TypeError(
-                f"depth at '{path_str(path)}' must be an int (from depth_labels), got {d!r}."
-            )
+            raise TypeError(f"{where} must be an int (from depth_labels), got {d!r}.")
         if d < 1:
-            raise ValueError(f"depth at '{path_str(path)}' must be >= 1, got {d}.")
+            raise ValueError(f"{where} must be >= 1, got {d}.")
         out.append(int(d))
     return out, treedef
 
@@ -482,8 +337,8 @@ def layerwise_schedule(depths: Any, rate: float | Schedule, *, max_scale: float 
         rate = float(rate)
         if not (math.isfinite(rate) and rate >= 0):
             raise ValueError(f"rate must be a finite number >= 0, got {rate}.")
-    n = max(flat)
-    scales = [max_scale * i / n for i in flat]
+    n = max(int(np.max(i)) for i in flat)
+    scales = [max_scale * i / n for i in flat]  # an array for a stacked leaf's slices
     if callable(rate):
         leaves = [_scaled(rate, s) for s in scales]
     else:
@@ -494,15 +349,37 @@ def layerwise_schedule(depths: Any, rate: float | Schedule, *, max_scale: float 
 def _format_rate(r: Any) -> str:
     if r is None:
         return "-"
-    if callable(r):
+    if is_function(r):
         try:
-            return f"{float(r(0)):.4g} (t=0)"
+            return _format_value(r(0)) + " (t=0)"
         except Exception:
             return "schedule"
-    return f"{float(r):.4g}"
+    return _format_value(r)
 
 
-def depth_table(params: Any, labels: Any, rates: Any = None) -> str:
+def _format_value(r: Any) -> str:
+    values = np.asarray(r, np.float64)
+    if values.size > 1 and values.min() != values.max():
+        return f"{values.min():.4g}..{values.max():.4g}"
+    return f"{float(values.ravel()[0]):.4g}"
+
+
+def _per_depth(label: Any, rate: Any) -> list[tuple[int, str]]:
+    """(depth, formatted rate) for every slice of a leaf."""
+    if np.ndim(label) == 0:
+        return [(int(label), _format_rate(rate))]
+    if is_function(rate):
+        try:
+            rate = rate(0)
+        except Exception:
+            return [(int(d), "schedule") for d in np.ravel(label)]
+    rates = np.broadcast_to(np.asarray(rate, np.float64), np.shape(label))
+    return [(int(d), f"{float(v):.4g}") for d, v in zip(np.ravel(label), rates.ravel())]
+
+
+def depth_table(
+    params: Any, labels: Any, rates: Any = None, *, layers: structure.LayerStructure | None = None
+) -> str:
     """A printable table of every param leaf's path, shape, depth label and rate.
 
     Rows are sorted by label, then by natural path order, so the table reads from the input
@@ -514,6 +391,9 @@ def depth_table(params: Any, labels: Any, rates: Any = None) -> str:
       labels: the matching pytree of depth labels, from `depth_labels`.
       rates: optional per-leaf rates (a pytree shaped like `params`, e.g. from
         `layerwise_schedule`), or one float or schedule for every leaf.
+      layers: optional `LayerStructure` of the params: adds each leaf's role and stacked
+        axes. A stacked leaf is one row whatever its number of slices: its labels read
+        `first..last` (with the step between slices) and its rates `min..max`.
 
     Returns:
       The table as a string.
@@ -535,15 +415,21 @@ def depth_table(params: Any, labels: Any, rates: Any = None) -> str:
     leaves, _ = _leaves(params, "params")
     label_list = _match_structure(labels, params, "labels")
     rate_list = _match_structure(rates, params, "rates", allow_scalar=True)
+    layouts = structure.layouts(layers, params, "depth_table")
     rows = []
-    for leaf, label, r in zip(leaves, label_list, rate_list):
+    for leaf, label, r, layout in zip(leaves, label_list, rate_list, layouts):
         shape = tuple(int(d) for d in np.shape(leaf.leaf))
-        rows.append((label, _natural_path_key(leaf.names), leaf.path, str(shape), r))
+        extra = () if layout is None else (layout.role, structure.axes_str(layout.stacked_axes))
+        low = int(np.min(label))
+        rows.append((low, _natural_path_key(leaf.names), leaf.path, str(shape), r, label, extra))
     rows.sort(key=lambda row: (row[0], row[1]))
-    header = ("label", "path", "shape") + (("rate",) if rates is not None else ())
+    header = ("label", "path", "shape")
+    header += ("role", "stacked") if layers is not None else ()
+    header += ("rate",) if rates is not None else ()
     body = [
-        (str(label), path, shape) + ((_format_rate(r),) if rates is not None else ())
-        for label, _, path, shape, r in rows
+        (structure.depth_str(label), path, shape, *extra)
+        + ((_format_rate(r),) if rates is not None else ())
+        for _, _, path, shape, r, label, extra in rows
     ]
     widths = [max(len(row[c]) for row in [header, *body]) for c in range(len(header))]
 
@@ -552,11 +438,12 @@ def depth_table(params: Any, labels: Any, rates: Any = None) -> str:
         return "  ".join(cells).rstrip()
 
     lines = [line(header), *(line(row) for row in body)]
-    n = max(int(label) for label, *_ in rows)
+    n = max(int(np.max(label)) for *_, label, _ in rows)
     if rates is not None:
-        by_label = {}
-        for label, _, _, _, r in rows:
-            by_label.setdefault(label, _format_rate(r))
+        by_label: dict[int, str] = {}
+        for _, _, _, _, r, label, _ in rows:
+            for depth, rate in _per_depth(label, r):
+                by_label.setdefault(depth, rate)
         lines.append(
             f"{n} layers; rate {by_label[min(by_label)]} at depth {min(by_label)} (shallowest) "
             f"up to {by_label[max(by_label)]} at depth {max(by_label)} (deepest)."

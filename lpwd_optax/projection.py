@@ -13,6 +13,7 @@ sitting before or after it in a chain.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -22,8 +23,9 @@ import jax.numpy as jnp
 import optax
 import optax.tree_utils as otu
 
-from lpwd_optax import _common
+from lpwd_optax import _common, structure
 from lpwd_optax._common import MaskOrFn, Rate, ScalarOrSchedule
+from lpwd_optax.structure import LayerStructure, LeafLayout
 
 VIEWS = ("channel", "layer")
 
@@ -36,17 +38,12 @@ class ProjectionState(NamedTuple):
     decay_state: _common.CountState | optax.EmptyState
 
 
-def _view_axes(ndim: int, view: str) -> tuple[int, ...]:
-    # Flax kernels keep the output channel last: "channel" reduces over every other axis,
-    # one value per output channel; "layer" reduces over the whole kernel.
-    return tuple(range(ndim - 1)) if view == "channel" else tuple(range(ndim))
-
-
-def _view_size(shape: tuple[int, ...], view: str) -> int:
-    size = 1
-    for n in shape[:-1] if view == "channel" else shape:
-        size *= n
-    return size
+def _view_axes(shape: tuple[int, ...], view: str, layout: LeafLayout | None) -> tuple[int, ...]:
+    """The axes one vector of the view spans: "channel", one vector per output unit; "layer",
+    the whole kernel (one slice of a stacked kernel)."""
+    if layout is None:  # Flax's layout: the output channel last
+        return tuple(range(len(shape) - 1)) if view == "channel" else tuple(range(len(shape)))
+    return layout.fan_in_axes if view == "channel" else layout.slice_axes
 
 
 def _project_leaf(
@@ -56,24 +53,32 @@ def _project_leaf(
     views: Sequence[str],
     delta: float,
     eps: float,
+    layout: LeafLayout | None = None,
 ) -> tuple[chex.Array, chex.Array]:
     """(`u` with its radial component removed in the first view that passes the test, whether
-    any view passed)."""
+    any view passed); each slice of a stacked kernel is tested and projected on its own."""
     u, theta, g = (x.astype(jnp.float32) for x in (u, theta, g))
-    out, done = u, jnp.asarray(False)
+    layer_axes = structure.slice_axes(layout, theta.ndim)
+    out, done = u, jnp.zeros([1] * theta.ndim, bool)
     for view in views:
-        axes = _view_axes(theta.ndim, view)
+        axes = _view_axes(theta.shape, view, layout)
         norm = lambda x, axes=axes: jnp.sqrt(jnp.sum(jnp.square(x), axes, keepdims=True))
         theta_norm = norm(theta)
         cosine = jnp.abs(jnp.sum(g * theta, axes, keepdims=True)) / (
             jnp.maximum(norm(g), eps) * jnp.maximum(theta_norm, eps)
         )
-        passes = jnp.max(cosine) < delta / _view_size(theta.shape, view) ** 0.5
+        dim = math.prod(theta.shape[a] for a in axes)
+        passes = jnp.max(cosine, layer_axes, keepdims=True) < delta / dim**0.5
         unit = theta / (theta_norm + eps)
         projected = u - unit * jnp.sum(unit * u, axes, keepdims=True)
         out = jnp.where(passes & ~done, projected, out)
         done = done | passes
     return out, done
+
+
+def _projects(theta: chex.Array, layout: LeafLayout | None) -> bool:
+    # Without a layer structure every kernel-shaped leaf; with one, the traced kernels.
+    return theta.ndim >= 2 if layout is None else layout.has_units
 
 
 def project_scale_invariant(
@@ -86,6 +91,7 @@ def project_scale_invariant(
     eps: float = 1e-8,
     views: Sequence[str] = VIEWS,
     mask: MaskOrFn = None,
+    layers: LayerStructure | None = None,
 ) -> optax.GradientTransformation:
     """AdamP's projection around an optimizer, with its decoupled weight decay.
 
@@ -120,7 +126,12 @@ def project_scale_invariant(
       wd_ratio: the decay factor of projected kernels (AdamP's default 0.1).
       eps: guards the norms in the test and in `theta_hat`.
       views: the views to try, in order: ("channel", "layer") as in AdamP, or either alone.
-      mask: which leaves are tested, projected and decayed; defaults to `default_decay_mask`.
+      mask: which leaves are tested, projected and decayed; defaults to `default_decay_mask`,
+        or with `layers` to its `decay_mask`.
+      layers: optional `LayerStructure` (from `layer_structure`): the "channel" view is each
+        output unit over the kernel's traced fan-in axes (any layout), the "layer" view one
+        slice of a stacked kernel, and each slice is tested, projected and decayed on its own;
+        only the traced kernels (and embeddings) are projected.
 
     Returns:
       An `optax.GradientTransformation` whose state holds `inner`'s state and a step count
@@ -129,10 +140,10 @@ def project_scale_invariant(
     Example:
       >>> import jax.numpy as jnp, optax, lpwd_optax
       >>> opt = lpwd_optax.project_scale_invariant(optax.adam(0.1))
-      >>> params = {"kernel": jnp.array([[3.0], [1.0]])}  # one output channel
-      >>> grads = {"kernel": jnp.array([[1.0], [-3.0]])}  # orthogonal to it
+      >>> params = {"kernel": jnp.array([[3.0, 3.0], [1.0, 1.0]])}  # two output channels
+      >>> grads = {"kernel": jnp.array([[1.0, 1.0], [-3.0, -3.0]])}  # orthogonal to each
       >>> updates, _ = opt.update(grads, opt.init(params), params)
-      >>> [round(x, 4) for x in updates["kernel"].ravel().tolist()]  # Adam's is [-0.1, 0.1]
+      >>> [round(x, 4) for x in updates["kernel"][:, 0].tolist()]  # Adam's is [-0.1, 0.1]
       [-0.04, 0.12]
 
     References:
@@ -147,9 +158,11 @@ def project_scale_invariant(
         _common.check_scalar_rate(value, f"{name} {what}")
     _common.check_rate(weight_decay, learning_rate, name, max_decay=1.0, strict=False)
     counted = _common.is_scheduled(weight_decay, learning_rate)
+    structure.check_layers(layers, name)
+    mask = structure.default_mask(layers, mask)
 
     def resolved_for(params):
-        return _common.checked_resolution(
+        resolved = _common.checked_resolution(
             params,
             name,
             mask=mask,
@@ -158,6 +171,8 @@ def project_scale_invariant(
             max_decay=1.0,
             strict=False,
         )
+        structure.layouts(layers, params, name)
+        return resolved
 
     def init_fn(params):
         if params is None or jax.tree.leaves(params):
@@ -169,15 +184,16 @@ def project_scale_invariant(
         updates, inner_state = inner.update(grads, state.inner_state, params)
         step, decay_state = _common.step_and_advance(state.decay_state)
         decay = jax.tree.map(lambda r: _common.decay_at(r, learning_rate, step), resolved.rate)
+        layouts = jax.tree.structure(params).unflatten(structure.layouts(layers, params, name))
 
-        def rule(u, theta, d, g):
+        def rule(u, theta, d, g, layout):
             ratio = 1.0
-            if theta.ndim >= 2:
-                u, projected = _project_leaf(u, theta, g, views, delta, eps)
+            if _projects(theta, layout):
+                u, projected = _project_leaf(u, theta, g, views, delta, eps, layout)
                 ratio = jnp.where(projected, wd_ratio, 1.0)
             return u - ratio * d * theta.astype(jnp.float32)
 
-        updates = _common.map_masked(rule, updates, params, resolved.mask, decay, grads)
+        updates = _common.map_masked(rule, updates, params, resolved.mask, decay, grads, layouts)
         return updates, ProjectionState(inner_state, decay_state)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -226,6 +242,7 @@ def adamp(
     nesterov: bool = False,
     mu_dtype: Any | None = None,
     mask: MaskOrFn = None,
+    layers: LayerStructure | None = None,
 ) -> optax.GradientTransformation:
     """AdamP: Adam with the scale-invariant projection and decoupled weight decay.
 
@@ -245,6 +262,7 @@ def adamp(
         moment.
       mu_dtype: the dtype of the first moment.
       mask: which leaves are tested, projected and decayed.
+      layers: optional `LayerStructure`, see `project_scale_invariant`.
 
     Returns:
       An `optax.GradientTransformation`.
@@ -270,6 +288,7 @@ def adamp(
         wd_ratio=wd_ratio,
         eps=eps,
         mask=mask,
+        layers=layers,
     )
 
 
@@ -283,6 +302,7 @@ def sgdp(
     wd_ratio: float = 0.1,
     eps: float = 1e-8,
     mask: MaskOrFn = None,
+    layers: LayerStructure | None = None,
 ) -> optax.GradientTransformation:
     """SGDP: SGD with momentum, the scale-invariant projection and decoupled weight decay.
 
@@ -297,6 +317,7 @@ def sgdp(
       weight_decay: lambda, a float, a schedule or a per-leaf tree.
       delta, wd_ratio, eps: see `project_scale_invariant`.
       mask: which leaves are tested, projected and decayed.
+      layers: optional `LayerStructure`, see `project_scale_invariant`.
 
     Returns:
       An `optax.GradientTransformation`.
@@ -323,7 +344,7 @@ def sgdp(
         )
     else:
         base = optax.chain(
-            _projected_trace(momentum, VIEWS, delta, eps, mask),
+            _projected_trace(momentum, VIEWS, delta, eps, mask, layers),
             optax.scale_by_learning_rate(learning_rate),
         )
     return project_scale_invariant(
@@ -334,11 +355,17 @@ def sgdp(
         wd_ratio=wd_ratio,
         eps=eps,
         mask=mask,
+        layers=layers,
     )
 
 
 def _projected_trace(
-    momentum: float, views: Sequence[str], delta: float, eps: float, mask: MaskOrFn
+    momentum: float,
+    views: Sequence[str],
+    delta: float,
+    eps: float,
+    mask: MaskOrFn,
+    layers: LayerStructure | None,
 ) -> optax.GradientTransformation:
     """Heavy-ball momentum whose stored buffer is projected with the update.
 
@@ -352,15 +379,16 @@ def _projected_trace(
 
     def update_fn(grads, state, params=None):
         _common.require_params(params, "sgdp")
-        resolved = _common.resolve(params, "sgdp", mask=mask)
+        resolved = _common.resolve(params, "sgdp", mask=structure.default_mask(layers, mask))
+        layouts = jax.tree.structure(params).unflatten(structure.layouts(layers, params, "sgdp"))
 
-        def leaf(g, buf, theta, m):
+        def leaf(g, buf, theta, m, layout):
             buf = momentum * buf + g
-            if m and theta.ndim >= 2:
-                buf = _project_leaf(buf, theta, g, views, delta, eps)[0].astype(g.dtype)
+            if m and _projects(theta, layout):
+                buf = _project_leaf(buf, theta, g, views, delta, eps, layout)[0].astype(g.dtype)
             return buf
 
-        trace = jax.tree.map(leaf, grads, state.trace, params, resolved.mask)
+        trace = jax.tree.map(leaf, grads, state.trace, params, resolved.mask, layouts)
         return trace, optax.TraceState(trace=trace)
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import chex
 import jax
 import jax.numpy as jnp
 import optax
 
-from lpwd_optax import _common
+from lpwd_optax import _common, structure
 from lpwd_optax._common import MaskOrFn
+from lpwd_optax.structure import LayerStructure, LeafLayout
 
 _MODES = ("output", "input")
 
 
-def _norm_axes(ndim: int, mode: str) -> tuple[int, ...]:
-    # Flax kernels keep the output channel last and the input channel second to last:
-    # conv (kh, kw, in, out), depthwise (kh, kw, 1, C), dense (in, out).
+def _norm_axes(ndim: int, mode: str, layout: LeafLayout | None = None) -> tuple[int, ...]:
+    if layout is not None:  # the axes the forward pass contracts, whatever the layout
+        return layout.fan_in_axes if mode == "output" else layout.input_axes
+    # Without a layer structure, Flax's layout: the output channel last and the input channel
+    # second to last: conv (kh, kw, in, out), depthwise (kh, kw, 1, C), dense (in, out).
     if mode == "output":
         return tuple(range(ndim - 1))
     return (ndim - 2,)
@@ -39,9 +44,12 @@ def rescale_kernel(kernel: chex.Array, mode: str = "output", eps: float = 1e-12)
     return _rescaled(kernel, mode, eps).astype(kernel.dtype)
 
 
-def _rescaled(kernel: chex.Array, mode: str, eps: float = 1e-12) -> chex.Array:
+def _rescaled(
+    kernel: chex.Array, mode: str, eps: float = 1e-12, layout: LeafLayout | None = None
+) -> chex.Array:
     w = kernel.astype(jnp.float32)
-    norm = jnp.sqrt(jnp.sum(jnp.square(w), axis=_norm_axes(w.ndim, mode), keepdims=True))
+    axes = _norm_axes(w.ndim, mode, layout)
+    norm = jnp.sqrt(jnp.sum(jnp.square(w), axis=axes, keepdims=True))
     return w * (1.0 / jnp.maximum(norm, eps))  # one division per channel, not per entry
 
 
@@ -50,8 +58,21 @@ def _check_mode(mode: str, name: str) -> None:
         raise ValueError(f"{name}: mode must be one of {_MODES}, got {mode!r}.")
 
 
-def _kernels_only(name: str):
+def _kernels_only(name: str, layers: LayerStructure | None = None):
+    roles = {} if layers is None else {x.path: x for x in layers.leaves}
+
     def check(path: str, leaf: chex.Array) -> None:
+        layout = roles.get(path)
+        if layout is not None and not layout.has_units:
+            what = (
+                "a kernel whose fan-in axes the forward pass does not show"
+                if layout.role == "kernel"
+                else f"a {layout.role}"
+            )
+            raise ValueError(
+                f"{name}: '{path}' is {what} (layer_structure); only kernels can be rescaled "
+                "per output unit. Exclude it with `mask`."
+            )
         if jnp.ndim(leaf) < 2:
             raise ValueError(
                 f"{name}: '{path}' has shape {jnp.shape(leaf)}; only kernels "
@@ -61,7 +82,13 @@ def _kernels_only(name: str):
     return check
 
 
-def rescale_params(params: optax.Params, *, mode: str = "output", mask: MaskOrFn = None):
+def rescale_params(
+    params: optax.Params,
+    *,
+    mode: str = "output",
+    mask: MaskOrFn = None,
+    layers: LayerStructure | None = None,
+):
     """Every selected kernel of `params` rescaled to unit L2 norm per channel (`rescale_kernel`).
 
     WRS with no cost on the steps it skips: train with the base optimizer alone and rescale
@@ -84,7 +111,10 @@ def rescale_params(params: optax.Params, *, mode: str = "output", mask: MaskOrFn
     Args:
       params: the param tree, after the optimizer's update.
       mode: "output" (WRS) or "input" (WRS(IC)), as in `weight_rescaling`.
-      mask: a pytree of bools or a callable; defaults to `default_decay_mask` (kernels).
+      mask: a pytree of bools or a callable; defaults to `default_decay_mask` (kernels), or
+        with `layers` to its decayed kernels.
+      layers: optional `LayerStructure`: each output unit is normalized over the axes the
+        forward pass contracts (any layout: Equinox's `(out, in)`, stacked `(L, in, out)`).
 
     Returns:
       A tree like `params`: the selected kernels rescaled, every other leaf unchanged.
@@ -97,12 +127,21 @@ def rescale_params(params: optax.Params, *, mode: str = "output", mask: MaskOrFn
       (1.0, 1.0)
     """
     _check_mode(mode, "rescale_params")
+    structure.check_layers(layers, "rescale_params")
+    mask = structure.default_mask(layers, mask, roles=("kernel",))
     resolved = _common.resolve(params, "rescale_params", mask=mask)
-    check = _kernels_only("rescale_params")
+    check = _kernels_only("rescale_params", layers)
     for (path, leaf), m in zip(_common.leaves_with_paths(params), jax.tree.leaves(resolved.mask)):
         if m:
             check(path, leaf)
-    return _common.map_masked(lambda p, _: _rescaled(p, mode), params, params, resolved.mask)
+    per_leaf = _layout_tree(layers, params, "rescale_params")
+    rule = lambda p, _, layout: _rescaled(p, mode, layout=layout)
+    return _common.map_masked(rule, params, params, resolved.mask, per_leaf)
+
+
+def _layout_tree(layers: LayerStructure | None, params: Any, where: str) -> Any:
+    treedef = jax.tree.structure(params)
+    return treedef.unflatten(structure.layouts(layers, params, where))
 
 
 def weight_rescaling(
@@ -110,6 +149,7 @@ def weight_rescaling(
     *,
     mode: str = "output",
     mask: MaskOrFn = None,
+    layers: LayerStructure | None = None,
 ) -> optax.GradientTransformation:
     """Weight rescaling (WRS): after every `every`-th update, kernels get unit norm per channel.
 
@@ -138,7 +178,12 @@ def weight_rescaling(
       every: k >= 1, the rescaling period in steps.
       mode: "output" (WRS: per output channel, over all other axes) or "input" (WRS(IC): per
         (kh, kw, out) position, over the input axis).
-      mask: a pytree of bools or a callable; defaults to `default_decay_mask` (kernels).
+      mask: a pytree of bools or a callable; defaults to `default_decay_mask` (kernels), or
+        with `layers` to its decayed kernels.
+      layers: optional `LayerStructure` (from `layer_structure`): each output unit is
+        normalized over the axes the forward pass contracts, whatever the layout (an Equinox
+        `Linear`'s rows over `in`, a `Conv2d`'s output channels over `(in, kh, kw)`, each slice
+        of a stacked kernel on its own); "input" mode over the input-feature axes.
 
     Returns:
       An `optax.GradientTransformation` whose state is the step count, or empty for
@@ -159,11 +204,14 @@ def weight_rescaling(
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f"weight_rescaling: every must be an int >= 1, got {every!r}.")
     _check_mode(mode, "weight_rescaling")
+    structure.check_layers(layers, "weight_rescaling")
     return _common.leafwise_transform(
         "weight_rescaling",
-        lambda u, theta, _: _rescaled(theta + u, mode) - theta,
-        mask=mask,
+        lambda u, theta, _, layout: _rescaled(theta + u, mode, layout=layout) - theta,
+        mask=structure.default_mask(layers, mask, roles=("kernel",)),
+        leaf_inputs=lambda u, params, _: _layout_tree(layers, params, "weight_rescaling"),
         # every=1: no conditional, which XLA could not fuse across.
         applies_at=None if every == 1 else lambda step: (step + 1) % every == 0,
-        check_leaf=_kernels_only("weight_rescaling"),
+        check_leaf=_kernels_only("weight_rescaling", layers),
+        check_params=structure.params_check(layers, "weight_rescaling"),
     )

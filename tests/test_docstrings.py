@@ -7,7 +7,16 @@ import importlib
 
 import pytest
 
-MODULES = ["decay", "adaptive", "rescaling", "diagnostics", "layerwise", "projection", "_common"]
+MODULES = [
+    "decay",
+    "adaptive",
+    "rescaling",
+    "diagnostics",
+    "layerwise",
+    "projection",
+    "structure",
+    "_common",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -23,7 +32,9 @@ def test_public_api_is_documented():
     for name in lpwd_optax.__all__:
         doc = getattr(lpwd_optax, name).__doc__ or ""
         assert doc.strip(), f"{name} has no docstring"
-        if callable(getattr(lpwd_optax, name)) and name not in (
+        if isinstance(getattr(lpwd_optax, name), type):  # a data type: its fields
+            assert "Attributes:" in doc, f"{name}'s docstring lacks Attributes:"
+        elif callable(getattr(lpwd_optax, name)) and name not in (
             "decay_coefficients",
             "default_decay_mask",
             "penalties",

@@ -201,12 +201,14 @@ def test_scan_and_remat_model():
     x = jnp.ones((2, 4))
     variables = _shapes(model, x)
     labels = depth_labels(variables, model.apply, x)
-    assert _labels_by_module(labels) == {
-        "params/z_stem": 1,
-        "params/m_body/up": 2,
-        "params/m_body/a_norm": 3,
-        "params/b_head": 4,
-    }
+    body = labels["params"].pop("m_body")
+    assert _labels_by_module(labels) == {"params/z_stem": 1, "params/b_head": 8}
+    # The scan's three slices are three blocks, each at its unrolled twin's depth; the
+    # (3, ...) leaves get int arrays that broadcast against them.
+    for name, kernel_depths in (("up", [2, 4, 6]), ("a_norm", [3, 5, 7])):
+        for leaf in body[name].values():
+            assert leaf.dtype.kind == "i" and leaf.shape[0] == 3 and leaf.size == 3
+            assert leaf.ravel().tolist() == kernel_depths
 
 
 def test_control_flow_and_custom_derivatives_are_followed():
@@ -236,7 +238,11 @@ def test_control_flow_and_custom_derivatives_are_followed():
     params["x"] = {"w": jnp.ones((2, 3, 3))}
     params.update({k: {"b": jnp.ones((1, 3))} for k in "wvut"})
     labels = depth_labels(params, apply_fn, jnp.ones((1, 3)))
-    assert _labels_by_module(labels) == {k: i + 1 for i, k in enumerate("zyxwvut")}
+    assert labels["x"]["w"].ravel().tolist() == [3, 4]  # scanned over: one layer per slice
+    labels["x"]["w"] = 3
+    expected = {k: i + 1 for i, k in enumerate("zyx")}
+    expected.update({k: i + 5 for i, k in enumerate("wvut")})
+    assert _labels_by_module(labels) == expected
 
 
 def test_casts_and_reshapes_are_not_uses():
@@ -479,7 +485,8 @@ class LayerwiseScheduleTest(parameterized.TestCase):
         ("zero_max_scale", {"a": 1}, 0.1, 0.0, ValueError, "max_scale must be"),
         ("float_depth", {"a": 1.0}, 0.1, 2.0, TypeError, "depth at 'a' must be an int"),
         ("bool_depth", {"a": True}, 0.1, 2.0, TypeError, "depth at 'a' must be an int"),
-        ("array_depth", {"a": np.ones(2, int)}, 0.1, 2.0, TypeError, "depth at 'a'"),
+        ("float_array_depth", {"a": np.ones(2)}, 0.1, 2.0, TypeError, "depth at 'a' must hold"),
+        ("zero_array_depth", {"a": np.zeros(2, int)}, 0.1, 2.0, ValueError, "depth at 'a' must"),
         ("zero_depth", {"a": {"b": 0}}, 0.1, 2.0, ValueError, "depth at 'a/b' must be >= 1"),
         ("empty_depths", {}, 0.1, 2.0, ValueError, "no leaves"),
     )

@@ -1,0 +1,801 @@
+"""The layer structure of a model, read from one trace of its forward pass.
+
+A layer is a fact of the forward computation, not of the params' shapes or names. Tracing
+`apply_fn(params, *example_args)` with `jax.make_jaxpr` (nothing is computed) shows, for every
+param leaf:
+
+- when it is first used, which orders the layers from the input to the output (LPWD's depth);
+- whether a `scan` slices it: a leaf of shape `(L, ...)` that `jax.lax.scan` (linen's
+  `nn.scan`, NNX's `nnx.scan`, Equinox's and Haiku's stacked-layer recipes) iterates over holds
+  `L` layers, one per slice, each at the depth its unrolled twin would have;
+- what it is: a kernel (it reaches a `dot_general` or `conv_general_dilated` through views:
+  casts, reshapes, transposes, broadcasts, slices), an embedding (rows gathered by index), a
+  bias (added), a scale (multiplied), or other; and for a kernel, which of its axes are
+  contracted (its fan-in: input features and, for a convolution, the window) and which index
+  its output units, whatever the library's layout (Flax `(in, out)` and `(kh, kw, in, out)`,
+  Equinox `(out, in)` and `(out, in, kh, kw)`, Haiku's `(in, out)` and `HWIO`).
+
+`layer_structure` returns all of it as one frozen `LayerStructure`; the per-layer transforms
+and diagnostics take it as `layers=` and then work per slice and along the traced axes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import numbers
+import re
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.extend.core as jex_core
+import numpy as np
+
+from lpwd_optax._common import decays_by_default, leaves_with_paths
+
+ROLES = ("kernel", "embedding", "bias", "scale", "other", "unused")
+
+__all__ = ["ROLES", "LayerStructure", "LeafLayout", "layer_structure"]
+
+
+# --------------------------------------------------------------------------------------------
+# What the structure holds for one leaf
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LeafLayout:
+    """One param leaf as the forward pass uses it.
+
+    Attributes:
+      path: the "/"-joined key path.
+      shape: the leaf's shape.
+      role: one of `ROLES`: "kernel" (reaches a `dot_general` / convolution), "embedding"
+        (rows gathered by index), "bias" (added), "scale" (multiplied), "other", or "unused".
+      stacked_axes: the leaf axes a `scan` iterates over: one layer per slice. Empty for a
+        leaf that is one layer.
+      input_axes: a kernel's contracted feature axes (its input channels); an embedding's
+        feature axes.
+      spatial_axes: a convolution kernel's window axes (contracted too).
+      output_axes: the axes that index a kernel's output units (an embedding's rows), plus
+        any axis a batched product keeps apart.
+      depth: the layer's depth, 1 for the first; for a stacked leaf an int array of the leaf's
+        ndim, sized like the stacked axes and 1 elsewhere, so it broadcasts against the leaf.
+      decay: whether weight decay applies by default (more than one axis of size > 1 in one
+        slice, and not a relative position bias table).
+    """
+
+    path: str
+    shape: tuple[int, ...]
+    role: str
+    stacked_axes: tuple[int, ...]
+    input_axes: tuple[int, ...]
+    spatial_axes: tuple[int, ...]
+    output_axes: tuple[int, ...]
+    depth: Any
+    decay: bool
+
+    @property
+    def fan_in_axes(self) -> tuple[int, ...]:
+        """All contracted axes, `input_axes` and `spatial_axes`, in axis order."""
+        return tuple(sorted(self.input_axes + self.spatial_axes))
+
+    @property
+    def slice_axes(self) -> tuple[int, ...]:
+        """Every axis but the stacked ones: the axes of one layer."""
+        return tuple(a for a in range(len(self.shape)) if a not in self.stacked_axes)
+
+    @property
+    def has_units(self) -> bool:
+        """True when the trace says which axes are fan-in and which index output units."""
+        return self.role in ("kernel", "embedding") and bool(self.fan_in_axes)
+
+    @property
+    def num_slices(self) -> int:
+        return math.prod(self.shape[a] for a in self.stacked_axes)
+
+
+# --------------------------------------------------------------------------------------------
+# The trace: where each param leaf is used, through which views, by which primitive
+
+# Primitives that only re-view a value: their output stands for the same param, with its axes
+# mapped (see `_view_axes`); the param counts as used where the view is used.
+_IDENTITY_VIEWS = frozenset(
+    {
+        "bitcast_convert_type",
+        "convert_element_type",
+        "copy",
+        "copy_p",
+        "device_put",
+        "mesh_cast",
+        "optimization_barrier",
+        "pvary",
+        "reduce_precision",
+        "reshard",
+        "sharding_constraint",
+        "slice",
+    }
+)
+_SHAPE_VIEWS = frozenset({"broadcast_in_dim", "expand_dims", "reshape", "squeeze", "transpose"})
+_BIAS_PRIMITIVES = frozenset({"add", "sub"})
+_SCALE_PRIMITIVES = frozenset({"mul", "div"})
+
+
+@dataclasses.dataclass(frozen=True)
+class _Iteration:
+    """A scan's iteration in a position: the slice index of a leaf it slices, else 0."""
+
+    level: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stacking:
+    level: int
+    leaf_axis: int
+    length: int
+    reverse: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ref:
+    """A traced value that is a view of param leaf `leaf`."""
+
+    leaf: int
+    axes: tuple[tuple[int, ...], ...]  # per value axis, the leaf axes it spans
+    stacking: tuple[_Stacking, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Use:
+    ref: _Ref
+    position: tuple[Any, ...]
+    primitive: str
+    kind: str  # "kernel", "embedding", "bias", "scale", "other"
+    input_axes: frozenset[int] = frozenset()
+    spatial_axes: frozenset[int] = frozenset()
+    output_axes: frozenset[int] = frozenset()
+    ambiguous: bool = False
+
+
+def _union(groups: Sequence[tuple[int, ...]]) -> frozenset[int]:
+    return frozenset(a for g in groups for a in g)
+
+
+def _reshape_axes(
+    axes: tuple[tuple[int, ...], ...], old: Sequence[int], new: Sequence[int]
+) -> tuple[tuple[int, ...], ...]:
+    """Leaf axes of each new axis: blocks of old and new axes with equal products are matched
+    left to right; a new axis spans the leaf axes of its block's old axes."""
+    old_axes = [(n, a) for n, a in zip(old, axes) if n != 1]
+    out: list[tuple[int, ...]] = [()] * len(new)
+    new_idx = [i for i, n in enumerate(new) if n != 1]
+    i = j = 0
+    while i < len(old_axes) and j < len(new_idx):
+        block_old, block_new = [i], [j]
+        p_old, p_new = old_axes[i][0], new[new_idx[j]]
+        while p_old != p_new:
+            if p_old < p_new:
+                i += 1
+                block_old.append(i)
+                p_old *= old_axes[i][0]
+            else:
+                j += 1
+                block_new.append(j)
+                p_new *= new[new_idx[j]]
+        spanned = tuple(sorted(_union([old_axes[k][1] for k in block_old])))
+        for k in block_new:
+            out[new_idx[k]] = spanned
+        i, j = i + 1, j + 1
+    return tuple(out)
+
+
+def _view_axes(eqn: Any, ref: _Ref) -> _Ref:
+    name, params = eqn.primitive.name, eqn.params
+    axes = ref.axes
+    if name == "transpose":
+        axes = tuple(axes[p] for p in params["permutation"])
+    elif name == "broadcast_in_dim":
+        out: list[tuple[int, ...]] = [()] * len(params["shape"])
+        for j, d in enumerate(params["broadcast_dimensions"]):
+            out[d] = axes[j]
+        axes = tuple(out)
+    elif name == "squeeze":
+        drop = {d % len(axes) for d in params["dimensions"]}
+        axes = tuple(a for k, a in enumerate(axes) if k not in drop)
+    elif name == "expand_dims":
+        out = list(axes)
+        for d in sorted(params["dimensions"]):
+            out.insert(d, ())
+        axes = tuple(out)
+    elif name == "reshape":
+        old = eqn.invars[0].aval.shape
+        axes = _reshape_axes(axes, old, params["new_sizes"])
+    return dataclasses.replace(ref, axes=axes)
+
+
+def _kernel_use(
+    ref: _Ref,
+    position: tuple,
+    name: str,
+    contracted: Sequence[int],
+    spatial: Sequence[int],
+    kept: Sequence[int],
+) -> _Use:
+    axes = ref.axes
+    input_axes = _union([axes[k] for k in contracted])
+    spatial_axes = _union([axes[k] for k in spatial])
+    output_axes = _union([axes[k] for k in kept])
+    ambiguous = bool(
+        (input_axes | spatial_axes) & output_axes or input_axes & spatial_axes
+    ) or not (input_axes | spatial_axes)
+    return _Use(ref, position, name, "kernel", input_axes, spatial_axes, output_axes, ambiguous)
+
+
+def _consumer_use(eqn: Any, operand: int, ref: _Ref, position: tuple) -> _Use:
+    """How `eqn` uses the param view `ref` given as its operand number `operand`."""
+    name, params = eqn.primitive.name, eqn.params
+    ndim = len(ref.axes)
+    if name == "dot_general":
+        (lc, rc), (lb, rb) = params["dimension_numbers"]
+        contracted, batch = (lc, lb) if operand == 0 else (rc, rb)
+        kept = [k for k in range(ndim) if k not in contracted]  # batch axes stay apart
+        del batch
+        return _kernel_use(ref, position, name, contracted, (), kept)
+    if name == "conv_general_dilated" and operand == 1:
+        spec = params["dimension_numbers"].rhs_spec  # (out feature, in feature, *window)
+        return _kernel_use(ref, position, name, (spec[1],), spec[2:], (spec[0],))
+    if name == "gather" and operand == 0:
+        indexed = params["dimension_numbers"].start_index_map
+        rows = [k for k in range(ndim) if k in indexed]
+        features = [k for k in range(ndim) if k not in indexed]
+        use = _kernel_use(ref, position, name, features, (), rows)
+        return dataclasses.replace(use, kind="embedding")
+    if name in _BIAS_PRIMITIVES:
+        return _Use(ref, position, name, "bias")
+    if name in _SCALE_PRIMITIVES:
+        return _Use(ref, position, name, "scale")
+    return _Use(ref, position, name, "other")
+
+
+def _as_jaxpr(x: Any) -> jex_core.Jaxpr | None:
+    if isinstance(x, jex_core.ClosedJaxpr):
+        return x.jaxpr
+    if isinstance(x, jex_core.Jaxpr):
+        return x
+    return None
+
+
+class _Walker:
+    """Walks a jaxpr in execution order, following param views into calls and scans."""
+
+    def __init__(self) -> None:
+        self.counter = 0
+        self.levels = 0
+        self.uses: list[_Use] = []
+
+    def walk(self, jaxpr: Any, ins: list[_Ref | None], prefix: tuple) -> list[_Ref | None]:
+        env = {v: r for v, r in zip(jaxpr.invars, ins) if r is not None}
+        read = lambda v: None if isinstance(v, jex_core.Literal) else env.get(v)
+        for eqn in jaxpr.eqns:
+            position = (*prefix, self.counter)
+            self.counter += 1
+            refs = [read(v) for v in eqn.invars]
+            if all(r is None for r in refs):
+                continue  # nothing of ours flows in, so nothing inside can use a param
+            name = eqn.primitive.name
+            if name in _IDENTITY_VIEWS or name in _SHAPE_VIEWS:
+                for v, r in zip(eqn.outvars, refs):
+                    if r is not None:
+                        env[v] = r if name in _IDENTITY_VIEWS else _view_axes(eqn, r)
+                continue
+            if name == "scan":
+                outs = self._scan(eqn, refs, position)
+            else:
+                outs = self._call(eqn, refs, position)
+            for v, r in zip(eqn.outvars, outs):
+                if r is not None:
+                    env[v] = r
+        return [read(v) for v in jaxpr.outvars]
+
+    def _call(self, eqn: Any, refs: list, position: tuple) -> list:
+        name = eqn.primitive.name
+        if name == "while":
+            nc, nb = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
+            subs = [
+                (eqn.params["cond_jaxpr"].jaxpr, refs[:nc] + refs[nc + nb :], False),
+                (eqn.params["body_jaxpr"].jaxpr, refs[nc:], True),
+            ]
+        else:
+            subs = []
+            for value in eqn.params.values():
+                for x in value if isinstance(value, (tuple, list)) else (value,):
+                    jaxpr = _as_jaxpr(x)
+                    if jaxpr is None:
+                        continue
+                    # Call-like primitives (jit, remat, custom_jvp/vjp, shard_map) pass their
+                    # operands 1:1; cond's branches get all operands but the branch index.
+                    k = len(jaxpr.invars)
+                    inner = refs[len(refs) - k :] if k <= len(refs) else [None] * k
+                    subs.append((jaxpr, inner, len(jaxpr.outvars) == len(eqn.outvars)))
+        passed = set()
+        outs: list = [None] * len(eqn.outvars)
+        for inner, inner_refs, outs_match in subs:
+            passed.update(id(r) for r in inner_refs if r is not None)
+            inner_outs = self.walk(inner, inner_refs, position[:-1])
+            if outs_match:
+                outs = [o if o is not None else i for o, i in zip(outs, inner_outs)]
+        for k, r in enumerate(refs):
+            if r is not None and id(r) not in passed:
+                self.uses.append(_consumer_use(eqn, k, r, position))
+        return outs
+
+    def _scan(self, eqn: Any, refs: list, position: tuple) -> list:
+        params = eqn.params
+        first_xs = params["num_consts"] + params["num_carry"]
+        level = self.levels
+        self.levels += 1
+        inner: list[_Ref | None] = []
+        for k, r in enumerate(refs):
+            if r is None or k < first_xs:
+                inner.append(r)  # consts (and a carry's initial value): the whole leaf
+                continue
+            scanned, rest = r.axes[0], r.axes[1:]
+            if len(scanned) == 1:
+                stack = _Stacking(level, scanned[0], params["length"], params["reverse"])
+                inner.append(_Ref(r.leaf, rest, (*r.stacking, stack)))
+            elif not scanned:
+                inner.append(dataclasses.replace(r, axes=rest))  # broadcast, then scanned
+            else:  # the scanned axis merges leaf axes: no slice is one layer
+                self.uses.append(_Use(r, position, "scan", "other"))
+                inner.append(None)
+        body = params["jaxpr"].jaxpr
+        self.walk(body, inner, (*position, _Iteration(level)))
+        return [None] * len(eqn.outvars)
+
+
+def _is_traceable_input(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
+
+
+def _trace_uses(
+    params: Any, apply_fn: Callable, example_args: tuple, example_kwargs: dict, caller: str
+) -> list[_Use]:
+    # Arrays and ShapeDtypeStructs are traced; everything else (train=False, None, strings, an
+    # rng object) is closed over as is, so Python branching on it keeps working.
+    leaves, treedef = jax.tree_util.tree_flatten((example_args, example_kwargs))
+    dynamic = [i for i, x in enumerate(leaves) if _is_traceable_input(x)]
+
+    def forward(params, dynamic_leaves):
+        full = list(leaves)
+        for i, x in zip(dynamic, dynamic_leaves):
+            full[i] = x
+        args, kwargs = jax.tree_util.tree_unflatten(treedef, full)
+        return apply_fn(params, *args, **kwargs)
+
+    try:
+        closed = jax.make_jaxpr(forward)(params, [leaves[i] for i in dynamic])
+    except Exception as e:
+        name = getattr(apply_fn, "__name__", type(apply_fn).__name__)
+        raise ValueError(
+            f"{caller} could not trace apply_fn {name}(params, *example_args, "
+            f"**example_kwargs): {type(e).__name__}: {e}. Check that the example inputs have "
+            "the shapes and dtypes the model expects."
+        ) from e
+    n_leaves = len(jax.tree.leaves(params))
+    invars = closed.jaxpr.invars
+    if len(invars) != n_leaves + len(dynamic):
+        raise RuntimeError(
+            f"{caller}: traced {len(invars)} inputs, expected {n_leaves} params + "
+            f"{len(dynamic)} example arrays."
+        )
+    shapes = [np.shape(x) for x in jax.tree.leaves(params)]
+    refs: list[_Ref | None] = [
+        _Ref(i, tuple((a,) for a in range(len(s)))) for i, s in enumerate(shapes)
+    ]
+    walker = _Walker()
+    walker.walk(closed.jaxpr, refs + [None] * len(dynamic), ())
+    return walker.uses
+
+
+# --------------------------------------------------------------------------------------------
+# From uses to per-slice first uses, roles and axes
+
+
+def _concrete(position: tuple, stacking: tuple[_Stacking, ...], index: dict[int, int]) -> tuple:
+    by_level = {s.level: s for s in stacking}
+    out = []
+    for p in position:
+        if isinstance(p, _Iteration):
+            s = by_level.get(p.level)
+            if s is None:
+                out.append(0)  # a leaf the scan does not slice is used from its first step
+            else:
+                i = index[s.leaf_axis]
+                out.append(s.length - 1 - i if s.reverse else i)
+        else:
+            out.append(p)
+    return tuple(out)
+
+
+_ROLE_PRIORITY = ("embedding", "kernel", "scale", "bias", "other")
+
+
+def _leaf_layout(path: str, shape: tuple[int, ...], uses: list[_Use]) -> LeafLayout:
+    if not uses:
+        return LeafLayout(path, shape, "unused", (), (), (), (), 0, decays_by_default(path, shape))
+    stacked = tuple(sorted({s.leaf_axis for u in uses for s in u.ref.stacking}))
+    role = next(k for k in _ROLE_PRIORITY if any(u.kind == k for u in uses))
+    input_axes = spatial_axes = output_axes = ()
+    if role in ("kernel", "embedding"):
+        use = next(u for u in uses if u.kind == role)
+        if not use.ambiguous:
+            free = lambda axes: tuple(sorted(a for a in axes if a not in stacked))
+            input_axes = free(use.input_axes)
+            spatial_axes = free(use.spatial_axes)
+            output_axes = free(use.output_axes)
+    decay = decays_by_default(path, shape, stacked)
+    return LeafLayout(path, shape, role, stacked, input_axes, spatial_axes, output_axes, 0, decay)
+
+
+def _slice_indices(shape: tuple[int, ...], stacked: tuple[int, ...]):
+    for combo in itertools.product(*(range(shape[a]) for a in stacked)):
+        yield dict(zip(stacked, combo)), combo
+
+
+def _first_uses(layout: LeafLayout, uses: list[_Use]) -> dict[tuple[int, ...], tuple]:
+    """Slice index (over the stacked axes) -> first position, in execution order, it is used."""
+    first = {}
+    for index, combo in _slice_indices(layout.shape, layout.stacked_axes):
+        first[combo] = min(_concrete(u.position, u.ref.stacking, index) for u in uses)
+    return first
+
+
+def _module_of(path: str) -> tuple[str, ...]:
+    names = tuple(path.split("/"))
+    return names[:-1]
+
+
+def _natural_key(name: str) -> tuple[Any, ...]:
+    parts = re.split(r"(\d+)", name)
+    return tuple(int(p) if i % 2 else p for i, p in enumerate(parts))
+
+
+def natural_path_key(path: Sequence[str]) -> tuple[Any, ...]:
+    """Sort key of a path: per component, digit runs compare as numbers (`blocks_9` <
+    `blocks_10`), and a module's children stay together."""
+    return tuple(_natural_key(name) for name in path)
+
+
+def _rank_layers(
+    layouts: list[LeafLayout],
+    uses_by_leaf: list[list[_Use]],
+    group_of: Callable[[int, LeafLayout], Any],
+    caller: str,
+) -> list[Any]:
+    """Depth of every leaf (an int, or an int array over its stacked axes): layers ranked by
+    their first use, ties by group key; unused layers all get the last depth, with a warning."""
+    first: dict[Any, tuple] = {}
+    members: dict[Any, list[tuple[int, tuple[int, ...]]]] = {}
+    for i, (layout, uses) in enumerate(zip(layouts, uses_by_leaf)):
+        per_slice = _first_uses(layout, uses) if uses else {(): None}
+        for combo, pos in per_slice.items():
+            group = (group_of(i, layout), combo)
+            members.setdefault(group, []).append((i, combo))
+            if pos is not None:
+                first[group] = min(first.get(group, pos), pos)
+    if not first:
+        raise ValueError(
+            f"{caller}: apply_fn used none of the params in its forward pass; check that it "
+            "reads them from its first argument."
+        )
+    order = sorted(first, key=lambda g: (first[g], g))
+    rank = {g: k + 1 for k, g in enumerate(order)}
+    unused = sorted((g for g in members if g not in first), key=str)
+    if unused:
+        paths = sorted({layouts[i].path for g in unused for i, _ in members[g]})
+        warnings.warn(
+            f"{caller}: apply_fn never used {len(paths)} param leaves (e.g. "
+            f"{', '.join(paths[:3])}); they get the last label {len(order) + 1}.",
+            stacklevel=3,
+        )
+        rank.update({g: len(order) + 1 for g in unused})
+    depths: list[Any] = [None] * len(layouts)
+    for group, slices in members.items():
+        for i, combo in slices:
+            layout = layouts[i]
+            if not layout.stacked_axes:
+                depths[i] = rank[group]
+                continue
+            if depths[i] is None:
+                size = [
+                    layout.shape[a] if a in layout.stacked_axes else 1
+                    for a in range(len(layout.shape))
+                ]
+                depths[i] = np.zeros(size, np.int64)
+            index = [0] * len(layout.shape)
+            for a, k in zip(layout.stacked_axes, combo):
+                index[a] = k
+            depths[i][tuple(index)] = rank[group]
+    return depths
+
+
+def analyse(
+    params: Any,
+    apply_fn: Callable,
+    example_args: tuple,
+    example_kwargs: dict,
+    *,
+    caller: str,
+    group_of: Callable[[str], Any] | None = None,
+) -> list[LeafLayout]:
+    """One trace: a `LeafLayout` per param leaf, in the params' leaf order.
+
+    `group_of(path)` gives the layer a leaf belongs to (default: its module, the path without
+    the last key); a stacked leaf's slices are separate layers."""
+    flat = leaves_with_paths(params)
+    if not flat:
+        raise ValueError(f"{caller}: params has no leaves.")
+    if not callable(apply_fn):
+        raise TypeError(f"{caller}: apply_fn must be callable, got {type(apply_fn).__name__}.")
+    for path, leaf in flat:
+        if not (_is_traceable_input(leaf) or isinstance(leaf, (numbers.Number, jax.core.Tracer))):
+            raise TypeError(
+                f"{caller}: the param leaf '{path}' is a {type(leaf).__name__}, not an array; "
+                "pass only the arrays (for Equinox, eqx.filter(model, eqx.is_array))."
+            )
+    uses = _trace_uses(params, apply_fn, example_args, example_kwargs, caller)
+    by_leaf: list[list[_Use]] = [[] for _ in flat]
+    for u in uses:
+        by_leaf[u.ref.leaf].append(u)
+    layouts = [
+        _leaf_layout(path, tuple(int(n) for n in np.shape(leaf)), u)
+        for (path, leaf), u in zip(flat, by_leaf)
+    ]
+    if group_of is None:
+        group = lambda i, layout: ("module", natural_path_key(_module_of(layout.path)))
+    else:
+        group = lambda i, layout: ("rule", group_of(layout.path))
+    depths = _rank_layers(layouts, by_leaf, group, caller)
+    return [dataclasses.replace(lay, depth=d) for lay, d in zip(layouts, depths)]
+
+
+# --------------------------------------------------------------------------------------------
+# The public object
+
+
+def axes_str(axes: tuple[int, ...]) -> str:
+    return ",".join(map(str, axes)) if axes else "-"
+
+
+def depth_str(depth: Any) -> str:
+    """`3`, or for a stacked leaf its slices' depths as `first..last` (with the step when the
+    slices are evenly spaced)."""
+    if np.ndim(depth) == 0:
+        return str(int(depth))
+    values = np.asarray(depth).ravel()
+    if values.size == 1:
+        return str(int(values[0]))
+    steps = np.diff(values)
+    if np.all(steps == steps[0]) and steps[0] != 0:
+        step = f" step {int(steps[0])}" if abs(int(steps[0])) != 1 else ""
+        return f"{int(values[0])}..{int(values[-1])}{step}"
+    return f"{int(values.min())}..{int(values.max())} (uneven)"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LayerStructure:
+    """Every param leaf's role, stacking, kernel axes, depth and default decay, from one trace.
+
+    Build it with `layer_structure`. The params-shaped properties (`depths`, `decay_mask`,
+    `roles`, `stacked_axes`, `fan_in_axes`, `output_axes`) are trees with the params' structure;
+    `leaves` holds one `LeafLayout` per leaf in the params' leaf order. `str(structure)` is a
+    table, one row per leaf.
+
+    Attributes:
+      leaves: one `LeafLayout` per param leaf, in the params' leaf order.
+      treedef: the params' tree structure.
+    """
+
+    leaves: tuple[LeafLayout, ...]
+    treedef: Any = dataclasses.field(repr=False)
+
+    def _tree(self, field: str) -> Any:
+        return jax.tree_util.tree_unflatten(self.treedef, [getattr(x, field) for x in self.leaves])
+
+    @property
+    def depths(self) -> Any:
+        """Depth of every leaf: an int, or an int array over a stacked leaf's slices."""
+        return self._tree("depth")
+
+    @property
+    def decay_mask(self) -> Any:
+        """Python bools: True where weight decay applies by default (see `LeafLayout.decay`)."""
+        return self._tree("decay")
+
+    @property
+    def roles(self) -> Any:
+        return self._tree("role")
+
+    @property
+    def stacked_axes(self) -> Any:
+        return self._tree("stacked_axes")
+
+    @property
+    def fan_in_axes(self) -> Any:
+        return jax.tree_util.tree_unflatten(self.treedef, [x.fan_in_axes for x in self.leaves])
+
+    @property
+    def output_axes(self) -> Any:
+        return self._tree("output_axes")
+
+    @property
+    def num_layers(self) -> int:
+        return max(int(np.max(x.depth)) for x in self.leaves)
+
+    def mask(self, roles: Sequence[str] = ("kernel",), *, decayed: bool = True) -> Any:
+        """Python bools: the leaves whose role is in `roles` (and that decay by default)."""
+        keep = [x.role in roles and (x.decay or not decayed) for x in self.leaves]
+        return jax.tree_util.tree_unflatten(self.treedef, keep)
+
+    def layouts_for(self, params: Any, where: str) -> list[LeafLayout]:
+        """The layouts in `params`' leaf order; a ValueError names the first leaf whose path or
+        shape differs from those this structure was built for."""
+        flat = leaves_with_paths(params)
+        if len(flat) != len(self.leaves):
+            raise ValueError(
+                f"{where}: layers= was built for {len(self.leaves)} param leaves, the params "
+                f"have {len(flat)}; build it with layer_structure on these params."
+            )
+        for (path, leaf), layout in zip(flat, self.leaves):
+            shape = tuple(int(n) for n in np.shape(leaf))
+            if path != layout.path or shape != layout.shape:
+                raise ValueError(
+                    f"{where}: layers= was built for other params: leaf '{path}' {shape} is "
+                    f"'{layout.path}' {layout.shape} in the layer structure."
+                )
+        return list(self.leaves)
+
+    def table(self) -> str:
+        header = ("depth", "path", "shape", "role", "stacked", "fan-in", "out", "decay")
+        rows = []
+        for x in self.leaves:
+            rows.append(
+                (
+                    depth_str(x.depth),
+                    x.path,
+                    str(x.shape),
+                    x.role,
+                    axes_str(x.stacked_axes),
+                    axes_str(x.fan_in_axes),
+                    axes_str(x.output_axes),
+                    "yes" if x.decay else "no",
+                )
+            )
+        order = sorted(
+            range(len(rows)),
+            key=lambda i: (
+                int(np.min(self.leaves[i].depth)),
+                natural_path_key(self.leaves[i].path.split("/")),
+            ),
+        )
+        body = [rows[i] for i in order]
+        widths = [max(len(r[c]) for r in [header, *body]) for c in range(len(header))]
+        line = lambda r: "  ".join(
+            [r[0].rjust(widths[0])] + [c.ljust(w) for c, w in zip(r[1:], widths[1:])]
+        ).rstrip()
+        stacked = [x for x in self.leaves if x.stacked_axes]
+        footer = f"{self.num_layers} layers from {len(self.leaves)} leaves"
+        if stacked:
+            slices = max(x.num_slices for x in stacked)
+            footer += f"; {len(stacked)} stacked leaves ({slices} slices each at most)"
+        return "\n".join([line(header), *(line(r) for r in body), footer + "."])
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def layer_structure(
+    params: Any, apply_fn: Callable[..., Any], *example_args: Any, **example_kwargs: Any
+) -> LayerStructure:
+    """The layer structure of a model, from one trace of `apply_fn(params, *example_args)`.
+
+    `jax.make_jaxpr` traces the forward pass (nothing is computed; example arrays may be
+    `jax.ShapeDtypeStruct`s, other example values are passed as they are). For every param
+    leaf it records:
+
+    - its role: "kernel" if it reaches a `dot_general` or `conv_general_dilated` through views
+      (casts, reshapes, transposes, broadcasts, slices), "embedding" if its rows are gathered,
+      "bias" if added, "scale" if multiplied, "other", or "unused";
+    - its stacked axes: a leaf sliced by a `scan` (linen `nn.scan`, NNX `nnx.scan`, Equinox's
+      `jax.lax.scan` over `eqx.filter_vmap`-built layers, Haiku's `hk.layer_stack`) is one
+      layer per slice; `jit`, `remat`, `vmap`, `cond` and custom derivatives inside are
+      followed;
+    - a kernel's axes as the product contracts them: `input_axes` and `spatial_axes` (its
+      fan-in) and `output_axes` (one output unit per index), for any library's layout;
+    - its depth: layers (a module's leaves, or one slice of them) ranked by first use, 1 for
+      the first; a stacked slice gets the depth its unrolled twin would have;
+    - its default decay: more than one axis of size > 1 in one slice (so a stacked `(L, C)`
+      bias and Haiku's `(1, 1, 1, C)` BatchNorm scale are not decayed), and not a relative
+      position bias table.
+
+    Args:
+      params: a pytree of arrays or `jax.ShapeDtypeStruct`s: a linen params dict, an
+        `nnx.State`, a Haiku params dict, or the arrays of an Equinox module
+        (`eqx.filter(model, eqx.is_array)`).
+      apply_fn: `apply_fn(params, *example_args, **example_kwargs)`, the pure forward pass.
+      *example_args: example inputs.
+      **example_kwargs: example keyword inputs.
+
+    Returns:
+      A `LayerStructure`; pass it as `layers=` to the per-layer transforms and diagnostics,
+      and its `depths` to `layerwise_schedule`, its `decay_mask` as a `mask`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, lpwd_optax
+      >>> class Block(nn.Module):
+      ...   @nn.compact
+      ...   def __call__(self, x, _):
+      ...     return x + nn.Dense(4)(nn.LayerNorm()(x)), None
+      >>> class Net(nn.Module):
+      ...   @nn.compact
+      ...   def __call__(self, x):
+      ...     blocks = nn.scan(Block, variable_axes={"params": 0},
+      ...                      split_rngs={"params": True}, length=3)
+      ...     return nn.Dense(2, name="head")(blocks(name="blocks")(x, None)[0])
+      >>> x = jnp.ones((1, 4))
+      >>> params = Net().init(jax.random.key(0), x)["params"]
+      >>> layers = lpwd_optax.layer_structure(params, lambda p, x: Net().apply({"params": p}, x), x)
+      >>> layers.depths["blocks"]["Dense_0"]["kernel"].ravel().tolist()
+      [2, 4, 6]
+      >>> layers.fan_in_axes["blocks"]["Dense_0"]["kernel"], layers.decay_mask["blocks"]["Dense_0"]
+      ((1,), {'bias': False, 'kernel': True})
+    """
+    layouts = analyse(params, apply_fn, example_args, example_kwargs, caller="layer_structure")
+    return LayerStructure(tuple(layouts), jax.tree_util.tree_structure(params))
+
+
+# --------------------------------------------------------------------------------------------
+# For the transforms that take `layers=`
+
+
+def layouts(layers: LayerStructure | None, params: Any, where: str) -> list[LeafLayout | None]:
+    """One `LeafLayout` per param leaf (None everywhere without `layers`); a ValueError names
+    the first leaf that `layers` was not built for."""
+    if layers is None:
+        return [None] * len(jax.tree.leaves(params))
+    if not isinstance(layers, LayerStructure):
+        raise TypeError(
+            f"{where}: layers must be a LayerStructure (from lpwd_optax.layer_structure), got "
+            f"{type(layers).__name__}."
+        )
+    return layers.layouts_for(params, where)
+
+
+def params_check(layers: LayerStructure | None, where: str) -> Callable[[Any], None] | None:
+    """A `check_params` hook: raises when the params are not those `layers` was built for."""
+    if layers is None:
+        return None
+    return lambda params: layouts(layers, params, where) and None
+
+
+def check_layers(layers: Any, where: str) -> None:
+    if layers is not None and not isinstance(layers, LayerStructure):
+        raise TypeError(
+            f"{where}: layers must be a LayerStructure (from lpwd_optax.layer_structure), got "
+            f"{type(layers).__name__}."
+        )
+
+
+def default_mask(layers: LayerStructure | None, mask: Any, roles: Sequence[str] | None = None):
+    """`mask` if given; else, with `layers`, its decay mask (restricted to `roles`); else None
+    (the transform's own default)."""
+    if mask is not None or layers is None:
+        return mask
+    return layers.decay_mask if roles is None else layers.mask(roles)
+
+
+def slice_axes(layout: LeafLayout | None, ndim: int) -> tuple[int, ...]:
+    """The axes of one layer of a leaf: every axis but its stacked ones (all without layers)."""
+    return tuple(range(ndim)) if layout is None else layout.slice_axes

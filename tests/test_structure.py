@@ -1,0 +1,556 @@
+"""The layer structure from the forward pass: a model whose blocks are stacked by a scan and
+its unrolled twin are the same model, so from the same weights they must follow the same
+trajectory under every per-layer transform, and give the same per-layer diagnostics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import equinox as eqx
+import flax.linen as nn
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import lpwd_optax as lo
+
+L, WIDTH, HIDDEN, CLASSES, STEPS = 4, 8, 16, 3, 20
+LR = 1e-2
+
+
+# --------------------------------------------------------------------------------------------
+# linen: nn.scan over a block, and the same block unrolled
+
+
+class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(HIDDEN, use_bias=False, name="fc1")(x)  # followed by a norm: invariant
+        h = nn.LayerNorm(name="norm")(h)
+        return x + nn.Dense(WIDTH, name="fc2")(nn.gelu(h))
+
+
+class ScanCell(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return Block(name="block")(x), None
+
+
+class LinenScanned(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(WIDTH, name="embed")(x)
+        blocks = nn.scan(
+            nn.remat(ScanCell), variable_axes={"params": 0}, split_rngs={"params": True}, length=L
+        )
+        x, _ = blocks(name="blocks")(x, None)
+        return nn.Dense(CLASSES, name="head")(nn.LayerNorm(name="final_norm")(x))
+
+
+class LinenUnrolled(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(WIDTH, name="embed")(x)
+        for i in range(L):
+            x = Block(name=f"block_{i}")(x)
+        return nn.Dense(CLASSES, name="head")(nn.LayerNorm(name="final_norm")(x))
+
+
+def _linen_pair():
+    x = jax.random.normal(jax.random.key(0), (32, 5))
+    scanned = LinenScanned().init(jax.random.key(1), x)["params"]
+    scanned = jax.tree.map(lambda a: a * 1.5, scanned)  # some LayerNorm scales away from 1
+
+    def unroll(p):
+        out = {k: v for k, v in p.items() if k != "blocks"}
+        for i in range(L):
+            out[f"block_{i}"] = jax.tree.map(lambda a, i=i: a[i], p["blocks"]["block"])
+        return out
+
+    apply_s = lambda p, x: LinenScanned().apply({"params": p}, x)
+    apply_u = lambda p, x: LinenUnrolled().apply({"params": p}, x)
+    return x, (scanned, apply_s), (unroll(scanned), apply_u), unroll, lambda p: p
+
+
+# --------------------------------------------------------------------------------------------
+# NNX: nnx.vmap-built blocks applied with nnx.scan, and a list of blocks
+
+
+class NnxBlock(nnx.Module):
+    def __init__(self, rngs):
+        self.fc1 = nnx.Linear(WIDTH, HIDDEN, use_bias=False, rngs=rngs)
+        self.norm = nnx.LayerNorm(HIDDEN, rngs=rngs)
+        self.fc2 = nnx.Linear(HIDDEN, WIDTH, rngs=rngs)
+
+    def __call__(self, x):
+        return x + self.fc2(nnx.gelu(self.norm(self.fc1(x))))
+
+
+class NnxScanned(nnx.Module):
+    def __init__(self, rngs):
+        self.embed = nnx.Linear(5, WIDTH, rngs=rngs)
+
+        @nnx.split_rngs(splits=L)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs):
+            return NnxBlock(rngs)
+
+        self.blocks = make(rngs)
+        self.final_norm = nnx.LayerNorm(WIDTH, rngs=rngs)
+        self.head = nnx.Linear(WIDTH, CLASSES, rngs=rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def body(x, block):
+            return block(x)
+
+        return self.head(self.final_norm(body(self.embed(x), self.blocks)))
+
+
+class NnxUnrolled(nnx.Module):
+    def __init__(self, rngs):
+        self.embed = nnx.Linear(5, WIDTH, rngs=rngs)
+        self.blocks = nnx.List([NnxBlock(rngs) for _ in range(L)])
+        self.final_norm = nnx.LayerNorm(WIDTH, rngs=rngs)
+        self.head = nnx.Linear(WIDTH, CLASSES, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.final_norm(x))
+
+
+def _nnx_pair():
+    x = jax.random.normal(jax.random.key(0), (32, 5))
+    graph_s, scanned = nnx.split(NnxScanned(nnx.Rngs(1)), nnx.Param)
+    graph_u, unrolled = nnx.split(NnxUnrolled(nnx.Rngs(2)), nnx.Param)
+    scanned = jax.tree.map(lambda a: a * 1.5, scanned)
+    stacked = scanned.to_pure_dict()
+
+    def unroll(state):
+        p = state.to_pure_dict() if isinstance(state, nnx.State) else state
+        out = {k: v for k, v in p.items() if k != "blocks"}
+        out["blocks"] = {i: jax.tree.map(lambda a, i=i: a[i], p["blocks"]) for i in range(L)}
+        return out
+
+    nnx.replace_by_pure_dict(unrolled, unroll(stacked))
+    apply_s = lambda p, x: nnx.merge(graph_s, p)(x)
+    apply_u = lambda p, x: nnx.merge(graph_u, p)(x)
+    return x, (scanned, apply_s), (unrolled, apply_u), unroll
+
+
+# --------------------------------------------------------------------------------------------
+# Equinox: eqx.filter_vmap-built blocks applied with jax.lax.scan (its stacked-layers recipe)
+
+
+class EqxBlock(eqx.Module):
+    fc1: eqx.nn.Linear
+    norm: eqx.nn.LayerNorm
+    fc2: eqx.nn.Linear
+
+    def __init__(self, key):
+        k1, k2 = jax.random.split(key)
+        self.fc1 = eqx.nn.Linear(WIDTH, HIDDEN, use_bias=False, key=k1)
+        self.norm = eqx.nn.LayerNorm(HIDDEN)
+        self.fc2 = eqx.nn.Linear(HIDDEN, WIDTH, key=k2)
+
+    def __call__(self, x):
+        return x + self.fc2(jax.nn.gelu(self.norm(self.fc1(x))))
+
+
+class EqxNet(eqx.Module):
+    embed: eqx.nn.Linear
+    blocks: Any  # one EqxBlock with stacked arrays, or a list of blocks
+    final_norm: eqx.nn.LayerNorm
+    head: eqx.nn.Linear
+
+    def __call__(self, x):
+        x = self.embed(x)
+        if isinstance(self.blocks, list):
+            for block in self.blocks:
+                x = block(x)
+        else:
+            arrays, static = eqx.partition(self.blocks, eqx.is_array)
+            step = lambda x, a: (eqx.combine(a, static)(x), None)
+            x, _ = jax.lax.scan(step, x, arrays)
+        return self.head(self.final_norm(x))
+
+
+def _eqx_pair():
+    x = jax.random.normal(jax.random.key(0), (32, 5))
+    k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
+    blocks = eqx.filter_vmap(EqxBlock)(jax.random.split(k2, L))
+    model = EqxNet(
+        eqx.nn.Linear(5, WIDTH, key=k1),
+        blocks,
+        eqx.nn.LayerNorm(WIDTH),
+        eqx.nn.Linear(WIDTH, CLASSES, key=k3),
+    )
+    scanned, static_s = eqx.partition(model, eqx.is_array)
+    scanned = jax.tree.map(lambda a: a * 1.5, scanned)
+
+    def slices(p):
+        return [jax.tree.map(lambda a, i=i: a[i], p.blocks) for i in range(L)]
+
+    unrolled_model = eqx.tree_at(
+        lambda m: m.blocks,
+        eqx.combine(scanned, static_s),
+        [eqx.combine(b, eqx.partition(EqxBlock(k2), eqx.is_array)[1]) for b in slices(scanned)],
+    )
+    unrolled, static_u = eqx.partition(unrolled_model, eqx.is_array)
+    apply_s = lambda p, x: jax.vmap(eqx.combine(p, static_s))(x)
+    apply_u = lambda p, x: jax.vmap(eqx.combine(p, static_u))(x)
+
+    def pure(p):
+        if isinstance(p.blocks, list):
+            blocks = list(p.blocks)
+        else:
+            blocks = slices(p)
+        return {"embed": p.embed, "blocks": blocks, "final_norm": p.final_norm, "head": p.head}
+
+    return x, (scanned, apply_s), (unrolled, apply_u), pure, pure
+
+
+# --------------------------------------------------------------------------------------------
+# Haiku: hk.layer_stack, and the same layers unrolled
+
+
+def _haiku_layer(x, suffix=""):
+    h = hk.Linear(HIDDEN, with_bias=False, name="fc1" + suffix)(x)
+    h = hk.LayerNorm(-1, True, True, name="norm" + suffix)(h)
+    return x + hk.Linear(WIDTH, name="fc2" + suffix)(jax.nn.gelu(h))
+
+
+def _haiku_pair():
+    x = jax.random.normal(jax.random.key(0), (32, 5))
+
+    def scanned_fn(x):
+        x = hk.Linear(WIDTH, name="embed")(x)
+        x = hk.layer_stack(L, name="blocks")(_haiku_layer)(x)
+        return hk.Linear(CLASSES, name="head")(x)
+
+    def unrolled_fn(x):
+        x = hk.Linear(WIDTH, name="embed")(x)
+        for i in range(L):
+            x = _haiku_layer(x, f"_{i}")
+        return hk.Linear(CLASSES, name="head")(x)
+
+    t_s = hk.without_apply_rng(hk.transform(scanned_fn))
+    t_u = hk.without_apply_rng(hk.transform(unrolled_fn))
+    scanned = jax.tree.map(lambda a: a * 1.5, t_s.init(jax.random.key(1), x))
+
+    def unroll(p):
+        out = {k: v for k, v in p.items() if not k.startswith("blocks/")}
+        for name in ("fc1", "fc2", "norm"):
+            for i in range(L):
+                out[f"{name}_{i}"] = jax.tree.map(lambda a, i=i: a[i], p[f"blocks/{name}"])
+        return out
+
+    return x, (scanned, t_s.apply), (unroll(scanned), t_u.apply), unroll, lambda p: p
+
+
+PAIRS = {
+    "linen nn.scan": _linen_pair,
+    "nnx.scan": _nnx_pair,
+    "equinox lax.scan": _eqx_pair,
+    "haiku layer_stack": _haiku_pair,
+}
+# Equinox's (out, in) kernels and Haiku's layout: the transforms that read kernel axes.
+LAYOUT_TRANSFORMS = ("lpwd", "wrs", "adamp", "sgdp")
+
+
+# --------------------------------------------------------------------------------------------
+# The transforms: (scanned structure, params) -> (tx, init_params, eval_params) for each side
+
+
+def _lpwd(layers, params, apply_fn, x):
+    if layers is None:
+        depths, mask = lo.depth_labels(params, apply_fn, x), None
+    else:
+        depths, mask = layers.depths, layers.decay_mask
+    rates = lo.layerwise_schedule(depths, 0.5)
+    tx = optax.chain(optax.adam(LR), lo.pre_weight_decay(rates, learning_rate=LR, mask=mask))
+    init = lambda p: lo.pre_decay_params(p, rates, learning_rate=LR, mask=mask)
+    return tx, init
+
+
+def _decoupled(factory):
+    def make(layers, params, apply_fn, x):
+        mask = None if layers is None else layers.decay_mask
+        tx = optax.chain(optax.adam(LR), factory(2.0, learning_rate=LR, mask=mask))
+        return tx, lambda p: p
+
+    return make
+
+
+def _with_layers(build):
+    def make(layers, params, apply_fn, x):
+        return build({} if layers is None else {"layers": layers}), lambda p: p
+
+    return make
+
+
+TRANSFORMS = {
+    "lpwd": _lpwd,
+    "wd": _decoupled(lo.weight_decay),
+    "rwd": _decoupled(lo.real_time_weight_decay),
+    "pwd": _decoupled(lo.pre_weight_decay),
+    "adadecay": _with_layers(
+        lambda kw: optax.chain(lo.adaptive_weight_decay(0.5, **kw), optax.adam(LR))
+    ),
+    "wrs": _with_layers(
+        lambda kw: optax.chain(optax.sgd(0.1, momentum=0.9), lo.weight_rescaling(1, **kw))
+    ),
+    "adamp": _with_layers(lambda kw: lo.adamp(LR, weight_decay=0.5, **kw)),
+    "sgdp": _with_layers(lambda kw: lo.sgdp(0.1, momentum=0.9, weight_decay=1e-2, **kw)),
+}
+
+
+def _trajectory(params, apply_fn, x, y, tx, init):
+    params = init(params)
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state):
+        loss_fn = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+            apply_fn(p, x), y
+        ).mean()
+        grads = jax.grad(loss_fn)(params)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    out = []
+    for _ in range(STEPS):
+        params, state = step(params, state)
+        out.append(params)
+    return out
+
+
+def _pure(tree):
+    return tree.to_pure_dict() if isinstance(tree, nnx.State) else tree
+
+
+def _assert_same(scanned_tree, unrolled_tree, unroll, pure, atol):
+    got = unroll(scanned_tree)
+    want = pure(unrolled_tree)
+    chex_leaves = jax.tree_util.tree_flatten_with_path(want)[0]
+    got_leaves = jax.tree.leaves(got)
+    assert len(got_leaves) == len(chex_leaves)
+    for (path, w), g in zip(chex_leaves, got_leaves):
+        np.testing.assert_allclose(g, w, atol=atol, rtol=0, err_msg=jax.tree_util.keystr(path))
+
+
+CASES = [
+    (pair, transform)
+    for pair in sorted(PAIRS)
+    for transform in sorted(TRANSFORMS)
+    if pair in ("linen nn.scan", "nnx.scan") or transform in LAYOUT_TRANSFORMS
+]
+
+
+@pytest.mark.parametrize(("pair", "transform"), CASES)
+def test_scanned_and_unrolled_follow_one_trajectory(pair, transform):
+    x, (scanned, apply_s), (unrolled, apply_u), unroll, pure = PAIRS[pair]()
+    y = jnp.arange(x.shape[0]) % CLASSES
+    layers = lo.layer_structure(scanned, apply_s, x)
+    # Flax's twin runs on the library's Flax-layout defaults; Equinox's and Haiku's need their
+    # own structure too (the defaults read an Equinox (out, in) kernel the wrong way round).
+    twin = (
+        None if pair in ("linen nn.scan", "nnx.scan") else lo.layer_structure(unrolled, apply_u, x)
+    )
+    tx_s, init_s = TRANSFORMS[transform](layers, scanned, apply_s, x)
+    tx_u, init_u = TRANSFORMS[transform](twin, unrolled, apply_u, x)
+    path_s = _trajectory(scanned, apply_s, x, y, tx_s, init_s)
+    path_u = _trajectory(unrolled, apply_u, x, y, tx_u, init_u)
+    start = jax.tree.leaves(init_u(unrolled))
+    moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(path_u[-1]), start))
+    assert moved > 1e-2, "the transform did not move the weights"
+    for t in range(STEPS):
+        _assert_same(path_s[t], path_u[t], unroll, pure, atol=3e-5)
+
+
+@pytest.mark.parametrize("pair", sorted(PAIRS))
+def test_structure_matches_the_unrolled_twin(pair):
+    x, (scanned, apply_s), (unrolled, apply_u), unroll, pure = PAIRS[pair]()
+    layers = lo.layer_structure(scanned, apply_s, x)
+    # Slice i of a stacked leaf has the depth of block i of the twin.
+    want = lo.depth_labels(unrolled, apply_u, x)
+    treedef = jax.tree.structure(scanned)
+    got = unroll(treedef.unflatten([np.asarray(x.depth) for x in layers.leaves]))
+    want = pure(want)
+    assert jax.tree.map(lambda a: int(np.asarray(a).item()), got) == jax.tree.map(int, want)
+    # The decay mask is the twin's default mask, slice by slice.
+    full = [np.full(x.shape, x.decay) for x in layers.leaves]
+    mask_s = unroll(treedef.unflatten(full))
+    mask_u = pure(lo.default_decay_mask(unrolled))
+    assert jax.tree.map(lambda m: bool(np.all(m)), mask_s) == mask_u
+    assert sum(x.decay for x in layers.leaves) == 4  # embed, fc1, fc2 and head kernels
+    # Kernels are read with their traced axes; stacked axis 0 is not among them.
+    by_path = {x.path: x for x in layers.leaves}
+    fc1 = next(x for p, x in by_path.items() if "fc1" in p)
+    fan_in, out = ((2,), (1,)) if pair.startswith("equinox") else ((1,), (2,))  # (L, out, in)
+    assert (fc1.role, fc1.stacked_axes, fc1.fan_in_axes, fc1.output_axes) == (
+        "kernel",
+        (0,),
+        fan_in,
+        out,
+    )
+    assert layers.num_layers == max(jax.tree.leaves(want))
+    for x in layers.leaves:
+        assert x.role in ("kernel", "bias", "scale"), (x.path, x.role)
+
+
+@pytest.mark.parametrize("pair", ["linen nn.scan", "nnx.scan"])
+def test_diagnostics_are_per_slice(pair):
+    x, (scanned, apply_s), (unrolled, apply_u), unroll, _ = PAIRS[pair]()
+    layers = lo.layer_structure(scanned, apply_s, x)
+    updates_s = jax.tree.map(lambda p: 0.01 * jnp.cos(p), scanned)
+    updates_u = jax.tree.map(lambda p: 0.01 * jnp.cos(p), unrolled)
+    stats_s = lo.layer_statistics(scanned, updates_s, learning_rate=LR, layers=layers)
+    stats_u = lo.layer_statistics(unrolled, updates_u, learning_rate=LR)
+    stacked = [k for k in stats_s if k.startswith("blocks")]
+    assert len(stacked) == 3
+    for key in stacked:
+        module = key.split("/")[-1]
+        for i in range(L):
+            twin = f"blocks/{i}/{module}" if pair == "nnx.scan" else f"block_{i}/{module}"
+            for stat in ("weight_norm", "update_norm", "effective_step", "effective_lr"):
+                np.testing.assert_allclose(stats_s[key][stat][i], stats_u[twin][stat], rtol=1e-5)
+    # Scale sensitivity: fc1 (followed by a LayerNorm, no bias) is invariant in every slice.
+    sens_s = lo.scale_sensitivity(apply_s, scanned, x, layers=layers)
+    sens_u = lo.scale_sensitivity(apply_u, unrolled, x)
+    got = unroll(jax.tree.map(lambda s: np.asarray(s, np.float64), sens_s))
+    want = _pure(sens_u)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g).squeeze(), w, rtol=1e-3, atol=1e-6)
+    inv = _pure(lo.scale_invariant_mask(apply_s, scanned, x, layers=layers))
+    block = inv["blocks"]["block"] if "block" in inv["blocks"] else inv["blocks"]
+    assert block["fc1"]["kernel"] and not block["fc2"]["kernel"]
+
+
+# --------------------------------------------------------------------------------------------
+# Trees from any library, layouts, and bad input
+
+
+def _numpy_unit_rows(w, axes):
+    norm = np.sqrt(np.sum(np.square(np.asarray(w, np.float64)), axis=axes, keepdims=True))
+    return np.asarray(w, np.float64) / norm
+
+
+def test_wrs_follows_equinox_layouts():
+    keys = jax.random.split(jax.random.key(0), 2)
+    model = [eqx.nn.Linear(6, 4, key=keys[0]), eqx.nn.Conv2d(3, 5, 3, key=keys[1])]
+    params, static = eqx.partition(model, eqx.is_array)
+
+    def apply_fn(p, x):
+        dense, conv = eqx.combine(p, static)
+        return dense(conv(x).mean((1, 2)) @ jnp.ones((5, 6)))
+
+    layers = lo.layer_structure(params, apply_fn, jnp.ones((3, 8, 8)))
+    linear, conv = params
+    assert layers.leaves[0].path == "0/weight"
+    new = lo.rescale_params(params, layers=layers)
+    # An Equinox Linear is (out, in): each output row gets unit norm over `in`; a Conv2d is
+    # (out, in, kh, kw): each output channel over (in, kh, kw). Biases are left alone.
+    np.testing.assert_allclose(new[0].weight, _numpy_unit_rows(linear.weight, (1,)), rtol=1e-6)
+    np.testing.assert_allclose(new[1].weight, _numpy_unit_rows(conv.weight, (1, 2, 3)), rtol=1e-6)
+    np.testing.assert_array_equal(new[1].bias, conv.bias)
+    # mode="input" (WRS(IC)): per (out, kh, kw) over `in` only.
+    ic = lo.rescale_params(params, mode="input", layers=layers)
+    np.testing.assert_allclose(ic[1].weight, _numpy_unit_rows(conv.weight, (1,)), rtol=1e-6)
+
+
+def test_equinox_modules_are_trees_not_schedules():
+    model = eqx.nn.MLP(4, 2, 8, 2, key=jax.random.key(0))
+    params, static = eqx.partition(model, eqx.is_array)
+    apply_fn = lambda p, x: eqx.combine(p, static)(x)
+    labels = lo.depth_labels(params, apply_fn, jnp.ones(4))
+    rates = lo.layerwise_schedule(labels, 0.1)
+    assert isinstance(rates, eqx.nn.MLP) and callable(rates)  # a callable pytree
+    opt = optax.chain(optax.sgd(0.1), lo.pre_weight_decay(rates, learning_rate=0.1))
+    grads = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = opt.update(grads, opt.init(params), params)
+    kernels = [layer.weight for layer in params.layers]
+    for layer, u, w in zip(range(3), [layer.weight for layer in updates.layers], kernels):
+        expected = -0.1 * (0.1 * 2 * (layer + 1) / 3) * np.asarray(w)  # -d_{t+1} * phi
+        np.testing.assert_allclose(u, expected, rtol=1e-5, atol=1e-8)
+    table = lo.depth_table(params, labels, rates)
+    assert "layers/2/weight" in table and "3 layers" in table  # 'activation' is no leaf
+
+
+def test_haiku_batchnorm_is_not_decayed():
+    def f(x, training):
+        x = hk.Conv2D(4, 3)(x)
+        return hk.BatchNorm(True, True, 0.9)(x, training).mean((1, 2))
+
+    t = hk.transform_with_state(f)
+    x = jnp.ones((2, 6, 6, 3))
+    params, state = t.init(jax.random.key(0), x, True)
+    assert params["batch_norm"]["scale"].shape == (1, 1, 1, 4)
+    mask = lo.default_decay_mask(params)
+    assert mask == {
+        "batch_norm": {"offset": False, "scale": False},
+        "conv2_d": {"b": False, "w": True},
+    }
+    layers = lo.layer_structure(params, lambda p, x: t.apply(p, state, None, x, True)[0], x)
+    assert layers.decay_mask == mask
+    assert layers.roles["batch_norm"] == {"offset": "bias", "scale": "scale"}
+    assert layers.fan_in_axes["conv2_d"]["w"] == (0, 1, 2)  # HWIO
+
+
+def test_stacking_is_found_through_jit_remat_and_vmap():
+    def block(x, w):
+        return jnp.tanh(jax.vmap(lambda row: row @ w)(x))
+
+    def apply_fn(p, x):
+        x = x @ p["stem"]["w"]
+        body = jax.jit(jax.checkpoint(lambda x, w: (block(x, w), None)))
+        x, _ = jax.lax.scan(body, x, p["blocks"]["w"])
+        x, _ = jax.lax.scan(lambda x, w: (x @ w, None), x, p["rev"]["w"], reverse=True)
+        return x @ p["head"]["w"]
+
+    shapes = {"stem": (3, 4), "blocks": (5, 4, 4), "rev": (2, 4, 4), "head": (4, 2)}
+    params = {k: {"w": jnp.ones(s)} for k, s in shapes.items()}
+    layers = lo.layer_structure(params, apply_fn, jnp.ones((2, 3)))
+    depths = {k: v["w"] for k, v in layers.depths.items()}
+    assert depths["stem"] == 1 and depths["head"] == 9
+    assert depths["blocks"].ravel().tolist() == [2, 3, 4, 5, 6]
+    assert depths["rev"].ravel().tolist() == [8, 7]  # a reversed scan uses the last slice first
+    assert depths["blocks"].shape == (5, 1, 1)  # broadcasts against the leaf
+    assert layers.fan_in_axes["blocks"]["w"] == (1,) and layers.output_axes["blocks"]["w"] == (2,)
+    assert "2..6" in str(layers) and "8..7" in str(layers)  # slice 0 first
+
+
+def test_bad_input_names_the_leaf():
+    params = {
+        "a": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones(4)},
+        "b": {"kernel": jnp.ones((4, 2))},
+    }
+    apply_fn = lambda p, x: (x @ p["a"]["kernel"] + p["a"]["bias"]) @ p["b"]["kernel"]
+    layers = lo.layer_structure(params, apply_fn, jnp.ones((1, 3)))
+    other = {
+        "a": {"kernel": jnp.ones((3, 5)), "bias": jnp.ones(5)},
+        "b": {"kernel": jnp.ones((5, 2))},
+    }
+    with pytest.raises(
+        ValueError, match=r"built for other params: leaf 'a/bias' \(5,\) is 'a/bias' \(4,\)"
+    ):
+        lo.weight_rescaling(1, layers=layers).init(other)
+    with pytest.raises(ValueError, match="built for 3 param leaves"):
+        lo.layer_statistics({"x": jnp.ones(2)}, {"x": jnp.ones(2)}, layers=layers)
+    with pytest.raises(TypeError, match="layers must be a LayerStructure"):
+        lo.adamp(1e-3, layers=params)
+    with pytest.raises(ValueError, match="'a/bias' is a bias"):
+        mask = {"a": {"kernel": True, "bias": True}, "b": {"kernel": True}}
+        lo.rescale_params(params, mask=mask, layers=layers)
+    with pytest.warns(UserWarning, match="never used 1 param leaves"):
+        lo.layer_structure(
+            {**params, "unused": {"w": jnp.ones((2, 2))}}, apply_fn, jnp.ones((1, 3))
+        )
+    with pytest.raises(TypeError, match="leaf 'act' is a custom_jvp, not an array"):
+        lo.layer_structure({**params, "act": jax.nn.relu}, apply_fn, jnp.ones((1, 3)))
