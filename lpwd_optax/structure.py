@@ -63,8 +63,8 @@ class LeafLayout:
         any axis a batched product keeps apart.
       depth: the layer's depth, 1 for the first; for a stacked leaf an int array of the leaf's
         ndim, sized like the stacked axes and 1 elsewhere, so it broadcasts against the leaf.
-      decay: whether weight decay applies by default (more than one axis of size > 1 in one
-        slice, and not a relative position bias table).
+      decay: whether weight decay applies by default: more than one axis of size > 1 in one
+        slice, not a relative position bias table, and not a bias or scale by its role.
     """
 
     path: str
@@ -435,7 +435,9 @@ def _leaf_layout(path: str, shape: tuple[int, ...], uses: list[_Use]) -> LeafLay
             input_axes = free(use.input_axes)
             spatial_axes = free(use.spatial_axes)
             output_axes = free(use.output_axes)
-    decay = decays_by_default(path, shape, stacked)
+    # The shape rule on one slice, and never what the trace shows is only added or multiplied
+    # (a DenseGeneral's (heads, head_dim) bias has two axes, and is still a bias).
+    decay = decays_by_default(path, shape, stacked) and role not in ("bias", "scale")
     return LeafLayout(path, shape, role, stacked, input_axes, spatial_axes, output_axes, 0, decay)
 
 
@@ -717,8 +719,9 @@ def layer_structure(
     - its depth: layers (a module's leaves, or one slice of them) ranked by first use, 1 for
       the first; a stacked slice gets the depth its unrolled twin would have;
     - its default decay: more than one axis of size > 1 in one slice (so a stacked `(L, C)`
-      bias and Haiku's `(1, 1, 1, C)` BatchNorm scale are not decayed), and not a relative
-      position bias table.
+      bias and Haiku's `(1, 1, 1, C)` BatchNorm scale are not decayed), not a relative
+      position bias table, and not a leaf whose role is bias or scale (a `(heads, head_dim)`
+      attention bias); on a model with no such bias, `default_decay_mask` of its unrolled twin.
 
     Args:
       params: a pytree of arrays or `jax.ShapeDtypeStruct`s: a linen params dict, an

@@ -11,6 +11,7 @@ from lpwd_optax.experiments.benchmarks import (
     bench_common,
     bench_matmul,
     bench_regularizers,
+    bench_structure,
     bench_train_step,
 )
 
@@ -199,3 +200,26 @@ def test_bench_matmul_writes_json(tmp_path, with_torch):
     if with_torch:
         assert all(r["torch_s"] > 0 for r in loaded["dots"])
         assert loaded["totals"]["torch_matmul_s_per_step"] > 0
+
+
+def test_bench_structure_writes_json(tmp_path, capsys):
+    out = tmp_path / "structure.json"
+    report = bench_structure.main(
+        [
+            "--blocks",
+            "2",
+            "--width",
+            "16",
+            "--batch",
+            "2",
+            "--tokens",
+            "4",
+            "--repeats",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
+    assert json.loads(out.read_text())["layers"] == report["layers"] == 19
+    assert report["xla_costs"]["lpwd"]["flops"] > 0
+    assert "2 scanned blocks" in capsys.readouterr().out

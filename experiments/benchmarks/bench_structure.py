@@ -1,0 +1,165 @@
+"""What reading the layer structure costs: the trace of a scanned transformer, and its train step.
+
+A transformer of `--blocks` pre-norm blocks (width `--width`, 4 heads, MLP 4x), stacked with
+linen's `nn.scan`, on token inputs. Measured:
+
+- `lo.layer_structure` on the model's abstract params (`jax.eval_shape`, nothing is
+  initialized): seconds per call, median over `--repeats` (the target is under 5 s for 24
+  blocks of width 256);
+- one jitted train step with LPWD's per-slice rates and the structure's decay mask, against the
+  same step with plain WD (one rate for every leaf, the same mask): the paired ratio of their
+  times, and XLA's flop and byte counts of both compiled steps (noise-free: equal counts mean
+  the per-slice rates cost nothing inside the step).
+
+    python -m lpwd_optax.experiments.benchmarks.bench_structure --out structure.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+import lpwd_optax as lo
+from lpwd_optax.experiments.benchmarks import bench_common
+
+LR = 1e-3
+
+
+class Block(nn.Module):
+    width: int
+
+    @nn.compact
+    def __call__(self, x, _):
+        h = nn.LayerNorm()(x)
+        x = x + nn.MultiHeadDotProductAttention(num_heads=4)(h, h)
+        h = nn.Dense(4 * self.width)(nn.LayerNorm()(x))
+        return x + nn.Dense(self.width)(nn.gelu(h)), None
+
+
+class Transformer(nn.Module):
+    blocks: int
+    width: int
+    vocab: int = 512
+
+    @nn.compact
+    def __call__(self, tokens):
+        x = nn.Embed(self.vocab, self.width)(tokens)
+        stack = nn.scan(
+            nn.remat(Block),
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            length=self.blocks,
+        )
+        x, _ = stack(self.width, name="blocks")(x, None)
+        return nn.Dense(self.vocab)(nn.LayerNorm()(x))
+
+
+def _compiled_costs(compiled: Any) -> dict[str, float]:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list):
+        analysis = analysis[0]
+    return {k: float(analysis.get(k, 0.0)) for k in ("flops", "bytes accessed")}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--blocks", type=int, default=24)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default=None, help="write the report as JSON here")
+    args = parser.parse_args(argv)
+
+    model = Transformer(args.blocks, args.width)
+    tokens = jnp.zeros((args.batch, args.tokens), jnp.int32)
+    apply_fn = lambda p, x: model.apply({"params": p}, x)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens)["params"])
+
+    trace_s = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        layers = lo.layer_structure(abstract, apply_fn, tokens)
+        trace_s.append(time.perf_counter() - start)
+    print(layers)
+
+    params = model.init(jax.random.key(0), tokens)["params"]
+    rates = lo.layerwise_schedule(layers.depths, 0.05)
+    mask = layers.decay_mask
+    optimizers = {
+        "wd": optax.chain(optax.adam(LR), lo.weight_decay(0.05, learning_rate=LR, mask=mask)),
+        "lpwd": optax.chain(
+            optax.adam(LR), lo.pre_weight_decay(rates, learning_rate=LR, mask=mask)
+        ),
+    }
+    labels = jax.random.randint(jax.random.key(1), tokens.shape, 0, model.vocab)
+
+    def make_step(tx):
+        def step(params, state):
+            def loss_fn(p):
+                logits = apply_fn(p, tokens)
+                return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+            grads = jax.grad(loss_fn)(params)
+            updates, state = tx.update(grads, state, params)
+            return optax.apply_updates(params, updates), state
+
+        return jax.jit(step)
+
+    states, steps, costs = {}, {}, {}
+    for name, tx in optimizers.items():
+        states[name] = (params, tx.init(params))
+        steps[name] = make_step(tx)
+        costs[name] = _compiled_costs(steps[name].lower(*states[name]).compile())
+
+    def run(name):
+        def go():
+            out = steps[name](*states[name])
+            jax.block_until_ready(out)
+
+        return go
+
+    times = bench_common.time_interleaved({n: run(n) for n in optimizers}, args.repeats)
+    wd, lpwd = times["wd"]["wall_s"], times["lpwd"]["wall_s"]
+    paired = statistics.median(b / a for a, b in zip(wd, lpwd))
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    rows = [
+        ["layer_structure (s)", statistics.median(trace_s), None],
+        ["step, WD (s)", statistics.median(wd), None],
+        ["step, LPWD per slice (s)", statistics.median(lpwd), paired],
+        ["XLA flops LPWD / WD", costs["lpwd"]["flops"] / costs["wd"]["flops"], None],
+        [
+            "XLA bytes accessed LPWD / WD",
+            costs["lpwd"]["bytes accessed"] / costs["wd"]["bytes accessed"],
+            None,
+        ],
+    ]
+    print(
+        f"\n{args.blocks} scanned blocks, width {args.width}, {n_params / 1e6:.1f}M params, "
+        f"{layers.num_layers} layers, batch {args.batch} x {args.tokens} tokens"
+    )
+    print(bench_common.format_table(["measure", "median", "paired ratio"], rows))
+    report = {
+        "machine": bench_common.machine_info(),
+        "config": vars(args),
+        "params": n_params,
+        "layers": layers.num_layers,
+        "layer_structure_s": bench_common.summarize(trace_s),
+        "step_s": {n: bench_common.summarize(t["wall_s"]) for n, t in times.items()},
+        "lpwd_over_wd_paired": paired,
+        "xla_costs": costs,
+    }
+    if args.out:
+        bench_common.write_json(args.out, report)
+    return report
+
+
+if __name__ == "__main__":
+    main()
