@@ -22,3 +22,31 @@ def test_readme_example_trains(capsys):
     # The deepest kernel gets the largest decay: evaluated weights differ most from stored.
     ratio = np.asarray(weights["Dense_3"]["kernel"]) / np.asarray(params["Dense_3"]["kernel"])
     np.testing.assert_allclose(ratio, 1.0 / (1.0 - 2e-2 * 1e-3), rtol=1e-5)
+
+
+def _section_blocks(title):
+    text = README.read_text()
+    section = re.search(rf"### {re.escape(title)}\n(.*?)\n### ", text, re.S).group(1)
+    return re.findall(r"```python\n(.*?)```", section, re.S), re.findall(
+        r"```text\n(.*?)```", section, re.S
+    )
+
+
+def test_readme_stacked_layers_examples_run(capsys):
+    blocks, printed = _section_blocks("Stacked layers, Equinox and Haiku")
+    assert len(blocks) == 3
+    linen, equinox, haiku = ({} for _ in range(3))
+    exec(compile(blocks[0], str(README), "exec"), linen)
+    assert capsys.readouterr().out.strip() == printed[0].strip()  # the table as shown
+    assert linen["rates"]["blocks"]["Dense_0"]["kernel"].shape == (6, 1, 1)
+    exec(compile(blocks[1], str(README), "exec"), equinox)
+    rescaled = equinox["rescaled"]
+    rows = np.linalg.norm(np.asarray(rescaled.blocks.linear.weight), axis=-1)  # (6, out)
+    np.testing.assert_allclose(rows, 1.0, rtol=1e-5)
+    depths = equinox["layers"].depths.blocks.linear.weight.ravel().tolist()
+    assert depths == [2, 3, 4, 5, 6, 7]
+    exec(compile(blocks[2], str(README), "exec"), haiku)
+    mask = haiku["layers"].decay_mask
+    assert not mask["batch_norm"]["scale"] and not mask["batch_norm"]["offset"]
+    stacked = haiku["layers"].depths["__layer_stack_no_per_layer/linear"]["w"]
+    assert stacked.ravel().tolist() == [3, 4, 5, 6] and haiku["layers"].num_layers == 7
