@@ -64,14 +64,10 @@ def _kernels_only(name: str, layers: LayerStructure | None = None):
     def check(path: str, leaf: chex.Array) -> None:
         layout = roles.get(path)
         if layout is not None and not layout.has_units:
-            what = (
-                "a kernel whose fan-in axes the forward pass does not show"
-                if layout.role == "kernel"
-                else f"a {layout.role}"
-            )
             raise ValueError(
-                f"{name}: '{path}' is {what} (layer_structure); only kernels can be rescaled "
-                "per output unit. Exclude it with `mask`."
+                f"{name}: '{path}' is not a kernel whose fan-in axes the forward pass shows "
+                f"(layer_structure: role {layout.role!r}); only kernels can be rescaled per "
+                "output unit. Exclude it with `mask`."
             )
         if jnp.ndim(leaf) < 2:
             raise ValueError(

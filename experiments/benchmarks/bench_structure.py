@@ -7,9 +7,9 @@ linen's `nn.scan`, on token inputs. Measured:
   initialized): seconds per call, median over `--repeats` (the target is under 5 s for 24
   blocks of width 256);
 - one jitted train step with LPWD's per-slice rates and the structure's decay mask, against the
-  same step with plain WD (one rate for every leaf, the same mask): the paired ratio of their
-  times, and XLA's flop and byte counts of both compiled steps (noise-free: equal counts mean
-  the per-slice rates cost nothing inside the step).
+  same step with PWD (the same rule and mask, one rate for every leaf): the paired ratio of
+  their times, and XLA's flop and byte counts of both compiled steps (noise-free: equal counts
+  mean the per-slice rates cost nothing inside the step).
 
     python -m lpwd_optax.experiments.benchmarks.bench_structure --out structure.json
 """
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rates = lo.layerwise_schedule(layers.depths, 0.05)
     mask = layers.decay_mask
     optimizers = {
-        "wd": optax.chain(optax.adam(LR), lo.weight_decay(0.05, learning_rate=LR, mask=mask)),
+        "pwd": optax.chain(optax.adam(LR), lo.pre_weight_decay(0.05, learning_rate=LR, mask=mask)),
         "lpwd": optax.chain(
             optax.adam(LR), lo.pre_weight_decay(rates, learning_rate=LR, mask=mask)
         ),
@@ -127,17 +127,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return go
 
     times = bench_common.time_interleaved({n: run(n) for n in optimizers}, args.repeats)
-    wd, lpwd = times["wd"]["wall_s"], times["lpwd"]["wall_s"]
-    paired = statistics.median(b / a for a, b in zip(wd, lpwd))
+    pwd, lpwd = times["pwd"]["wall_s"], times["lpwd"]["wall_s"]
+    paired = statistics.median(b / a for a, b in zip(pwd, lpwd))
     n_params = sum(x.size for x in jax.tree.leaves(params))
     rows = [
         ["layer_structure (s)", statistics.median(trace_s), None],
-        ["step, WD (s)", statistics.median(wd), None],
+        ["step, PWD one rate (s)", statistics.median(pwd), None],
         ["step, LPWD per slice (s)", statistics.median(lpwd), paired],
-        ["XLA flops LPWD / WD", costs["lpwd"]["flops"] / costs["wd"]["flops"], None],
+        ["XLA flops LPWD / PWD", costs["lpwd"]["flops"] / costs["pwd"]["flops"], None],
         [
-            "XLA bytes accessed LPWD / WD",
-            costs["lpwd"]["bytes accessed"] / costs["wd"]["bytes accessed"],
+            "XLA bytes accessed LPWD / PWD",
+            costs["lpwd"]["bytes accessed"] / costs["pwd"]["bytes accessed"],
             None,
         ],
     ]
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "layers": layers.num_layers,
         "layer_structure_s": bench_common.summarize(trace_s),
         "step_s": {n: bench_common.summarize(t["wall_s"]) for n, t in times.items()},
-        "lpwd_over_wd_paired": paired,
+        "lpwd_over_pwd_paired": paired,
         "xla_costs": costs,
     }
     if args.out:
