@@ -545,7 +545,7 @@ def test_bad_input_names_the_leaf():
         lo.layer_statistics({"x": jnp.ones(2)}, {"x": jnp.ones(2)}, layers=layers)
     with pytest.raises(TypeError, match="layers must be a LayerStructure"):
         lo.adamp(1e-3, layers=params)
-    with pytest.raises(ValueError, match="'a/bias' is not a kernel .* role 'bias'"):
+    with pytest.raises(ValueError, match=r"'a/bias' is not a kernel .* role 'bias'"):
         mask = {"a": {"kernel": True, "bias": True}, "b": {"kernel": True}}
         lo.rescale_params(params, mask=mask, layers=layers)
     with pytest.warns(UserWarning, match="never used 1 param leaves"):
