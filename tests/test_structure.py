@@ -554,3 +554,23 @@ def test_bad_input_names_the_leaf():
         )
     with pytest.raises(TypeError, match="leaf 'act' is a custom_jvp, not an array"):
         lo.layer_structure({**params, "act": jax.nn.relu}, apply_fn, jnp.ones((1, 3)))
+
+
+@pytest.mark.parametrize("name", ["convnext_atto_cifar", "swin_tiny_cifar"])
+def test_project_models_keep_their_labels_and_mask(name):
+    # The ports own one module per layer: the structure's depths and decay mask are the
+    # forward-pass labels and timm's mask the training program used before it existed.
+    from lpwd_optax import models
+
+    model = models.functional_model(models.create_model(name, num_classes=10))
+    x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+    layers = lo.layer_structure(model.params, model.apply, x)
+    assert jax.tree.leaves(layers.depths) == jax.tree.leaves(
+        lo.depth_labels(model.params, model.apply, x)
+    )
+    assert jax.tree.leaves(layers.decay_mask) == jax.tree.leaves(
+        lo.default_decay_mask(model.params)
+    )
+    assert not any(x.stacked_axes for x in layers.leaves)
+    kernels = [x for x in layers.leaves if x.role == "kernel"]
+    assert kernels and all(x.output_axes == (len(x.shape) - 1,) for x in kernels)
