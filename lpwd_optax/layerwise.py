@@ -178,7 +178,11 @@ def depth_labels(
       `scan`, `cond`, `while` and custom-derivative bodies are followed inside; pure views of a
       param (dtype casts, reshapes, transposes, broadcasts) do not count as uses, their first
       use does. Layers are ranked by `min u` over their leaves, ties by natural path order.
-      Layers whose params are never used (e.g. a head that `apply_fn` skips) all get the last
+      A leaf that a `scan` slices (linen `nn.scan`, `nnx.scan`, `jax.lax.scan` over stacked
+      arrays) holds one layer per slice, at the depth its unrolled twin's layer would have:
+      its label is an int array over its stacked axes, of the leaf's ndim (size 1 on the other
+      axes, so that rates built from it broadcast). `layer_structure` gives the same depths
+      with each leaf's role and kernel axes. Layers whose params are never used (e.g. a head that `apply_fn` skips) all get the last
       label `n` and a warning.
     - Paths (`apply_fn=None`): layers in natural sort order of their "/"-joined paths
       (`blocks_9` < `blocks_10`, `stages/1` < `stages/10`).
@@ -203,8 +207,8 @@ def depth_labels(
       **example_kwargs: example keyword inputs for `apply_fn`.
 
     Returns:
-      A pytree with the structure of `params` whose leaves are Python ints in `1..n`, every
-      value in `1..n` used.
+      A pytree with the structure of `params` whose leaves are Python ints in `1..n` (int
+      arrays for stacked leaves), every value in `1..n` used.
 
     Example:
       >>> import jax, jax.numpy as jnp, flax.linen as nn
