@@ -10,6 +10,8 @@ and the programs' `--help` output.
   "See also" block: the other names of the same group, and each guide that refers to the object.
 - Docstrings write plurals of code as "`jax.Array`s"; reST needs an escaped space before the
   "s", which `autodoc-process-docstring` inserts.
+- A Flax NNX module's page shows its constructor's arguments, not its metaclass's
+  `(*args, **kwargs)`.
 - `.. program-help:: lpwd-cifar [SUBCOMMAND]` runs the installed console script's `--help` at
   build time (in a subprocess) and inserts its output.
 """
@@ -17,6 +19,7 @@ and the programs' `--help` output.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import pathlib
 import re
@@ -29,6 +32,7 @@ from sphinx import addnodes
 from sphinx.application import Sphinx
 from sphinx.errors import SphinxError
 from sphinx.util.docutils import SphinxDirective
+from sphinx.util.inspect import stringify_signature
 
 PUBLIC_MODULES = ("lpwd_optax", "lpwd_optax.models")
 GUIDES_PREFIX = "guides/"
@@ -237,6 +241,21 @@ def _code_plurals(app: Sphinx, what: str, name: str, obj: Any, options: Any, lin
     lines[:] = [_CODE_PLURAL.sub(r"\1\\ \2", line) for line in lines]
 
 
+def _class_signature(
+    app: Sphinx, what: str, name: str, obj: Any, options: Any, signature: str | None, ret: Any
+) -> tuple[str, Any] | None:
+    """A class whose metaclass takes `(*args, **kwargs)` (Flax NNX modules) shows its __init__'s
+    arguments instead."""
+    if what != "class" or not signature or "*args" not in signature:
+        return None
+    try:
+        init = inspect.signature(obj.__init__)
+    except (TypeError, ValueError):
+        return None
+    params = [p for p in init.parameters.values() if p.name != "self"]
+    return stringify_signature(init.replace(parameters=params), show_return_annotation=False), ret
+
+
 # Programs' --help ---------------------------------------------------------------------------
 
 _HELP_SCRIPT = """
@@ -287,6 +306,7 @@ def setup(app: Sphinx) -> dict[str, Any]:
     app.add_directive("api-related", ApiRelated)
     app.add_directive("program-help", ProgramHelp)
     app.connect("autodoc-process-docstring", _code_plurals)
+    app.connect("autodoc-process-signature", _class_signature)
     app.connect("doctree-read", _collect_guide_refs)
     app.connect("env-purge-doc", _purge_doc)
     app.connect("env-merge-info", _merge_info)
