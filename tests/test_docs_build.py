@@ -68,3 +68,9 @@ def test_program_help_is_the_installed_programs_help():
     assert "--output_dir" in text
     with pytest.raises(RuntimeError, match="lpwd-plots no_such_figure --help"):
         lpwd_docs.program_help("lpwd-plots", "no_such_figure")
+
+
+def test_subcommands_from_the_usage_line():
+    usage = "usage: lpwd-plots [-h] {curves,rop,zero_shot} ...\n\nFigures."
+    assert lpwd_docs.subcommands(usage) == ["curves", "rop", "zero_shot"]
+    assert lpwd_docs.subcommands("usage: lpwd-sweep [-h] [--output_dir STR]\n") == []

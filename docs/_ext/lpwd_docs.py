@@ -13,7 +13,8 @@ and the programs' `--help` output.
 - A Flax NNX module's page shows its constructor's arguments, not its metaclass's
   `(*args, **kwargs)`.
 - `.. program-help:: lpwd-cifar [SUBCOMMAND]` runs the installed console script's `--help` at
-  build time (in a subprocess) and inserts its output.
+  build time (in a subprocess) and inserts its output; a sub-command the program offers without
+  its own `program-help` is a warning.
 """
 
 from __future__ import annotations
@@ -181,12 +182,16 @@ def _collect_guide_refs(app: Sphinx, doctree: nodes.document) -> None:
 def _purge_doc(app: Sphinx, env: Any, docname: str) -> None:
     for docs in _guide_refs(env).values():
         docs.discard(docname)
+    shown = _programs_shown(env)
+    for command in [c for c, (doc, _) in shown.items() if doc == docname]:
+        del shown[command]
 
 
 def _merge_info(app: Sphinx, env: Any, docnames: set[str], other: Any) -> None:
     refs = _guide_refs(env)
     for name, docs in _guide_refs(other).items():
         refs.setdefault(name, set()).update(docs)
+    _programs_shown(env).update(_programs_shown(other))
 
 
 def _object_link(app: Sphinx, fromdoc: str, fullname: str) -> nodes.Node:
@@ -295,6 +300,34 @@ def program_help(program: str, *args: str) -> str:
     return result.stdout.rstrip()
 
 
+def subcommands(help_text: str) -> list[str]:
+    """The sub-commands an argparse usage line offers (`usage: prog [-h] {a,b} ...`), if any."""
+    match = re.match(r"usage: \S+(?: \[[^\]]*\])* \{([^}]*)\}", help_text)
+    return match.group(1).split(",") if match else []
+
+
+def _programs_shown(env: Any) -> dict[tuple[str, ...], tuple[str, list[str]]]:
+    """`{(program, *args): (docname, its sub-commands)}` for every `program-help` read."""
+    if not hasattr(env, "lpwd_programs_shown"):
+        env.lpwd_programs_shown = {}
+    return env.lpwd_programs_shown
+
+
+def _check_subcommands(app: Sphinx, env: Any) -> None:
+    shown = _programs_shown(env)
+    for command, (docname, subs) in sorted(shown.items()):
+        for sub in subs:
+            if (*command, sub) not in shown:
+                logger.warning(
+                    "`%s %s` has no section; add ```{program-help} %s %s``` to %s",
+                    " ".join(command),
+                    sub,
+                    " ".join(command),
+                    sub,
+                    env.doc2path(docname),
+                )
+
+
 class ProgramHelp(SphinxDirective):
     """`.. program-help:: lpwd-plots curves`: the command's `--help` as a literal block."""
 
@@ -306,6 +339,8 @@ class ProgramHelp(SphinxDirective):
             text = program_help(*self.arguments)
         except (RuntimeError, subprocess.TimeoutExpired) as error:
             raise self.error(str(error)) from None
+        shown = _programs_shown(self.env)
+        shown[tuple(self.arguments)] = (self.env.docname, subcommands(text))
         block = nodes.literal_block(text, text, language="text")
         command = " ".join([*self.arguments, "--help"])
         return [nodes.paragraph("", "", nodes.literal(text=f"$ {command}")), block]
@@ -321,5 +356,6 @@ def setup(app: Sphinx) -> dict[str, Any]:
     app.connect("env-purge-doc", _purge_doc)
     app.connect("env-merge-info", _merge_info)
     app.connect("env-check-consistency", _check_coverage)
+    app.connect("env-check-consistency", _check_subcommands)
     app.connect("doctree-resolved", _fill_related)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}
