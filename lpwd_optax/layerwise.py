@@ -182,8 +182,8 @@ def depth_labels(
       arrays) holds one layer per slice, at the depth its unrolled twin's layer would have:
       its label is an int array over its stacked axes, of the leaf's ndim (size 1 on the other
       axes, so that rates built from it broadcast). `layer_structure` gives the same depths
-      with each leaf's role and kernel axes. Layers whose params are never used (e.g. a head that `apply_fn` skips) all get the last
-      label `n` and a warning.
+      with each leaf's role and kernel axes. Layers whose params are never used (e.g. a head
+      that `apply_fn` skips) all get the last label `n` and a warning.
     - Paths (`apply_fn=None`): layers in natural sort order of their "/"-joined paths
       (`blocks_9` < `blocks_10`, `stages/1` < `stages/10`).
 

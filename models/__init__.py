@@ -75,7 +75,7 @@ _MODELS = _registry()
 
 
 def list_models(pattern: str = "*") -> list[str]:
-    """Sorted model names matching a shell-style `pattern`, e.g. list_models("*_cifar")."""
+    """Sorted model names matching a shell-style `pattern`, e.g. `list_models("*_cifar")`."""
     return sorted(n for n in _MODELS if fnmatch.fnmatch(n, pattern))
 
 

@@ -1,4 +1,4 @@
-"""The README's ten-line example runs and LPWD trains with it."""
+"""The README's ten-line example and the stacked-layers guide's examples run."""
 
 from __future__ import annotations
 
@@ -24,28 +24,30 @@ def test_readme_example_trains(capsys):
     np.testing.assert_allclose(ratio, 1.0 / (1.0 - 2e-2 * 1e-3), rtol=1e-5)
 
 
-def _section_blocks(title):
-    text = README.read_text()
-    section = re.search(rf"### {re.escape(title)}\n(.*?)\n### ", text, re.S).group(1)
-    return re.findall(r"```python\n(.*?)```", section, re.S), re.findall(
-        r"```text\n(.*?)```", section, re.S
+GUIDE = README.parent / "docs" / "guides" / "stacked_layers.md"
+
+
+def _guide_blocks():
+    text = GUIDE.read_text()
+    return re.findall(r"```python\n(.*?)```", text, re.S), re.findall(
+        r"```text\n(.*?)```", text, re.S
     )
 
 
-def test_readme_stacked_layers_examples_run(capsys):
-    blocks, printed = _section_blocks("Stacked layers, Equinox and Haiku")
+def test_stacked_layers_guide_examples_run(capsys):
+    blocks, printed = _guide_blocks()
     assert len(blocks) == 3
     linen, equinox, haiku = ({} for _ in range(3))
-    exec(compile(blocks[0], str(README), "exec"), linen)
+    exec(compile(blocks[0], str(GUIDE), "exec"), linen)
     assert capsys.readouterr().out.strip() == printed[0].strip()  # the table as shown
     assert linen["rates"]["blocks"]["Dense_0"]["kernel"].shape == (6, 1, 1)
-    exec(compile(blocks[1], str(README), "exec"), equinox)
+    exec(compile(blocks[1], str(GUIDE), "exec"), equinox)
     rescaled = equinox["rescaled"]
     rows = np.linalg.norm(np.asarray(rescaled.blocks.linear.weight), axis=-1)  # (6, out)
     np.testing.assert_allclose(rows, 1.0, rtol=1e-5)
     depths = equinox["layers"].depths.blocks.linear.weight.ravel().tolist()
     assert depths == [2, 3, 4, 5, 6, 7]
-    exec(compile(blocks[2], str(README), "exec"), haiku)
+    exec(compile(blocks[2], str(GUIDE), "exec"), haiku)
     mask = haiku["layers"].decay_mask
     assert not mask["batch_norm"]["scale"] and not mask["batch_norm"]["offset"]
     stacked = haiku["layers"].depths["__layer_stack_no_per_layer/linear"]["w"]
