@@ -8,6 +8,8 @@ import importlib
 import pytest
 
 MODULES = ["decay", "adaptive", "rescaling", "diagnostics", "layerwise", "projection", "_common"]
+# The weight-decay variants of 2023-2025.
+MODULES += ["cautious", "corrected", "timescale", "stable", "constrained"]
 
 
 @pytest.mark.parametrize("name", MODULES)
