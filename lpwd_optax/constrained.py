@@ -30,8 +30,8 @@ class CPRState(NamedTuple):
     params' leaf order (entries of undecayed leaves stay 0)."""
 
     count: chex.Array  # shape=(), dtype=jnp.int32: the 0-based index of the next update
-    mu: chex.Array  # shape=(n_leaves,), dtype=float32 (or wider params'): the multipliers
-    kappa: chex.Array  # shape=(n_leaves,), dtype=mu's: the bounds on R(theta)
+    multiplier: chex.Array  # shape=(n_leaves,), dtype=float32 (or the params' if wider): mu
+    bound: chex.Array  # shape=(n_leaves,), dtype=multiplier's: kappa, the bound on R(theta)
 
 
 def _statistic(theta: chex.Array, regularization: str) -> chex.Array:
@@ -96,7 +96,7 @@ def constrained_parameter_regularization(
       >>> tx = lpwd_optax.constrained_parameter_regularization("uniform", 2.0)
       >>> params = {"w": jnp.ones((2, 2))}  # R = 4 > kappa = 2
       >>> updates, state = tx.update({"w": jnp.zeros((2, 2))}, tx.init(params), params)
-      >>> float(state.mu[0])  # 0 + (1 / 4) * (4 - 2)
+      >>> float(state.multiplier[0])  # mu = 0 + (1 / 4) * (4 - 2)
       0.5
       >>> float(updates["w"][0, 0])  # -0.5 * 2 * theta
       -1.0
@@ -163,7 +163,7 @@ def constrained_parameter_regularization(
             kappa = (kappa_init_param * jnp.stack(stats)).astype(dtype) if stats else zeros
         else:
             kappa = zeros  # set from the weights at the warm-start step
-        return CPRState(count=_common.init_count(), mu=zeros, kappa=kappa)
+        return CPRState(count=_common.init_count(), multiplier=zeros, bound=kappa)
 
     def update_fn(updates, state, params=None):
         resolved = resolved_for(params)
@@ -176,7 +176,7 @@ def constrained_parameter_regularization(
         masks = treedef.flatten_up_to(resolved.mask)
         out, mus, kappas = [], [], []
         for i, (u, p, m) in enumerate(zip(leaves_u, leaves_p, masks)):
-            mu, kappa = state.mu[i], state.kappa[i]
+            mu, kappa = state.multiplier[i], state.bound[i]
             if not m:
                 out.append(u)
                 mus.append(mu)
@@ -195,8 +195,8 @@ def constrained_parameter_regularization(
             kappas.append(kappa)
         new_state = CPRState(
             count=optax.safe_increment(t),
-            mu=jnp.stack(mus).astype(state.mu.dtype) if mus else state.mu,
-            kappa=jnp.stack(kappas).astype(state.kappa.dtype) if kappas else state.kappa,
+            multiplier=jnp.stack(mus).astype(state.multiplier.dtype) if mus else state.multiplier,
+            bound=jnp.stack(kappas).astype(state.bound.dtype) if kappas else state.bound,
         )
         return treedef.unflatten(out), new_state
 

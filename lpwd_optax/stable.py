@@ -130,9 +130,11 @@ def stable_weight_decay(
         )
 
     def init_fn(params):
-        inner_state = inner.init(params)
-        if params is None or jax.tree.leaves(params):
+        checked = params is None or jax.tree.leaves(params)
+        if checked:
             resolved_for(params)
+        inner_state = inner.init(params)
+        if checked:
             _second_moment(inner_state, params, name)
         return StableDecayState(inner_state, _common.init_step_state(counted))
 

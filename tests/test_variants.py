@@ -239,7 +239,7 @@ def test_cpr_follows_the_paper(case, scale_by_lr):
     )
     got, state = _run(lo.cpr(SCHEDULE, scale_by_learning_rate=scale_by_lr, **kw))
     _assert_close(got, want)
-    assert state[1].mu.shape == (4,)  # one multiplier per leaf, no param-sized buffer
+    assert state[1].multiplier.shape == (4,)  # one multiplier per leaf, no param-sized buffer
     unconstrained, _ = _run(optax.adam(SCHEDULE))
     assert _max_diff(unconstrained, want) > 1e-4  # the bound acted
 
@@ -252,8 +252,8 @@ def test_cpr_warm_start_sets_the_bound_from_the_weights_at_step_s():
     for _ in range(3):
         u, state = tx.update(zero, state, params)
         np.testing.assert_array_equal(u["w"], 0.0)  # no pull before step s + 1
-        assert float(state.mu[0]) == 0.0
-    np.testing.assert_allclose(state.kappa[0], np.std(np.asarray(params["w"]), ddof=1), rtol=1e-6)
+        assert float(state.multiplier[0]) == 0.0
+    np.testing.assert_allclose(state.bound[0], np.std(np.asarray(params["w"]), ddof=1), rtol=1e-6)
 
 
 def test_cpr_bad_arguments_are_named():
