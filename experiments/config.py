@@ -19,6 +19,8 @@ from typing import Any
 
 OPTIMIZERS = ("adam", "sgdm")
 METHODS = ("baseline", "l2", "wd", "rwd", "pwd", "lpwd", "adadecay", "wrs", "adamp", "wrs+adamp")
+# The weight-decay variants of 2023-2025 (the last block of experiments/methods.py).
+METHODS += ("cautious", "corrected", "adams", "cpr")
 PARALLEL = ("jit", "pmap")
 # The paper's base learning rates (Table 2), used when --lr is not given.
 DEFAULT_LR = {"adam": 1e-4, "sgdm": 1e-2}
@@ -71,7 +73,9 @@ class Config:
         "Regularizer: baseline (none) | l2 (coupled, placed first) | wd | rwd | pwd | lpwd "
         "(decoupled, placed last) | adadecay (placed first) | wrs (weight rescaling + WD on the "
         "non-rescaled leaves) | adamp (AdamP, or SGDP with sgdm: projected updates and "
-        "decoupled decay) | wrs+adamp (wrs on AdamP's projected update).",
+        "decoupled decay) | wrs+adamp (wrs on AdamP's projected update) | cautious (cautious WD) | "
+        "corrected (AdamC's lambda * lr^2 / lr_max; equal to wd at a constant lr) | adams "
+        "(AdamS, adam only) | cpr (constrained parameter regularization, placed last).",
         choices=METHODS,
     )
     lr: float | None = _field(None, "Constant learning rate; default 1e-4 (adam) / 1e-2 (sgdm).")
@@ -85,6 +89,9 @@ class Config:
     wrs_every: int = _field(1, "WRS: rescale kernels after every this many updates.")
     wrs_mode: str = _field(
         "output", "WRS: output (per output channel) | input (WRS(IC)).", choices=("output", "input")
+    )
+    cpr_warm_start: int = _field(
+        1000, "CPR: steps before each kernel's bound kappa is set to its squared norm."
     )
     epochs: int = _field(100, "Number of epochs.")
     batch_size: int = _field(512, "Global batch size (split over processes and devices).")

@@ -96,6 +96,7 @@ def build_method(
     adadecay_alpha: float = 4.0,
     wrs_every: int = 1,
     wrs_mode: str = "output",
+    cpr_warm_start: int = 1000,
 ) -> Method:
     """Builds method `name` (see `config.METHODS`) around the base optimizer.
 
@@ -107,7 +108,8 @@ def build_method(
       params: the initial params theta_0 (used for masks and LPWD's depth labels).
       apply_fn, example_batch: LPWD only: `apply_fn(params, example_batch)` is traced to order
         the layers by first use in the forward pass (`lo.depth_labels`).
-      lpwd_max_scale, adadecay_alpha, wrs_every, wrs_mode: method hyperparameters.
+      lpwd_max_scale, adadecay_alpha, wrs_every, wrs_mode, cpr_warm_start: method
+        hyperparameters.
 
     Returns:
       A `Method`.
@@ -117,6 +119,8 @@ def build_method(
     identity = _identity
     description = f"{name} ({optimizer}, lr={lr:g}, lambda={lam:g})"
 
+    if name in VARIANTS:
+        return _variant(name, base, optimizer, lr, lam, description, cpr_warm_start)
     if name == "baseline":
         return Method(name, (base, optax.identity()), "none", identity, identity, description)
     if name == "l2":
@@ -186,4 +190,48 @@ def build_method(
             description,
             predecayed=True,
         )
+    raise ValueError(f"unknown method {name!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# The weight-decay variants of 2023-2025
+
+VARIANTS = ("cautious", "corrected", "adams", "cpr")
+
+
+def _variant(
+    name: str,
+    base: optax.GradientTransformation,
+    optimizer: str,
+    lr: float,
+    lam: float,
+    description: str,
+    cpr_warm_start: int,
+) -> Method:
+    """Cautious WD, corrected WD (AdamC) and CPR go LAST, after the base optimizer; AdamS
+    reads Adam's second moment, so it replaces the base optimizer (R_op is not defined)."""
+    identity = _identity
+    if name == "cautious":
+        reg = lo.cautious_weight_decay(lam, learning_rate=lr)
+        return Method(name, (base, reg), "last", identity, identity, description)
+    if name == "corrected":
+        # The program's learning rate is constant, so eta_t^2 / eta_max = eta: d_t = lambda eta.
+        reg = lo.corrected_weight_decay(lam, learning_rate=lr, max_learning_rate=lr)
+        note = ", decay lambda * lr^2 / lr_max (= lambda * lr at a constant lr)"
+        return Method(name, (base, reg), "last", identity, identity, description + note)
+    if name == "adams":
+        if optimizer != "adam":
+            raise ValueError(
+                "adams needs --optimizer=adam (AdamS reads Adam's second moment), "
+                f"got {optimizer!r}"
+            )
+        full = lo.adams(lr, 0.9, 0.999, 1e-8, weight_decay=lam)
+        note = ": AdamS, decay over sqrt(mean v_hat)"
+        return Method(
+            name, (full, optax.identity()), "wrap", identity, identity, description + note
+        )
+    if name == "cpr":
+        reg = lo.constrained_parameter_regularization("warm_start", cpr_warm_start)
+        note = f": CPR, kappa warm start after {cpr_warm_start} steps, mu_lr=1 (lambda unused)"
+        return Method(name, (base, reg), "last", identity, identity, description + note)
     raise ValueError(f"unknown method {name!r}")

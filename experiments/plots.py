@@ -59,6 +59,7 @@ LABEL_KEYS = (
 )
 SHORT = {"learning_rate": "lr", "weight_decay": "λ", "batch_size": "batch"}
 NO_ROP_METHODS = ("baseline", "l2", "adadecay", "adamp")
+NO_ROP_METHODS += ("adams",)  # replaces the base optimizer, as adamp does
 
 
 def dataset_label(dataset: str) -> str:

@@ -45,6 +45,34 @@ def test_bench_regularizers_writes_json(tmp_path):
         assert r["state_extra_bytes_vs_adam"] == 0  # constant hyperparameters: no state at all
 
 
+def test_bench_regularizers_has_the_variants(tmp_path):
+    variants = [
+        "cautious_weight_decay",
+        "corrected_weight_decay (AdamC, scheduled lr)",
+        "stable_weight_decay (AdamS)",
+        "constrained_parameter_regularization (CPR)",
+    ]
+    report = bench_regularizers.main(
+        [
+            "--model", "convnext_atto", "--model-overrides", '{"dims": [16, 32], "depths": [1, 1]}',
+            "--image-size", "32", "--steps", "1",
+            "--repeats", "1", "--warmup", "0", "--out", str(tmp_path / "reg.json"),
+            "--only", *variants,
+        ]
+    )  # fmt: skip
+    results = report["results"]
+    assert set(results) == {"optax.adamw", *variants}
+    for name in variants:
+        assert np.isfinite(results[name]["ratio_wall_s"]) and results[name]["ratio_wall_s"] > 0
+    for name in variants[2:]:  # AdamS and CPR: one extra param-sized read is the limit
+        r = results[name]
+        assert r["group"] == "extra read" and 1 < r["extra_read_limit"] < 2
+        assert isinstance(r["meets_target"], bool)
+    # Cautious WD keeps no state; the scheduled AdamC keeps a step count (4 bytes).
+    assert results["cautious_weight_decay"]["state_extra_bytes_vs_adam"] == 0
+    assert results["corrected_weight_decay (AdamC, scheduled lr)"]["state_extra_bytes_vs_adam"] == 4
+
+
 def test_bench_train_step_writes_json(tmp_path):
     out = tmp_path / "train.json"
     bench_train_step.main(

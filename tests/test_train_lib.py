@@ -103,6 +103,10 @@ def test_placement_of_each_method():
         wrs="last",
         adamp="wrap",
         **{"wrs+adamp": "last"},
+        cautious="last",
+        corrected="last",
+        adams="wrap",
+        cpr="last",
     )
     assert [n for n in config.METHODS if build(n).has_rop] == [
         "wd",
@@ -111,6 +115,9 @@ def test_placement_of_each_method():
         "lpwd",
         "wrs",
         "wrs+adamp",
+        "cautious",
+        "corrected",
+        "cpr",
     ]
 
 

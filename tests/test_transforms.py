@@ -53,6 +53,33 @@ CASES = {
         "wrap",
         False,
     ),
+    # The weight-decay variants of 2023-2025.
+    "cautious": (
+        lambda p, **kw: lo.cautious_weight_decay(0.1, learning_rate=LR, **kw),
+        "last",
+        True,
+    ),
+    "corrected": (
+        lambda p, **kw: lo.corrected_weight_decay(
+            0.1, learning_rate=optax.cosine_decay_schedule(LR, 100), max_learning_rate=LR, **kw
+        ),
+        "last",
+        True,
+    ),
+    # AdamS reads the wrapped Adam's second moment.
+    "stable": (
+        lambda p, base=None, **kw: lo.stable_weight_decay(
+            base or optax.adam(LR), 0.1, b2=0.999, learning_rate=LR, **kw
+        ),
+        "wrap",
+        False,
+    ),
+    # CPR keeps one multiplier and one bound per leaf.
+    "cpr": (
+        lambda p, **kw: lo.constrained_parameter_regularization("uniform", 0.1, **kw),
+        "last",
+        False,
+    ),
 }
 
 
@@ -118,6 +145,18 @@ INJECT = {
     "adadecay": (lo.adaptive_weight_decay, {"rate": 0.1, "alpha": 4.0}, ()),
     "wrs": (lo.weight_rescaling, {"every": 1, "mode": "output"}, ("every", "mode")),
     "adamp": (lo.adamp, {"learning_rate": LR, "weight_decay": 0.1}, ()),
+    "cautious": (lo.cautious_weight_decay, {"rate": 0.1, "learning_rate": LR}, ()),
+    "corrected": (
+        lo.corrected_weight_decay,
+        {"rate": 0.1, "learning_rate": LR, "max_learning_rate": 2 * LR},
+        (),
+    ),
+    "adams": (lo.adams, {"learning_rate": LR, "weight_decay": 0.1}, ()),
+    "cpr": (
+        lo.cpr,
+        {"learning_rate": LR, "kappa_init": "uniform", "kappa_init_param": 0.1, "mu_lr": 1.0},
+        ("kappa_init",),
+    ),
 }
 
 
@@ -270,6 +309,14 @@ STATELESS = {
         lambda p: lo.adaptive_weight_decay(lambda t: 0.1),
     ),
     "wrs": (lambda p: lo.weight_rescaling(1), None),  # every=1: no step to count
+    "cautious": (
+        lambda p: lo.cautious_weight_decay(0.1, learning_rate=LR),
+        lambda p: lo.cautious_weight_decay(lambda t: 0.1, learning_rate=LR),
+    ),
+    "corrected": (
+        lambda p: lo.corrected_weight_decay(0.1, learning_rate=LR),
+        lambda p: lo.corrected_weight_decay(0.1, learning_rate=lambda t: LR, max_learning_rate=LR),
+    ),
 }
 
 
@@ -370,6 +417,7 @@ def test_sharded_over_eight_devices_equals_one_device(name):
 
 
 DECOUPLED = [lo.weight_decay, lo.real_time_weight_decay, lo.pre_weight_decay]
+DECOUPLED += [lo.cautious_weight_decay]
 RATED = [*DECOUPLED, lo.l2_regularization, lo.adaptive_weight_decay]
 
 
@@ -382,7 +430,8 @@ def test_negative_rate_is_rejected(factory):
 
 
 @pytest.mark.parametrize(
-    "factory", [lo.real_time_weight_decay, lo.pre_weight_decay, lo.weight_decay]
+    "factory",
+    [lo.real_time_weight_decay, lo.pre_weight_decay, lo.weight_decay, lo.cautious_weight_decay],
 )
 def test_per_step_decay_at_or_above_one_is_rejected(factory):
     with pytest.raises(ValueError, match="per-step decay"):
@@ -459,7 +508,11 @@ def test_default_mask_follows_timm():
     assert blk["gamma"] is False
 
 
-@pytest.mark.parametrize("name", ["wd", "rwd", "pwd", "l2", "adadecay", "wrs", "adamp"])
+PMAP = ["wd", "rwd", "pwd", "l2", "adadecay", "wrs", "adamp"]
+PMAP += ["cautious", "corrected", "stable", "cpr"]
+
+
+@pytest.mark.parametrize("name", PMAP)
 def test_runs_under_pmap(name):
     """Replicated over 8 devices with pmap (each device a different gradient), every replica
     equals the single-device update of its own gradient."""
@@ -515,6 +568,14 @@ def test_one_step_equations_on_generated_trees(data, rate, lr):
         ),
         "pwd": (lo.pre_weight_decay(rate, learning_rate=lr), lambda p, u: (1 - d) * (p + u) - p),
         "l2": (lo.l2_regularization(rate), lambda p, g: g + rate * p),
+        "cautious": (
+            lo.cautious_weight_decay(rate, learning_rate=lr),
+            lambda p, u: np.where(u * p <= 0, u - d * p, u),
+        ),
+        "corrected": (  # eta_max = 1: d = rate * lr^2
+            lo.corrected_weight_decay(rate, learning_rate=lr, max_learning_rate=1.0),
+            lambda p, u: u - rate * lr**2 * p,
+        ),
     }
     for tx, expected in cases.values():
         out, _ = tx.update(u, tx.init(params), params)
