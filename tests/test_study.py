@@ -49,6 +49,38 @@ def test_paired_difference_by_hand():
     assert stats.paired_difference({0: 1.0}, {0: 0.0, 1: 1.0}) is None
 
 
+def test_paired_t_test_by_hand():
+    # Differences 2, 3, 1: mean 2, std 1, t = 2 / (1 / sqrt(3)) = 3.4641. With 2 degrees of
+    # freedom the t distribution's CDF is 1/2 + t / (2 sqrt(2 + t^2)), so the two-sided p is
+    # 1 - t / sqrt(2 + t^2) = 1 - 3.4641 / sqrt(14) = 0.074180.
+    test = stats.paired_t_test({0: 3.0, 1: 5.0, 2: 4.0}, {0: 1.0, 1: 2.0, 2: 3.0})
+    assert test.n == 3 and test.mean == pytest.approx(2.0)
+    assert test.t == pytest.approx(math.sqrt(12), abs=1e-12)
+    assert test.p == pytest.approx(1 - math.sqrt(12) / math.sqrt(14), abs=1e-9)
+    # One degree of freedom: the Cauchy distribution, p = 1 - 2 atan(|t|) / pi. Differences
+    # 1 and 3: mean 2, std sqrt(2), t = 2 / (sqrt(2) / sqrt(2)) = 2.
+    test = stats.paired_t_test({0: 1.0, 1: 3.0}, {0: 0.0, 1: 0.0})
+    assert test.p == pytest.approx(1 - 2 * math.atan(2.0) / math.pi, abs=1e-9)
+    # The p-value and the 95% interval agree: p < 0.05 exactly when the interval excludes 0.
+    d = stats.paired_difference({0: 3.0, 1: 5.0, 2: 4.0}, {0: 1.0, 1: 2.0, 2: 3.0})
+    assert not d.significant and test.p > 0.05
+    constant = stats.paired_t_test({0: 2.0, 1: 3.0}, {0: 1.0, 1: 2.0})
+    assert (constant.p, constant.t) == (0.0, math.inf)
+    assert stats.paired_t_test({0: 1.0, 1: 2.0}, {0: 1.0, 1: 2.0}).p == 1.0
+    assert stats.paired_t_test({0: 1.0}, {0: 0.0}) is None
+
+
+def test_holm_by_hand():
+    # Sorted: 0.005 (x4 = 0.02), 0.01 (x3 = 0.03), 0.03 (x2 = 0.06), 0.04 (x1 = 0.04, but never
+    # below the previous step: 0.06). Back in the given order:
+    assert stats.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert stats.holm([0.5, 0.6]) == [1.0, 1.0]  # capped at 1
+    assert stats.holm([0.02]) == [0.02]
+    assert stats.holm([]) == []
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        stats.holm([0.1, 1.5])
+
+
 def test_cpu_plan_covers_every_part_once():
     runs = study.plan(CPU)
     counts = {part: sum(r.part == part for r in runs) for part in "abcdf"}
