@@ -263,15 +263,9 @@ def run_study(
     failed: set[str] = set()
     done = 0
     while True:
-        runs = plan(p, runs_dir)
+        runs = [r for r in plan(p, runs_dir) if parts is None or r.part in parts]
         materialize_reused(p, runs, runs_dir, reuse_from)
-        todo = [
-            r
-            for r in runs
-            if (parts is None or r.part in parts)
-            and not is_finished(runs_dir, r)
-            and r.directory not in failed
-        ]
+        todo = [r for r in runs if not is_finished(runs_dir, r) and r.directory not in failed]
         if not todo:
             return len(failed)
         run = todo[0]

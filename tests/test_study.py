@@ -356,3 +356,22 @@ def test_controls_report_from_runs_with_known_numbers(tmp_path):
     assert float(cells[("sgdm", "baseline", 0.0)]["best10_mean"]) == pytest.approx(45.0)
     for name in ("fig_controls", "fig_part_h", "fig_lpwd_lwd_wd_curves"):
         assert os.path.getsize(os.path.join(results, f"{name}.png")) > 10_000
+
+
+@pytest.mark.slow
+def test_controls_pilot_runs_then_part_h_is_planned(tmp_path, capsys):
+    runs_dir = str(tmp_path / "runs")
+    p = CONTROLS_TINY
+    assert controls.run_study(p, "digits", runs_dir, ["p"], None) == 0
+    lr = controls.chosen_lr(p, runs_dir)
+    best = {r.lr: study._summary(runs_dir, r)["best10_mean"] for r in controls.pilot_runs(p)}
+    assert lr == max(best, key=lambda k: (best[k], -k))
+    h = [r for r in controls.plan(p, runs_dir) if r.part == "h"]
+    assert len(h) == 13 and {r.lr for r in h} == {lr}
+    assert study.main(["--protocol=controls_tiny", f"--output_dir={runs_dir}", "--dry_run"]) == 0
+    out = capsys.readouterr().out
+    assert "part p: 2 runs (0 reused from the first study), 2 trained, 0 to run" in out
+    assert f"part h: lr {lr:g} (the pilot's best best-10)" in out
+    # Without --reuse_from the reused cells cannot be filled in: a one-line error, exit 2.
+    assert study.main(["--protocol=controls_tiny", f"--output_dir={runs_dir}", "--parts=g1"]) == 2
+    assert "--reuse_from" in capsys.readouterr().err
