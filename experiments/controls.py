@@ -135,6 +135,21 @@ PROTOCOLS = {
 }
 
 
+DIVERGED = "non-finite loss or gradients"  # the training program's message when it stops
+
+
+def has_diverged(runs_dir: str, run: StudyRun) -> bool:
+    """The run stopped because its loss or gradients stopped being finite (see its log.txt);
+    resuming it would only repeat that, so the study does not run it again."""
+    if is_finished(runs_dir, run):
+        return False
+    path = os.path.join(runs_dir, run.directory, "log.txt")
+    if not os.path.exists(path):
+        return False
+    with open(path, errors="replace") as f:
+        return DIVERGED in f.read()
+
+
 def pilot_runs(p: ControlsProtocol) -> list[StudyRun]:
     return [
         StudyRun("p", "baseline", lr, 0.0, p.sgd_seeds[0], optimizer="sgdm") for lr in p.pilot_lrs
@@ -142,14 +157,16 @@ def pilot_runs(p: ControlsProtocol) -> list[StudyRun]:
 
 
 def chosen_lr(p: ControlsProtocol, runs_dir: str) -> float | None:
-    """The pilot lr with the best best-10 (the smaller lr on a tie); None until all finished."""
+    """The pilot lr with the best best-10 (the smaller lr on a tie); a pilot run that diverged
+    is not chosen. None until every pilot run has finished or diverged, or if all diverged."""
     results = []
     for run in pilot_runs(p):
         summary = _summary(runs_dir, run)
-        if summary is None:
+        if summary is not None:
+            results.append((-summary["best10_mean"], run.lr))
+        elif not has_diverged(runs_dir, run):
             return None
-        results.append((-summary["best10_mean"], run.lr))
-    return min(results)[1]
+    return min(results)[1] if results else None
 
 
 def plan(p: ControlsProtocol, runs_dir: str) -> list[StudyRun]:
@@ -241,6 +258,9 @@ def describe(p: ControlsProtocol, dataset: str, runs: Sequence[StudyRun], runs_d
             f"{len(total) - len(todo) - len(reused)} trained, {len(todo)} to run "
             f"(about {_duration(sum(seconds(r) for r in todo))})"
         )
+    diverged = [r.name for r in runs if has_diverged(runs_dir, r)]
+    if diverged:
+        lines.append(f"  diverged (not run again): {', '.join(diverged)}")
     lr = chosen_lr(p, runs_dir)
     if lr is not None:
         decoupled, coupled = p.lambdas_at(lr)
@@ -265,7 +285,13 @@ def run_study(
     while True:
         runs = [r for r in plan(p, runs_dir) if parts is None or r.part in parts]
         materialize_reused(p, runs, runs_dir, reuse_from)
-        todo = [r for r in runs if not is_finished(runs_dir, r) and r.directory not in failed]
+        todo = [
+            r
+            for r in runs
+            if not is_finished(runs_dir, r)
+            and not has_diverged(runs_dir, r)
+            and r.directory not in failed
+        ]
         if not todo:
             return len(failed)
         run = todo[0]

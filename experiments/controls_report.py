@@ -283,6 +283,9 @@ def results_markdown(p, dataset, runs_dir, records, tables, lr) -> str:
         total = sum(r.part == part for r in planned)
         seconds = sum(r["wall_time_s"] or 0 for r in done if not r["reused"])
         lines.append(f"| {part} | {len(done)} of {total} | {seconds / 3600:.2f} |")
+    diverged = [r.name for r in planned if controls.has_diverged(runs_dir, r)]
+    if diverged:
+        lines += ["", f"Diverged (non-finite loss; not run again): {', '.join(diverged)}."]
     lines += ["", "## SGD-momentum pilot (baseline, seed 0)", ""]
     lines += ["| lr | best-10 top-1 | final top-1 | final train loss |", "|---|---|---|---|"]
     for r in tables["pilot"]:

@@ -239,6 +239,16 @@ def test_controls_plan_before_and_after_the_pilot(tmp_path):
     for run, best in zip(controls.pilot_runs(CONTROLS), (50.0, 56.0, 53.0)):
         _write_summary(runs_dir, run, dict(best10_mean=best))
     assert controls.chosen_lr(CONTROLS, runs_dir) == 0.03
+    # A pilot run that diverged is never chosen, and the study does not run it again.
+    pilot = controls.pilot_runs(CONTROLS)
+    os.remove(os.path.join(runs_dir, pilot[1].directory, "summary.json"))
+    assert controls.chosen_lr(CONTROLS, runs_dir) is None  # lr 0.03 has not finished
+    with open(os.path.join(runs_dir, pilot[1].directory, "log.txt"), "w") as f:
+        f.write("ERROR: non-finite loss or gradients at step 7 (loss=nan); stopping the run.\n")
+    assert controls.has_diverged(runs_dir, pilot[1])
+    assert controls.chosen_lr(CONTROLS, runs_dir) == 0.1
+    _write_summary(runs_dir, pilot[1], dict(best10_mean=56.0))
+    assert not controls.has_diverged(runs_dir, pilot[1])  # finished after all
     runs = controls.plan(CONTROLS, runs_dir)
     parts = [r.part for r in runs]
     assert parts == sorted(parts, key=["p", "g1", "h", "g2", "g3"].index)  # priority order
