@@ -24,8 +24,10 @@ logging interval: train/loss, train/top1 (%)), tensorboard/, checkpoints/ (orbax
 epoch), final_params.npz (the evaluated weights; for PWD/LPWD theta_t, not the stored phi_t),
 summary.json, layers.txt (which layers are scale-invariant, detected at the start from the
 forward pass) and, for LPWD, method.txt (its per-layer rates).
-R_op is reported for the decoupled methods (wd, rwd, pwd, lpwd, wrs, wrs+adamp); for baseline,
-l2, adadecay and adamp it is undefined and written as null.
+R_op is reported for the decoupled methods (wd, rwd, pwd, lpwd, lwd, lpwd_reversed,
+lpwd_shuffled, wd_matched, wrs, wrs_ic, wrs+adamp); for baseline, l2, adadecay and adamp it is
+undefined and written as null. config.json also holds `method_details`, what the method derived
+from the model: wd_matched's rate, lpwd_shuffled's permutation, the kernels WRS rescales.
 
 Rerunning a finished run's command reports its result; a run that was stopped continues with
 --resume. A configuration error (bad flag value, missing data, a batch that does not split over
@@ -137,6 +139,10 @@ def build(config: Config) -> Setup:
             for note in models.init_from_timm(network, os.path.expanduser(config.init_from)):
                 logging.info("--init_from: %s", note)
         model = models.functional_model(network)
+        probe = first_images(train_ds, SCALE_PROBE_EXAMPLES)
+        invariant = None
+        if config.method in methods.RESCALING_METHODS:  # the same detection as layers.txt
+            invariant = lo.scale_invariant_mask(model.apply, model.params, probe)
         method = methods.build_method(
             config.method,
             optimizer=config.optimizer,
@@ -145,7 +151,9 @@ def build(config: Config) -> Setup:
             params=model.params,
             apply_fn=model.apply,
             example_batch=jnp.zeros((2, *train_ds.images.shape[1:]), jnp.float32),
+            scale_invariant=invariant,
             lpwd_max_scale=config.lpwd_max_scale,
+            lpwd_permutation_seed=config.lpwd_permutation_seed,
             adadecay_alpha=config.adadecay_alpha,
             wrs_every=config.wrs_every,
             wrs_mode=config.wrs_mode,
@@ -155,9 +163,7 @@ def build(config: Config) -> Setup:
         jax.eval_shape(lambda p: train_lib.create_train_state(p, method), model.params)
     except (ValueError, TypeError, FileNotFoundError, NotADirectoryError) as e:
         raise ConfigError(str(e)) from e
-    sensitivity = lo.scale_sensitivity(
-        model.apply, model.params, first_images(train_ds, SCALE_PROBE_EXAMPLES)
-    )
+    sensitivity = lo.scale_sensitivity(model.apply, model.params, probe)
     kernels = {  # a module's kernel and bias share its sensitivity
         module_path(path): s
         for (path, theta), (_, s) in zip(
@@ -223,7 +229,10 @@ def finished_summary(config: Config) -> dict[str, Any] | None:
     with open(path) as f:
         summary = json.load(f)
     ours, theirs = to_dict(config), summary.get("config", {})
-    differ = [k for k in ours if k not in EXECUTION_FLAGS and ours[k] != theirs.get(k)]
+    defaults = to_dict(Config())  # a flag added after the run was made: it ran the default
+    differ = [
+        k for k in ours if k not in EXECUTION_FLAGS and ours[k] != theirs.get(k, defaults.get(k))
+    ]
     if config.resume and differ == ["epochs"] and config.epochs > summary["epochs"]:
         return None  # a finished run continued for more epochs
     if differ:
@@ -446,7 +455,13 @@ def _describe(config: Config, setup: Setup, start_step: int, print_fn) -> None:
         + (f", resumed at step {start_step}" if start_step else "")
     )
     with open(os.path.join(config.output_dir, "config.json"), "w") as f:
-        json.dump(to_dict(config), f, indent=2)
+        json.dump(_run_config(config, setup), f, indent=2)
+
+
+def _run_config(config: Config, setup: Setup) -> dict[str, Any]:
+    """The flags' values, plus what the method derived from the params (`method_details`:
+    e.g. wd_matched's rate, lpwd_shuffled's permutation, the kernels WRS rescales)."""
+    return {**to_dict(config), "method_details": setup.method.details}
 
 
 def _scale_invariance_table(setup: Setup) -> str:
@@ -516,6 +531,7 @@ def _summary(config, setup, final, history, total_steps, start_time) -> dict[str
         processes=jax.process_count(),
         wall_time_s=time.time() - start_time,
         config=to_dict(config),
+        method_details=setup.method.details,
         history=history,
     )
 

@@ -18,7 +18,23 @@ from collections.abc import Sequence
 from typing import Any
 
 OPTIMIZERS = ("adam", "sgdm")
-METHODS = ("baseline", "l2", "wd", "rwd", "pwd", "lpwd", "adadecay", "wrs", "adamp", "wrs+adamp")
+METHODS = (
+    "baseline",
+    "l2",
+    "wd",
+    "rwd",
+    "pwd",
+    "lpwd",
+    "lwd",
+    "lpwd_reversed",
+    "lpwd_shuffled",
+    "wd_matched",
+    "adadecay",
+    "wrs",
+    "wrs_ic",
+    "adamp",
+    "wrs+adamp",
+)
 # The weight-decay variants of 2023-2025 (the last block of experiments/methods.py).
 METHODS += ("cautious", "corrected", "adams", "cpr")
 PARALLEL = ("jit", "pmap")
@@ -71,11 +87,18 @@ class Config:
     method: str = _field(
         "lpwd",
         "Regularizer: baseline (none) | l2 (coupled, placed first) | wd | rwd | pwd | lpwd "
-        "(decoupled, placed last) | adadecay (placed first) | wrs (weight rescaling + WD on the "
-        "non-rescaled leaves) | adamp (AdamP, or SGDP with sgdm: projected updates and "
-        "decoupled decay) | wrs+adamp (wrs on AdamP's projected update) | cautious (cautious WD) | "
-        "corrected (AdamC's lambda * lr^2 / lr_max; equal to wd at a constant lr) | adams "
-        "(AdamS, adam only) | cpr (constrained parameter regularization, placed last).",
+        "(decoupled, placed last) | LPWD's controls, all with LPWD's depth-ordered rates: lwd "
+        "(WD with LPWD's per-layer rates, no pre-decay), lpwd_reversed (LPWD, the decayed "
+        "layers take its rates in reverse depth order), lpwd_shuffled (LPWD, its rates in a "
+        "fixed random order of the decayed layers, see --lpwd_permutation_seed), wd_matched "
+        "(WD at the parameter-weighted mean of LPWD's rates over the decayed leaves; the rate "
+        "goes to config.json) | adadecay (placed first) | wrs (weight rescaling of the "
+        "scale-invariant kernels only, as detected at the start and listed in layers.txt; "
+        "plain WD on every other leaf, the other kernels included) | wrs_ic (wrs per input "
+        "channel, WRS(IC); depthwise kernels per channel) | adamp (AdamP, or SGDP with sgdm: "
+        "projected updates and decoupled decay) | wrs+adamp (wrs on AdamP's projected update) | "
+        "cautious (cautious WD) | corrected (AdamC's lambda * lr^2 / lr_max; equal to wd at a "
+        "constant lr) | adams (AdamS, adam only) | cpr (constrained parameter regularization).",
         choices=METHODS,
     )
     lr: float | None = _field(None, "Constant learning rate; default 1e-4 (adam) / 1e-2 (sgdm).")
@@ -85,10 +108,17 @@ class Config:
         "l2 and adadecay add lambda * theta to the gradient.",
     )
     lpwd_max_scale: float = _field(2.0, "LPWD: the deepest layer's rate is max_scale * lambda.")
+    lpwd_permutation_seed: int = _field(
+        0,
+        "lpwd_shuffled: seed of the fixed random permutation of LPWD's rates over the decayed "
+        "layers (independent of --seed, so every seed of a cell gets the same permutation).",
+    )
     adadecay_alpha: float = _field(4.0, "AdaDecay: steepness alpha of the sigmoid.")
     wrs_every: int = _field(1, "WRS: rescale kernels after every this many updates.")
     wrs_mode: str = _field(
-        "output", "WRS: output (per output channel) | input (WRS(IC)).", choices=("output", "input")
+        "output",
+        "WRS: output (per output channel) | input (WRS(IC)); wrs_ic is wrs with input.",
+        choices=("output", "input"),
     )
     cpr_warm_start: int = _field(
         1000, "CPR: steps before each kernel's bound kappa is set to its squared norm."

@@ -24,6 +24,10 @@ model initialization and the data order: comparisons between methods are paired 
         --output_dir=~/lpwd_runs/cifar10_cpu --results_dir=~/lpwd_runs/cifar10_cpu/results
     # Only the report, from whatever has finished:
     lpwd-study ... --report_only
+
+`--protocol=controls` is a second study on the same setting (experiments/controls.py): controls
+for what in LPWD helps (lwd, lpwd_reversed, lpwd_shuffled, wd_matched) and the AdaDecay, WRS and
+AdamP papers' claims with SGD-momentum; it reuses the first study's seeds via --reuse_from.
 """
 
 from __future__ import annotations
@@ -126,7 +130,7 @@ PROTOCOLS = {
 
 @dataclasses.dataclass(frozen=True)
 class StudyRun:
-    """One training run of the study (Adam, the protocol's model and dataset)."""
+    """One training run of a study (the protocol's model and dataset)."""
 
     part: str
     method: str
@@ -134,10 +138,12 @@ class StudyRun:
     weight_decay: float
     seed: int
     kind: str = "train"  # "train" (the full budget) or "rop" (a short R_op run)
+    optimizer: str = "adam"  # adam | sgdm; the directory name says sgdm, not adam
 
     @property
     def name(self) -> str:
-        return f"{self.method}-lr{self.lr:g}-wd{self.weight_decay:g}-s{self.seed}"
+        prefix = "" if self.optimizer == "adam" else f"{self.optimizer}-"
+        return f"{prefix}{self.method}-lr{self.lr:g}-wd{self.weight_decay:g}-s{self.seed}"
 
     @property
     def directory(self) -> str:
@@ -190,6 +196,8 @@ def run_flags(protocol: Protocol, dataset: str, run: StudyRun) -> list[str]:
     """The training program's flags for one run (output directory and resume aside)."""
     periods, steps = protocol.periods, protocol.steps_per_period
     flags = []
+    if run.method == "lpwd_shuffled":  # recorded in config.json; the same for every seed
+        flags.append(f"--lpwd_permutation_seed={getattr(protocol, 'permutation_seed', 0)}")
     if run.kind == "rop":
         periods, steps = protocol.rop_periods, protocol.rop_steps_per_period
         flags.append("--eval_steps=1")
@@ -198,7 +206,7 @@ def run_flags(protocol: Protocol, dataset: str, run: StudyRun) -> list[str]:
         *flags,
         f"--dataset={dataset}",
         f"--model={protocol.model}",
-        "--optimizer=adam",
+        f"--optimizer={run.optimizer}",
         f"--method={run.method}",
         f"--lr={run.lr!r}",
         f"--weight_decay={run.weight_decay!r}",
@@ -336,7 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--protocol", default="cpu", choices=sorted(PROTOCOLS))
+    parser.add_argument(
+        "--protocol",
+        default="cpu",
+        choices=sorted([*PROTOCOLS, *_controls_protocols()]),
+        help="cpu: the LPWD paper's claims (parts a-f); controls: what in LPWD helps, and the "
+        "AdaDecay, WRS and AdamP papers' claims (experiments/controls.py; parts p, g1, h, g2, "
+        "g3); tiny, controls_tiny: minute-scale versions for tests.",
+    )
     parser.add_argument(
         "--data",
         default=None,
@@ -351,7 +366,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Where the tables and figures go; default output_dir/results.",
     )
-    parser.add_argument("--parts", default="abcdef", help="Which parts to run, e.g. 'ab'.")
+    parser.add_argument(
+        "--parts",
+        default=None,
+        help="Which parts to run, e.g. 'ab' (default all: abcdef); for the controls protocol a "
+        "comma-separated list, e.g. 'p,g1'.",
+    )
+    parser.add_argument(
+        "--reuse_from",
+        default=None,
+        help="controls: the first study's runs.jsonl (experiments/results/cifar10_cpu/), whose "
+        "seeds the protocol reuses instead of training them again.",
+    )
     parser.add_argument("--dry_run", action="store_true", help="Print the plan and exit.")
     parser.add_argument(
         "--report_only", action="store_true", help="Only write the report from finished runs."
@@ -360,15 +386,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def dataset_name(protocol: Protocol, data: str | None) -> str:
+def dataset_name(protocol: Any, data: str | None) -> str:
     if data is None:
-        return "digits" if protocol.name == "tiny" else "cifar10"
+        return "digits" if protocol.name.endswith("tiny") else "cifar10"
     return f"folder:{os.path.abspath(os.path.expanduser(data))}"
+
+
+def _controls_protocols() -> dict[str, Any]:
+    from lpwd_optax.experiments import controls
+
+    return controls.PROTOCOLS
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.protocol in _controls_protocols():
+        return _main_controls(args)
     protocol = PROTOCOLS[args.protocol]
+    args.parts = args.parts or "abcdef"
     dataset = dataset_name(protocol, args.data)
     runs_dir = os.path.abspath(os.path.expanduser(args.output_dir))
     results_dir = os.path.expanduser(args.results_dir or os.path.join(runs_dir, "results"))
@@ -385,5 +420,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lpwd_optax.experiments import study_report  # matplotlib only when reporting
 
     study_report.write_report(protocol, dataset, runs, runs_dir, results_dir)
+    print(f"wrote the report to {results_dir}")
+    return 1 if failed else 0
+
+
+def _main_controls(args: argparse.Namespace) -> int:
+    from lpwd_optax.experiments import controls
+
+    protocol = controls.PROTOCOLS[args.protocol]
+    dataset = dataset_name(protocol, args.data)
+    runs_dir = os.path.abspath(os.path.expanduser(args.output_dir))
+    results_dir = os.path.expanduser(args.results_dir or os.path.join(runs_dir, "results"))
+    parts = args.parts.split(",") if args.parts else None
+    print(controls.describe(protocol, dataset, controls.plan(protocol, runs_dir), runs_dir))
+    if args.dry_run:
+        return 0
+    failed = 0
+    if not args.report_only:
+        os.makedirs(runs_dir, exist_ok=True)
+        try:
+            failed = controls.run_study(protocol, dataset, runs_dir, parts, args.reuse_from)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 2
+    if args.no_report:
+        return 1 if failed else 0
+    from lpwd_optax.experiments import controls_report
+
+    controls_report.write_report(protocol, dataset, runs_dir, results_dir)
     print(f"wrote the report to {results_dir}")
     return 1 if failed else 0

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from lpwd_optax.experiments import stats, study, study_report
+from lpwd_optax.experiments import controls, controls_report, stats, study, study_report
 from lpwd_optax.experiments.config import parse_config
 
 CPU = study.PROTOCOLS["cpu"]
@@ -47,6 +47,38 @@ def test_paired_difference_by_hand():
     d = stats.paired_difference({0: 1.0, 1: 2.0, 5: 100.0}, {0: 0.0, 1: 0.0, 2: 50.0})
     assert d.n == 2 and d.mean == pytest.approx(1.5)
     assert stats.paired_difference({0: 1.0}, {0: 0.0, 1: 1.0}) is None
+
+
+def test_paired_t_test_by_hand():
+    # Differences 2, 3, 1: mean 2, std 1, t = 2 / (1 / sqrt(3)) = 3.4641. With 2 degrees of
+    # freedom the t distribution's CDF is 1/2 + t / (2 sqrt(2 + t^2)), so the two-sided p is
+    # 1 - t / sqrt(2 + t^2) = 1 - 3.4641 / sqrt(14) = 0.074180.
+    test = stats.paired_t_test({0: 3.0, 1: 5.0, 2: 4.0}, {0: 1.0, 1: 2.0, 2: 3.0})
+    assert test.n == 3 and test.mean == pytest.approx(2.0)
+    assert test.t == pytest.approx(math.sqrt(12), abs=1e-12)
+    assert test.p == pytest.approx(1 - math.sqrt(12) / math.sqrt(14), abs=1e-9)
+    # One degree of freedom: the Cauchy distribution, p = 1 - 2 atan(|t|) / pi. Differences
+    # 1 and 3: mean 2, std sqrt(2), t = 2 / (sqrt(2) / sqrt(2)) = 2.
+    test = stats.paired_t_test({0: 1.0, 1: 3.0}, {0: 0.0, 1: 0.0})
+    assert test.p == pytest.approx(1 - 2 * math.atan(2.0) / math.pi, abs=1e-9)
+    # The p-value and the 95% interval agree: p < 0.05 exactly when the interval excludes 0.
+    d = stats.paired_difference({0: 3.0, 1: 5.0, 2: 4.0}, {0: 1.0, 1: 2.0, 2: 3.0})
+    assert not d.significant and test.p > 0.05
+    constant = stats.paired_t_test({0: 2.0, 1: 3.0}, {0: 1.0, 1: 2.0})
+    assert (constant.p, constant.t) == (0.0, math.inf)
+    assert stats.paired_t_test({0: 1.0, 1: 2.0}, {0: 1.0, 1: 2.0}).p == 1.0
+    assert stats.paired_t_test({0: 1.0}, {0: 0.0}) is None
+
+
+def test_holm_by_hand():
+    # Sorted: 0.005 (x4 = 0.02), 0.01 (x3 = 0.03), 0.03 (x2 = 0.06), 0.04 (x1 = 0.04, but never
+    # below the previous step: 0.06). Back in the given order:
+    assert stats.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert stats.holm([0.5, 0.6]) == [1.0, 1.0]  # capped at 1
+    assert stats.holm([0.02]) == [0.02]
+    assert stats.holm([]) == []
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        stats.holm([0.1, 1.5])
 
 
 def test_cpu_plan_covers_every_part_once():
@@ -155,3 +187,201 @@ def test_one_run_then_resumed_study_skips_it(tmp_path, capsys):
     assert study.main(["--protocol=tiny", f"--output_dir={runs_dir}", "--dry_run"]) == 0
     out = capsys.readouterr().out
     assert "part a: 10 runs, 1 finished, 9 to run" in out
+
+
+# ----------------------------------------------------------------------------------------------
+# The controls protocol (experiments/controls.py) and its report.
+
+CONTROLS = controls.PROTOCOLS["controls"]
+CONTROLS_TINY = controls.PROTOCOLS["controls_tiny"]
+
+
+def _write_summary(runs_dir, run, summary):
+    os.makedirs(os.path.join(runs_dir, run.directory), exist_ok=True)
+    with open(os.path.join(runs_dir, run.directory, "summary.json"), "w") as f:
+        json.dump(summary, f)
+
+
+def test_controls_lambdas_put_d_times_t_near_one():
+    assert CONTROLS.steps == 2400 and CONTROLS.seeds == (0, 1, 2, 3, 4, 5)
+    assert CONTROLS.sgd_lambdas == (
+        (0.01, 0.042, 0.0042),
+        (0.03, 0.014, 0.0014),
+        (0.1, 0.0042, 0.00042),
+    )
+    for lr, decoupled, coupled in CONTROLS.sgd_lambdas:
+        assert lr * decoupled * CONTROLS.steps == pytest.approx(1.0, abs=0.01)
+        # Momentum 0.9 amplifies a gradient-side (coupled) decay 10-fold: the same d.
+        assert coupled / (1 - CONTROLS.momentum) == pytest.approx(decoupled)
+
+
+def test_controls_plan_before_and_after_the_pilot(tmp_path):
+    runs_dir = str(tmp_path)
+    runs = controls.plan(CONTROLS, runs_dir)
+    # Before the pilot has finished: no part h.
+    assert [r.part for r in runs[:3]] == ["p", "p", "p"]
+    assert {r.part for r in runs} == {"p", "g1", "g2", "g3"}
+    counts = {part: sum(r.part == part for r in runs) for part in ("p", "g1", "g2", "g3")}
+    assert counts == dict(p=3, g1=24, g2=18, g3=12)
+    reused = [r for r in runs if controls.is_reused(CONTROLS, r)]
+    # Seeds 0-2 of WD and LPWD at lambda 2 and 0.5 and of the baseline: 15 runs.
+    assert len(reused) == 15 and {r.seed for r in reused} == {0, 1, 2}
+    assert {r.method for r in reused} == {"baseline", "wd", "lpwd"}
+    assert len(runs) - len(reused) - 3 == 39
+    # g1 in seed order, WD, LPWD, lwd, lpwd_reversed within a seed.
+    g1 = [(r.seed, r.method) for r in runs if r.part == "g1"]
+    assert g1[:4] == [(0, "wd"), (0, "lpwd"), (0, "lwd"), (0, "lpwd_reversed")]
+    assert all(
+        r.weight_decay == 2.0 for r in runs if r.part in ("g1", "g2") and r.method != "baseline"
+    )
+    assert all(r.weight_decay == 0.5 for r in runs if r.part == "g3")
+    # The pilot: seed-0 SGD baselines at each lr; then part h at the best best-10.
+    for run, best in zip(controls.pilot_runs(CONTROLS), (50.0, 56.0, 53.0)):
+        _write_summary(runs_dir, run, dict(best10_mean=best))
+    assert controls.chosen_lr(CONTROLS, runs_dir) == 0.03
+    # A pilot run that diverged is never chosen, and the study does not run it again.
+    pilot = controls.pilot_runs(CONTROLS)
+    os.remove(os.path.join(runs_dir, pilot[1].directory, "summary.json"))
+    assert controls.chosen_lr(CONTROLS, runs_dir) is None  # lr 0.03 has not finished
+    with open(os.path.join(runs_dir, pilot[1].directory, "log.txt"), "w") as f:
+        f.write("ERROR: non-finite loss or gradients at step 7 (loss=nan); stopping the run.\n")
+    assert controls.has_diverged(runs_dir, pilot[1])
+    assert controls.chosen_lr(CONTROLS, runs_dir) == 0.1
+    _write_summary(runs_dir, pilot[1], dict(best10_mean=56.0))
+    assert not controls.has_diverged(runs_dir, pilot[1])  # finished after all
+    runs = controls.plan(CONTROLS, runs_dir)
+    parts = [r.part for r in runs]
+    assert parts == sorted(parts, key=["p", "g1", "h", "g2", "g3"].index)  # priority order
+    h = [r for r in runs if r.part == "h"]
+    assert len(h) == 20  # 7 methods x 3 seeds, less the pilot's lr-0.03 baseline (seed 0)
+    rates = {r.method: r.weight_decay for r in h}
+    assert rates == {
+        "baseline": 0.0,
+        "wd": 0.014,
+        "adadecay": 0.0014,
+        "wrs": 0.014,
+        "wrs_ic": 0.014,
+        "adamp": 0.0014,
+        "wrs+adamp": 0.014,
+    }
+    assert all(r.optimizer == "sgdm" and r.lr == 0.03 for r in h)
+    assert len({r.directory for r in runs}) == len(runs)
+    # Every run's flags are valid flags of the training program, with its optimizer.
+    for run in runs:
+        config = parse_config([*study.run_flags(CONTROLS, "cifar10", run), "--output_dir=x"])
+        assert (config.method, config.optimizer, config.seed) == (
+            run.method,
+            run.optimizer,
+            run.seed,
+        )
+        assert config.epochs * config.steps_per_epoch == 2400 and config.batch_size == 128
+        assert config.lpwd_permutation_seed == CONTROLS.permutation_seed
+
+
+def test_controls_reuse_the_first_studys_records(tmp_path):
+    runs_dir = str(tmp_path / "runs")
+    runs = controls.plan(CONTROLS, runs_dir)
+    with pytest.raises(ValueError, match="--reuse_from"):
+        controls.materialize_reused(CONTROLS, runs, runs_dir, None)
+    first = os.path.join(
+        os.path.dirname(__file__), "..", "experiments", "results", "cifar10_cpu", "runs.jsonl"
+    )
+    assert controls.materialize_reused(CONTROLS, runs, runs_dir, first) == 15
+    run = study.StudyRun("g1", "wd", 1e-3, 2.0, 0)
+    with open(os.path.join(runs_dir, run.directory, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["best10_mean"] == pytest.approx(53.111) and summary["reused_from"]
+    assert len(summary["history"]) == 15
+    assert controls.materialize_reused(CONTROLS, runs, runs_dir, first) == 0  # done once
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("")
+    with pytest.raises(ValueError, match=r"0 records of wd-lr0\.001-wd2-s0"):
+        controls.materialize_reused(CONTROLS, runs, str(tmp_path / "other"), str(bad))
+
+
+def _fake_controls_summary(best10, final, loss, steps):
+    history = [dict(epoch=1, train_loss=loss + 1, test_top1=final - 3, rop=None)]
+    history.append(dict(epoch=2, train_loss=loss, test_top1=final, rop=None))
+    return dict(
+        best10_mean=best10,
+        final_top1=final,
+        best_top1=final,
+        final_train_loss=loss,
+        mean_rop=None,
+        steps=steps,
+        wall_time_s=60.0,
+        history=history,
+    )
+
+
+def test_controls_report_from_runs_with_known_numbers(tmp_path):
+    p = CONTROLS_TINY
+    runs_dir, results = str(tmp_path / "runs"), str(tmp_path / "results")
+    for run, best in zip(controls.pilot_runs(p), (40.0, 45.0)):  # lr 0.1 wins
+        _write_summary(runs_dir, run, _fake_controls_summary(best, best, 1.0, p.steps))
+    # Seed 0 of the first-study cells is reused: write it as a reused record.
+    base = {"baseline": 60.0, "wd": 50.0, "lpwd": 53.0, "lwd": 52.0, "lpwd_reversed": 49.0}
+    base.update({"lpwd_shuffled": 51.0, "wd_matched": 48.0})
+    sgd = {"baseline": 45.0, "wd": 46.0, "adadecay": 46.5, "wrs": 47.0, "wrs_ic": 45.5}
+    sgd.update({"adamp": 46.0, "wrs+adamp": 48.0})
+    for run in controls.plan(p, runs_dir):
+        if run.part == "p":
+            continue
+        table = sgd if run.optimizer == "sgdm" else base
+        # LPWD - WD per seed: 3, 3.5, 4 (the seed adds 0.5 to LPWD only).
+        best = table[run.method] + (0.5 * run.seed if run.method == "lpwd" else 0.0)
+        summary = _fake_controls_summary(best, best + 1, 1.0 - 0.01 * run.seed, p.steps)
+        if controls.is_reused(p, run):
+            summary["reused_from"] = "first-study/runs.jsonl"
+        _write_summary(runs_dir, run, summary)
+    tables = controls_report.write_report(p, "digits", runs_dir, results)
+    rows = {r["comparison"]: r for r in tables["comparisons"]}
+    lpwd_wd = rows["LPWD - WD"]
+    # Differences 3, 3.5, 4: mean 3.5, std 0.5, t = 3.5 / (0.5 / sqrt 3) = 12.124, 2 dof:
+    # p = 1 - t / sqrt(2 + t^2).
+    t = 3.5 / (0.5 / math.sqrt(3))
+    assert lpwd_wd["best10_mean"] == pytest.approx(3.5) and lpwd_wd["n"] == 3
+    assert lpwd_wd["p"] == pytest.approx(1 - t / math.sqrt(2 + t * t), rel=1e-6)
+    named = [r for r in tables["comparisons"] if r["named"]]
+    assert len(named) == 12  # 7 of part g, 5 of part h
+    want = stats.holm([r["p"] for r in named])
+    assert [r["p_holm"] for r in named] == pytest.approx(want)
+    # A constant difference has p = 0: lwd - WD = 2 in every seed.
+    assert rows["lwd - WD"]["p"] == 0.0 and rows["lwd - WD"]["outcome"] == "holds"
+    # LPWD - lwd: 1, 1.5, 2; its interval excludes 0, so "not shown" fails.
+    assert rows["LPWD - lwd"]["outcome"] == "shown (interval excludes 0)"
+    assert rows["SGDP+WRS - WRS"]["best10_mean"] == pytest.approx(1.0)
+    assert (
+        rows["WRS - WD"]["lr"] == 0.1 and rows["WRS - WD"]["weight_decay_a"] == 1.7
+    )  # 1 / (0.1 * 6 steps)
+    assert rows["AdaDecay - WD"]["weight_decay_a"] == 0.17
+    assert not rows["WD - baseline"]["named"] and "p_holm" not in rows["WD - baseline"]
+    text = open(os.path.join(results, "results.md")).read()
+    assert "Part h's lr: 0.1." in text and "| g | LPWD - WD | > 0 | +3.50 [" in text
+    with open(os.path.join(results, "cells.csv")) as f:
+        cells = {
+            (r["optimizer"], r["method"], float(r["weight_decay"])): r for r in csv.DictReader(f)
+        }
+    assert cells[("adam", "wd", 2.0)]["n"] == "3" and cells[("adam", "wd", 2.0)]["reused"] == "1"
+    assert float(cells[("sgdm", "baseline", 0.0)]["best10_mean"]) == pytest.approx(45.0)
+    for name in ("fig_controls", "fig_part_h", "fig_lpwd_lwd_wd_curves"):
+        assert os.path.getsize(os.path.join(results, f"{name}.png")) > 10_000
+
+
+@pytest.mark.slow
+def test_controls_pilot_runs_then_part_h_is_planned(tmp_path, capsys):
+    runs_dir = str(tmp_path / "runs")
+    p = CONTROLS_TINY
+    assert controls.run_study(p, "digits", runs_dir, ["p"], None) == 0
+    lr = controls.chosen_lr(p, runs_dir)
+    best = {r.lr: study._summary(runs_dir, r)["best10_mean"] for r in controls.pilot_runs(p)}
+    assert lr == max(best, key=lambda k: (best[k], -k))
+    h = [r for r in controls.plan(p, runs_dir) if r.part == "h"]
+    assert len(h) == 13 and {r.lr for r in h} == {lr}
+    assert study.main(["--protocol=controls_tiny", f"--output_dir={runs_dir}", "--dry_run"]) == 0
+    out = capsys.readouterr().out
+    assert "part p: 2 runs (0 reused from the first study), 2 trained, 0 to run" in out
+    assert f"part h: lr {lr:g} (the pilot's best best-10)" in out
+    # Without --reuse_from the reused cells cannot be filled in: a one-line error, exit 2.
+    assert study.main(["--protocol=controls_tiny", f"--output_dir={runs_dir}", "--parts=g1"]) == 2
+    assert "--reuse_from" in capsys.readouterr().err

@@ -59,6 +59,12 @@ def build(name: str, optimizer: str = "adam", params=None) -> methods.Method:
         params=params,
         apply_fn=toy_apply,
         example_batch=jnp.zeros((2, 8, 8, 3)),
+        # The toy model has no normalization: WRS methods rescale its conv kernel as if a
+        # normalization followed it.
+        scale_invariant={
+            "conv": {"kernel": True, "bias": False},
+            "head": {"kernel": False, "bias": False},
+        },
         wrs_every=2,
     )
 
@@ -100,7 +106,12 @@ def test_placement_of_each_method():
         rwd="last",
         pwd="last",
         lpwd="last",
+        lwd="last",
+        lpwd_reversed="last",
+        lpwd_shuffled="last",
+        wd_matched="last",
         wrs="last",
+        wrs_ic="last",
         adamp="wrap",
         **{"wrs+adamp": "last"},
         cautious="last",
@@ -113,7 +124,12 @@ def test_placement_of_each_method():
         "rwd",
         "pwd",
         "lpwd",
+        "lwd",
+        "lpwd_reversed",
+        "lpwd_shuffled",
+        "wd_matched",
         "wrs",
+        "wrs_ic",
         "wrs+adamp",
         "cautious",
         "corrected",
