@@ -50,11 +50,11 @@ def cautious_weight_decay(
     Example:
       >>> import jax.numpy as jnp, optax, lpwd_optax
       >>> opt = optax.chain(optax.sgd(1.0), lpwd_optax.cautious_weight_decay(0.5))
-      >>> params = {"w": jnp.array([[2.0, 2.0]])}
-      >>> grads = {"w": jnp.array([[1.0, -1.0]])}  # steps toward 0, then away from 0
+      >>> params = {"w": jnp.array([[2.0, 2.0], [2.0, 2.0]])}
+      >>> grads = {"w": jnp.array([[1.0, -1.0], [1.0, -1.0]])}  # toward 0, then away from 0
       >>> updates, _ = opt.update(grads, opt.init(params), params)
-      >>> updates["w"].tolist()  # [-1 - 0.5 * 2, +1 with no decay]
-      [[-2.0, 1.0]]
+      >>> updates["w"][0].tolist()  # [-1 - 0.5 * 2, +1 with no decay]
+      [-2.0, 1.0]
 
     References:
       Chen et al., "Cautious Weight Decay", 2025 (arXiv:2510.12402), Algorithm 1.
