@@ -94,7 +94,8 @@ def test_cautious_weight_decay_follows_the_paper():
 def test_cautious_weight_decay_decays_only_where_the_step_shrinks_the_weight():
     params = {"w": jnp.array([[2.0, 2.0, -2.0, -2.0, 3.0]])}
     u = {"w": jnp.array([[-1.0, 1.0, 1.0, -1.0, 0.0]])}
-    out, _ = lo.cautious_weight_decay(0.25).update(u, optax.EmptyState(), params)
+    mask = {"w": True}  # a (1, 5) leaf: the default mask (axes of size > 1) would skip it
+    out, _ = lo.cautious_weight_decay(0.25, mask=mask).update(u, optax.EmptyState(), params)
     # Decayed where u * theta <= 0 (entries 0, 2 and the zero update), not where it is > 0.
     np.testing.assert_allclose(out["w"], [[-1.5, 1.0, 1.5, -1.0, -0.75]])
 
