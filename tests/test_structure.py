@@ -141,7 +141,7 @@ def _nnx_pair():
     nnx.replace_by_pure_dict(unrolled, unroll(stacked))
     apply_s = lambda p, x: nnx.merge(graph_s, p)(x)
     apply_u = lambda p, x: nnx.merge(graph_u, p)(x)
-    return x, (scanned, apply_s), (unrolled, apply_u), unroll
+    return x, (scanned, apply_s), (unrolled, apply_u), unroll, _pure
 
 
 # --------------------------------------------------------------------------------------------
