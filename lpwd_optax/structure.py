@@ -9,8 +9,9 @@ param leaf:
   `nn.scan`, NNX's `nnx.scan`, Equinox's and Haiku's stacked-layer recipes) iterates over holds
   `L` layers, one per slice, each at the depth its unrolled twin would have;
 - what it is: a kernel (it reaches a `dot_general` or `conv_general_dilated` through views:
-  casts, reshapes, transposes, broadcasts, slices), an embedding (rows gathered by index), a
-  bias (added), a scale (multiplied), or other; and for a kernel, which of its axes are
+  casts, reshapes, transposes, broadcasts, slices, masks, gathers by constant indices, or is
+  multiplied one sliced-out tap at a time), an embedding (rows gathered by the inputs), a
+  bias (added), a scale (multiplied whole), or other; and for a kernel, which of its axes are
   contracted (its fan-in: input features and, for a convolution, the window) and which index
   its output units, whatever the library's layout (Flax `(in, out)` and `(kh, kw, in, out)`,
   Equinox `(out, in)` and `(out, in, kh, kw)`, Haiku's `(in, out)` and `HWIO`).
@@ -52,8 +53,9 @@ class LeafLayout:
     Attributes:
       path: the "/"-joined key path.
       shape: the leaf's shape.
-      role: one of `ROLES`: "kernel" (reaches a `dot_general` / convolution), "embedding"
-        (rows gathered by index), "bias" (added), "scale" (multiplied), "other", or "unused".
+      role: one of `ROLES`: "kernel" (reaches a `dot_general` / convolution, or is multiplied
+        one tap at a time), "embedding" (rows gathered by the inputs), "bias" (added),
+        "scale" (multiplied whole), "other", or "unused".
       stacked_axes: the leaf axes a `scan` iterates over: one layer per slice. Empty for a
         leaf that is one layer.
       input_axes: a kernel's contracted feature axes (its input channels); an embedding's
@@ -115,10 +117,11 @@ _IDENTITY_VIEWS = frozenset(
         "reduce_precision",
         "reshard",
         "sharding_constraint",
-        "slice",
     }
 )
-_SHAPE_VIEWS = frozenset({"broadcast_in_dim", "expand_dims", "reshape", "squeeze", "transpose"})
+_SHAPE_VIEWS = frozenset(
+    {"broadcast_in_dim", "expand_dims", "reshape", "slice", "squeeze", "transpose"}
+)
 _BIAS_PRIMITIVES = frozenset({"add", "sub"})
 _SCALE_PRIMITIVES = frozenset({"mul", "div"})
 
@@ -145,6 +148,11 @@ class _Ref:
     leaf: int
     axes: tuple[tuple[int, ...], ...]  # per value axis, the leaf axes it spans
     stacking: tuple[_Stacking, ...] = ()
+    # Leaf axes a static slice cut down to one entry (a tap of a kernel taken on its own).
+    cut: frozenset[int] = frozenset()
+    # Leaf axes a gather with constant indices rearranged (a Toeplitz matrix of a convolution
+    # kernel, a table read by a fixed index): their entries reappear along other value axes.
+    rearranged: frozenset[int] = frozenset()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,7 +220,25 @@ def _view_axes(eqn: Any, ref: _Ref) -> _Ref:
     elif name == "reshape":
         old = eqn.invars[0].aval.shape
         axes = _reshape_axes(axes, old, params["new_sizes"])
+    elif name == "slice":
+        old, new = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
+        cut = _union([a for a, n, m in zip(axes, old, new) if n > 1 and m == 1])
+        return dataclasses.replace(ref, cut=ref.cut | cut)
     return dataclasses.replace(ref, axes=axes)
+
+
+def _gather_view(eqn: Any, ref: _Ref) -> _Ref:
+    """A gather of param view `ref` by constant indices: the same entries, rearranged. Offset
+    axes keep their leaf axes; the axes the indices add span the indexed leaf axes."""
+    numbers = eqn.params["dimension_numbers"]
+    indexed = _union([ref.axes[k] for k in numbers.start_index_map])
+    dropped = set(numbers.collapsed_slice_dims) | set(numbers.operand_batching_dims)
+    kept = [ref.axes[k] for k in range(len(ref.axes)) if k not in dropped]
+    ndim = len(eqn.outvars[0].aval.shape)
+    axes: list[tuple[int, ...]] = [tuple(sorted(indexed))] * ndim
+    for position, leaf_axes in zip(numbers.offset_dims, kept):
+        axes[position] = leaf_axes
+    return dataclasses.replace(ref, axes=tuple(axes), rearranged=ref.rearranged | indexed)
 
 
 def _kernel_use(
@@ -227,6 +253,9 @@ def _kernel_use(
     input_axes = _union([axes[k] for k in contracted])
     spatial_axes = _union([axes[k] for k in spatial])
     output_axes = _union([axes[k] for k in kept])
+    # A rearranged axis that is contracted was spread over the kept axes by the gather (the
+    # output positions of a Toeplitz matrix): it is fan-in, not an output unit.
+    output_axes -= (input_axes | spatial_axes) & ref.rearranged
     ambiguous = bool(
         (input_axes | spatial_axes) & output_axes or input_axes & spatial_axes
     ) or not (input_axes | spatial_axes)
@@ -255,6 +284,12 @@ def _consumer_use(eqn: Any, operand: int, ref: _Ref, position: tuple) -> _Use:
     if name in _BIAS_PRIMITIVES:
         return _Use(ref, position, name, "bias")
     if name in _SCALE_PRIMITIVES:
+        rest = _union(ref.axes) - ref.cut
+        if ref.cut and rest:
+            # One tap of a kernel (a shifted-sum convolution multiplies each window position
+            # on its own and adds them up): a contraction spread over several products.
+            spatial_axes = ref.cut
+            return _Use(ref, position, name, "kernel", frozenset(), spatial_axes, rest)
         return _Use(ref, position, name, "scale")
     return _Use(ref, position, name, "other")
 
@@ -275,12 +310,27 @@ class _Walker:
         self.levels = 0
         self.uses: list[_Use] = []
 
-    def walk(self, jaxpr: Any, ins: list[_Ref | None], prefix: tuple) -> list[_Ref | None]:
+    def walk(
+        self,
+        jaxpr: Any,
+        ins: list[_Ref | None],
+        prefix: tuple,
+        constant_ins: Sequence[bool] | None = None,
+    ) -> list[_Ref | None]:
         env = {v: r for v, r in zip(jaxpr.invars, ins) if r is not None}
         read = lambda v: None if isinstance(v, jex_core.Literal) else env.get(v)
+        # Values that depend on neither the params nor the inputs (numpy constants the model
+        # closes over, and what is computed from them alone).
+        constant = set(jaxpr.constvars)
+        constant.update(v for v, c in zip(jaxpr.invars, constant_ins or ()) if c)
+        is_constant = lambda v: isinstance(v, jex_core.Literal) or v in constant
         for eqn in jaxpr.eqns:
             position = (*prefix, self.counter)
             self.counter += 1
+            flags = [is_constant(v) for v in eqn.invars]
+            if all(flags):
+                constant.update(eqn.outvars)
+                continue
             refs = [read(v) for v in eqn.invars]
             if all(r is None for r in refs):
                 continue  # nothing of ours flows in, so nothing inside can use a param
@@ -290,22 +340,35 @@ class _Walker:
                     if r is not None:
                         env[v] = r if name in _IDENTITY_VIEWS else _view_axes(eqn, r)
                 continue
+            if name == "gather" and refs[0] is not None and flags[1]:
+                env[eqn.outvars[0]] = _gather_view(eqn, refs[0])  # not a lookup by the inputs
+                continue
+            cases = [r for r in refs[1:] if r is not None]
+            if name == "select_n" and refs[0] is None and len(cases) == 1:
+                env[eqn.outvars[0]] = cases[0]  # the param's entries where chosen (a mask)
+                continue
             if name == "scan":
-                outs = self._scan(eqn, refs, position)
+                outs = self._scan(eqn, refs, position, flags)
             else:
-                outs = self._call(eqn, refs, position)
+                outs = self._call(eqn, refs, position, flags)
             for v, r in zip(eqn.outvars, outs):
                 if r is not None:
                     env[v] = r
         return [read(v) for v in jaxpr.outvars]
 
-    def _call(self, eqn: Any, refs: list, position: tuple) -> list:
+    def _call(self, eqn: Any, refs: list, position: tuple, flags: list[bool]) -> list:
         name = eqn.primitive.name
         if name == "while":
             nc, nb = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
+            carried = [False] * (len(refs) - nc - nb)  # the loop changes its carry
             subs = [
-                (eqn.params["cond_jaxpr"].jaxpr, refs[:nc] + refs[nc + nb :], False),
-                (eqn.params["body_jaxpr"].jaxpr, refs[nc:], True),
+                (
+                    eqn.params["cond_jaxpr"].jaxpr,
+                    refs[:nc] + refs[nc + nb :],
+                    flags[:nc] + carried,
+                    False,
+                ),
+                (eqn.params["body_jaxpr"].jaxpr, refs[nc:], flags[nc : nc + nb] + carried, True),
             ]
         else:
             subs = []
@@ -318,12 +381,14 @@ class _Walker:
                     # operands 1:1; cond's branches get all operands but the branch index.
                     k = len(jaxpr.invars)
                     inner = refs[len(refs) - k :] if k <= len(refs) else [None] * k
-                    subs.append((jaxpr, inner, len(jaxpr.outvars) == len(eqn.outvars)))
+                    inner_flags = flags[len(flags) - k :] if k <= len(flags) else [False] * k
+                    outs_match = len(jaxpr.outvars) == len(eqn.outvars)
+                    subs.append((jaxpr, inner, inner_flags, outs_match))
         passed = set()
         outs: list = [None] * len(eqn.outvars)
-        for inner, inner_refs, outs_match in subs:
+        for inner, inner_refs, inner_flags, outs_match in subs:
             passed.update(id(r) for r in inner_refs if r is not None)
-            inner_outs = self.walk(inner, inner_refs, position[:-1])
+            inner_outs = self.walk(inner, inner_refs, position[:-1], inner_flags)
             if outs_match:
                 outs = [o if o is not None else i for o, i in zip(outs, inner_outs)]
         for k, r in enumerate(refs):
@@ -331,7 +396,7 @@ class _Walker:
                 self.uses.append(_consumer_use(eqn, k, r, position))
         return outs
 
-    def _scan(self, eqn: Any, refs: list, position: tuple) -> list:
+    def _scan(self, eqn: Any, refs: list, position: tuple, flags: list[bool]) -> list:
         params = eqn.params
         first_xs = params["num_consts"] + params["num_carry"]
         level = self.levels
@@ -351,7 +416,9 @@ class _Walker:
                 self.uses.append(_Use(r, position, "scan", "other"))
                 inner.append(None)
         body = params["jaxpr"].jaxpr
-        self.walk(body, inner, (*position, _Iteration(level)))
+        carry = range(params["num_consts"], first_xs)
+        inner_flags = [f and k not in carry for k, f in enumerate(flags)]
+        self.walk(body, inner, (*position, _Iteration(level)), inner_flags)
         return [None] * len(eqn.outvars)
 
 
@@ -435,6 +502,12 @@ def _leaf_layout(path: str, shape: tuple[int, ...], uses: list[_Use]) -> LeafLay
             input_axes = free(use.input_axes)
             spatial_axes = free(use.spatial_axes)
             output_axes = free(use.output_axes)
+            # A size-1 axis that a reshape or squeeze dropped before the product (a depthwise
+            # kernel's input channel, in its matmul and shifted-sum forms) is fan-in, as the
+            # convolution reads it; it adds no entry to any norm.
+            placed = set(input_axes + spatial_axes + output_axes + stacked)
+            dropped = [a for a, n in enumerate(shape) if n == 1 and a not in placed]
+            input_axes = tuple(sorted(input_axes + tuple(dropped)))
     # The shape rule on one slice, and never what the trace shows is only added or multiplied
     # (a DenseGeneral's (heads, head_dim) bias has two axes, and is still a bias).
     decay = decays_by_default(path, shape, stacked) and role not in ("bias", "scale")
@@ -708,8 +781,12 @@ def layer_structure(
     leaf it records:
 
     - its role: "kernel" if it reaches a `dot_general` or `conv_general_dilated` through views
-      (casts, reshapes, transposes, broadcasts, slices), "embedding" if its rows are gathered,
-      "bias" if added, "scale" if multiplied, "other", or "unused";
+      (casts, reshapes, transposes, broadcasts, slices, `where` masks, gathers by constant
+      indices, as in a Toeplitz-matrix convolution) or is multiplied one sliced-out tap at a
+      time (a shifted-sum convolution); "embedding" if its rows are gathered by indices that
+      depend on the inputs; "bias" if added (a table read by a constant index and added, such
+      as a relative position bias, included); "scale" if multiplied whole; "other"; or
+      "unused";
     - its stacked axes: a leaf sliced by a `scan` (linen `nn.scan`, NNX `nnx.scan`, Equinox's
       `jax.lax.scan` over `eqx.filter_vmap`-built layers, Haiku's `hk.layer_stack`) is one
       layer per slice; `jit`, `remat`, `vmap`, `cond` and custom derivatives inside are

@@ -574,3 +574,56 @@ def test_project_models_keep_their_labels_and_mask(name):
     assert not any(x.stacked_axes for x in layers.leaves)
     kernels = [x for x in layers.leaves if x.role == "kernel"]
     assert kernels and all(x.output_axes == (len(x.shape) - 1,) for x in kernels)
+
+
+def test_a_depthwise_kernel_is_a_kernel_in_every_form():
+    # The ConvNeXt port runs its depthwise convolution as XLA's grouped convolution, as a
+    # Toeplitz matmul (the taps gathered by constant indices) or as a sum of shifted products
+    # (each tap sliced out on its own); the trace must read one kernel from all three.
+    from lpwd_optax import models
+
+    x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+    seen = {}
+    for impl in ("conv", "matmul", "shift"):
+        net = models.create_model(
+            "convnext_atto_cifar", num_classes=10, dims=[8], depths=[1], depthwise_impl=impl
+        )
+        model = models.functional_model(net)
+        layers = lo.layer_structure(model.params, model.apply, x)
+        seen[impl] = [
+            (x.path, x.role, x.fan_in_axes, x.output_axes, x.decay, int(np.max(x.depth)))
+            for x in layers.leaves
+        ]
+        dw = next(x for x in layers.leaves if x.path.endswith("conv_dw/kernel"))
+        assert (dw.role, dw.fan_in_axes, dw.output_axes, dw.decay) == (
+            "kernel",
+            (0, 1, 2),
+            (3,),
+            True,
+        ), impl
+    assert seen["matmul"] == seen["conv"] and seen["shift"] == seen["conv"]
+
+
+def test_a_table_read_by_a_constant_index_is_not_an_embedding():
+    # Swin's relative position bias table is gathered by a fixed index and added to the
+    # attention logits: a bias. A table read by the inputs' token ids is an embedding.
+    from lpwd_optax import models
+
+    model = models.functional_model(models.create_model("swin_tiny_cifar", num_classes=10))
+    layers = lo.layer_structure(
+        model.params, model.apply, jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+    )
+    tables = [x for x in layers.leaves if x.path.endswith("relative_position_bias_table")]
+    assert tables and all((x.role, x.decay) == ("bias", False) for x in tables)
+
+    class Tokens(nn.Module):
+        @nn.compact
+        def __call__(self, ids):
+            return nn.Dense(3, name="out")(nn.Embed(11, 4, name="embed")(ids))
+
+    ids = jnp.zeros((2, 5), jnp.int32)
+    params = Tokens().init(jax.random.key(0), ids)["params"]
+    layers = lo.layer_structure(params, lambda p, i: Tokens().apply({"params": p}, i), ids)
+    embed = layers.leaves[0]
+    assert embed.path == "embed/embedding"
+    assert (embed.role, embed.input_axes, embed.output_axes) == ("embedding", (1,), (0,))
