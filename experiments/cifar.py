@@ -23,7 +23,9 @@ of the scale-invariant layers and, with --jacobian_probes, the input-output Jaco
 logging interval: train/loss, train/top1 (%)), tensorboard/, checkpoints/ (orbax, one per
 epoch), final_params.npz (the evaluated weights; for PWD/LPWD theta_t, not the stored phi_t),
 summary.json, layers.txt (which layers are scale-invariant, detected at the start from the
-forward pass) and, for LPWD, method.txt (its per-layer rates).
+forward pass, and every param leaf's role, depth and decay as `lo.layer_structure` reads them
+from the one trace that LPWD's depths and the decay mask come from) and, for LPWD, method.txt
+(its per-layer rates).
 R_op is reported for the decoupled methods (wd, rwd, pwd, lpwd, lwd, lpwd_reversed,
 lpwd_shuffled, wd_matched, wrs, wrs_ic, wrs+adamp); for baseline, l2, adadecay and adamp it is
 undefined and written as null. config.json also holds `method_details`, what the method derived
@@ -120,7 +122,10 @@ class Setup(NamedTuple):
     devices: list[jax.Device]
     steps_per_epoch: int
     eval_batch_size: int
-    scale_sensitivity: dict[str, float]  # lo.scale_sensitivity of each module with a kernel
+    # lo.scale_sensitivity of each module with a traced kernel (an array over a stacked one's
+    # slices)
+    scale_sensitivity: dict[str, Any]
+    layers: lo.LayerStructure  # the one trace of the forward pass the method was built from
 
 
 def build(config: Config) -> Setup:
@@ -139,19 +144,22 @@ def build(config: Config) -> Setup:
             for note in models.init_from_timm(network, os.path.expanduser(config.init_from)):
                 logging.info("--init_from: %s", note)
         model = models.functional_model(network)
-        probe = first_images(train_ds, SCALE_PROBE_EXAMPLES)
-        invariant = None
-        if config.method in methods.RESCALING_METHODS:  # the same detection as layers.txt
-            invariant = lo.scale_invariant_mask(model.apply, model.params, probe)
+        example = jnp.zeros((2, *train_ds.images.shape[1:]), jnp.float32)
+        # One trace of the forward pass: LPWD's depths, the decay mask and the kernels.
+        layers = lo.layer_structure(model.params, model.apply, example)
+        # The scale-invariant kernels, measured on real images (layers.txt; WRS rescales them).
+        sensitivity = lo.scale_sensitivity(
+            model.apply, model.params, first_images(train_ds, SCALE_PROBE_EXAMPLES), layers=layers
+        )
+        invariant = jax.tree.map(_invariant, sensitivity)
         method = methods.build_method(
             config.method,
             optimizer=config.optimizer,
             learning_rate=config.learning_rate,
             weight_decay=config.weight_decay,
             params=model.params,
-            apply_fn=model.apply,
-            example_batch=jnp.zeros((2, *train_ds.images.shape[1:]), jnp.float32),
-            scale_invariant=invariant,
+            layers=layers,
+            scale_invariant=invariant if config.method in methods.RESCALING_METHODS else None,
             lpwd_max_scale=config.lpwd_max_scale,
             lpwd_permutation_seed=config.lpwd_permutation_seed,
             adadecay_alpha=config.adadecay_alpha,
@@ -163,13 +171,10 @@ def build(config: Config) -> Setup:
         jax.eval_shape(lambda p: train_lib.create_train_state(p, method), model.params)
     except (ValueError, TypeError, FileNotFoundError, NotADirectoryError) as e:
         raise ConfigError(str(e)) from e
-    sensitivity = lo.scale_sensitivity(model.apply, model.params, probe)
     kernels = {  # a module's kernel and bias share its sensitivity
         module_path(path): s
-        for (path, theta), (_, s) in zip(
-            leaves_with_paths(model.params), leaves_with_paths(sensitivity)
-        )
-        if np.ndim(theta) >= 2
+        for (path, s), x in zip(leaves_with_paths(sensitivity), layers.leaves)
+        if x.role == "kernel"
     }
     devices = select_devices(config.num_devices)
     parallel = train_lib.make_parallel(
@@ -207,6 +212,7 @@ def build(config: Config) -> Setup:
         steps_per_epoch,
         eval_batch_size,
         kernels,
+        layers,
     )
 
 
@@ -218,7 +224,12 @@ def first_images(ds: data.ArrayDataset, n: int) -> np.ndarray:
 
 def scale_invariant_modules(setup: Setup) -> list[str]:
     """The modules whose kernels `lo.scale_invariant_mask` marks."""
-    return [m for m, s in setup.scale_sensitivity.items() if s < SCALE_INVARIANCE_TOL]
+    return [m for m, s in setup.scale_sensitivity.items() if _invariant(s)]
+
+
+def _invariant(sensitivity: Any) -> bool:
+    """Scale-invariant: below the tolerance (in every slice, for a stacked kernel)."""
+    return bool(np.all(np.asarray(sensitivity) < SCALE_INVARIANCE_TOL))
 
 
 def finished_summary(config: Config) -> dict[str, Any] | None:
@@ -471,12 +482,20 @@ def _scale_invariance_table(setup: Setup) -> str:
         f"lo.scale_sensitivity below {SCALE_INVARIANCE_TOL:g}, measured on the first "
         f"{SCALE_PROBE_EXAMPLES} training images with the initial weights. The effective",
         "learning rate eta / ||theta||^2 of these layers is logged as layers/<layer>/effective_lr.",
+        "A stacked (scanned) kernel shows its largest sensitivity over the slices.",
         "",
         f"{'layer':<{width}}sensitivity  scale-invariant",
     ]
     for module, s in setup.scale_sensitivity.items():
-        invariant = "yes" if s < SCALE_INVARIANCE_TOL else "no"
-        lines.append(f"{module:<{width}}{s:11.2e}  {invariant}")
+        invariant = "yes" if _invariant(s) else "no"
+        lines.append(f"{module:<{width}}{float(np.max(s)):11.2e}  {invariant}")
+    lines += [
+        "",
+        "Every param leaf as lo.layer_structure reads it from one trace of the forward pass",
+        "(LPWD's depths and the default decay mask come from it):",
+        "",
+        setup.layers.table(),
+    ]
     return "\n".join(lines) + "\n"
 
 

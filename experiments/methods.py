@@ -16,7 +16,8 @@ update `u` and the regularized one `u'`, and can measure the decay's penalty `P 
 
 WRS (wrs, wrs_ic, wrs+adamp) rescales only the kernels that the network makes scale-invariant,
 as the WRS paper does for the kernels a normalization follows: the `scale_invariant` mask the
-training program detects at the start (`lo.scale_invariant_mask`, the table in layers.txt).
+training program detects at the start (`lo.scale_sensitivity` below the tolerance of
+`lo.scale_invariant_mask`, the table in layers.txt).
 Every other leaf, the remaining kernels included, gets plain WD.
 
 Controls for what in LPWD matters (all use LPWD's depth labels and its rates
@@ -108,7 +109,7 @@ def _not(mask: Params) -> Params:
 
 # Methods that rescale the scale-invariant kernels and so need the `scale_invariant` mask.
 RESCALING_METHODS = ("wrs", "wrs_ic", "wrs+adamp")
-# LPWD-style methods that need LPWD's depth labels (apply_fn and example_batch).
+# LPWD-style methods that need LPWD's depth labels (a layer structure of the model).
 LAYERWISE_METHODS = ("lpwd", "lwd", "lpwd_reversed", "lpwd_shuffled", "wd_matched")
 
 
@@ -116,9 +117,23 @@ def _leaf_list(tree: Params) -> list[Any]:
     return jax.tree.leaves(tree, is_leaf=lambda x: x is None)
 
 
+def _labels_and_rates(labels: Params, rates: Params) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each leaf's depth labels and its rates, as arrays of the labels' shape (a stacked leaf
+    holds one label per slice)."""
+    out = []
+    for d, r in zip(jax.tree.leaves(labels), jax.tree.leaves(rates)):
+        d = np.asarray(d, np.int64)
+        out.append((d, np.broadcast_to(np.asarray(r, np.float64), d.shape)))
+    return out
+
+
 def decayed_layers(labels: Params, mask: Params) -> list[int]:
     """The depth labels, in increasing order, of the layers with at least one masked leaf."""
-    return sorted({int(d) for d, m in zip(jax.tree.leaves(labels), jax.tree.leaves(mask)) if m})
+    found: set[int] = set()
+    for d, m in zip(jax.tree.leaves(labels), jax.tree.leaves(mask)):
+        if m:
+            found.update(int(i) for i in np.unique(np.asarray(d)))
+    return sorted(found)
 
 
 def reassign_layer_rates(
@@ -127,7 +142,8 @@ def reassign_layer_rates(
     """LPWD's rates moved between the decayed layers: layer `D[j]` takes layer `D[order[j]]`'s.
 
     `D` are the decayed layers in depth order (`decayed_layers`). Leaves of the other layers
-    keep their rate (the mask leaves them undecayed anyway).
+    keep their rate (the mask leaves them undecayed anyway). A stacked leaf's labels and rates
+    are arrays over its slices, and each slice is moved on its own.
 
     Returns:
       The new rate tree and the map {layer label: label whose rate it took}.
@@ -138,26 +154,32 @@ def reassign_layer_rates(
             f"order must be a permutation of range({len(layers)}) (one entry per decayed "
             f"layer), got {list(order)}"
         )
-    rate_of: dict[int, Any] = {}
-    for d, r in zip(jax.tree.leaves(labels), jax.tree.leaves(rates)):
-        rate_of.setdefault(int(d), r)
+    pairs = _labels_and_rates(labels, rates)
+    rate_of: dict[int, float] = {}
+    for d, r in pairs:
+        for i, v in zip(d.ravel().tolist(), r.ravel().tolist()):
+            rate_of.setdefault(i, v)
     source = {layer: layers[j] for layer, j in zip(layers, order)}
-    flat_labels, treedef = jax.tree.flatten(labels)
-    new = [
-        rate_of[source[int(d)]] if int(d) in source else r
-        for d, r in zip(flat_labels, jax.tree.leaves(rates))
-    ]
-    return jax.tree.unflatten(treedef, new), source
+    moved = lambda i, v: rate_of[source[i]] if i in source else v
+    new = []
+    for (d, r), old in zip(pairs, jax.tree.leaves(rates)):
+        if d.ndim == 0:
+            new.append(moved(int(d), old))
+        else:
+            new.append(np.vectorize(moved, otypes=[np.float64])(d, r))
+    return jax.tree.unflatten(jax.tree.structure(labels), new), source
 
 
 def mass_weighted_rate(params: Params, rates: Params, mask: Params) -> float:
     """The parameter-count-weighted mean rate over the masked leaves:
-    `sum_l n_l lambda_l / sum_l n_l`, with `n_l` the number of entries of leaf `l`."""
-    total = weighted = 0
+    `sum_l n_l lambda_l / sum_l n_l`, with `n_l` the number of entries of leaf `l` (of each
+    slice, for a stacked leaf with one rate per slice)."""
+    total = 0
+    weighted = 0.0
     for theta, r, m in zip(jax.tree.leaves(params), jax.tree.leaves(rates), jax.tree.leaves(mask)):
         if m:
             total += int(np.size(theta))
-            weighted += int(np.size(theta)) * float(r)
+            weighted += float(np.sum(np.broadcast_to(np.asarray(r, np.float64), np.shape(theta))))
     if total == 0:
         raise ValueError("mass_weighted_rate: the mask selects no leaf")
     return weighted / total
@@ -170,6 +192,7 @@ def build_method(
     learning_rate: float,
     weight_decay: float,
     params: Params,
+    layers: lo.LayerStructure | None = None,
     apply_fn: Callable[..., Any] | None = None,
     example_batch: Any = None,
     scale_invariant: Params | None = None,
@@ -189,8 +212,11 @@ def build_method(
       learning_rate: the constant learning rate eta.
       weight_decay: lambda.
       params: the initial params theta_0 (used for masks and LPWD's depth labels).
-      apply_fn, example_batch: LPWD and its controls: `apply_fn(params, example_batch)` is
-        traced to order the layers by first use in the forward pass (`lo.depth_labels`).
+      layers: LPWD and its controls: the model's `lo.layer_structure`, whose per-slice depths
+        (`layers.depths`, the layers in order of first use in the forward pass) and default
+        decay mask (`layers.decay_mask`) they use.
+      apply_fn, example_batch: without `layers`, LPWD and its controls trace
+        `apply_fn(params, example_batch)` to build it.
       scale_invariant: WRS methods only: a tree of bools shaped like `params`, True on the
         kernels the network is scale-invariant to (`lo.scale_invariant_mask`); only those are
         rescaled.
@@ -246,22 +272,27 @@ def build_method(
         raise ValueError(f"unknown method {name!r}")
 
     rate: Any = lam
+    mask: Params = None  # PWD: the library's default decay mask
     details: dict[str, Any] = {}
     if name in LAYERWISE_METHODS:
-        if apply_fn is None or example_batch is None:
-            raise ValueError(f"{name} needs apply_fn and example_batch to order the layers")
-        labels = lo.depth_labels(params, apply_fn, example_batch)
+        if layers is None:
+            if apply_fn is None or example_batch is None:
+                raise ValueError(
+                    f"{name} needs layers (lo.layer_structure) or apply_fn and example_batch "
+                    "to order the layers"
+                )
+            layers = lo.layer_structure(params, apply_fn, example_batch)
+        labels, mask = layers.depths, layers.decay_mask
         rate = lo.layerwise_schedule(labels, lam, max_scale=lpwd_max_scale)
-        mask = lo.default_decay_mask(params)
         description += f", max_scale={lpwd_max_scale:g}"
-        layers = decayed_layers(labels, mask)
+        num_decayed = len(decayed_layers(labels, mask))
         order: list[int] | None = None
         if name == "lpwd_reversed":
-            order = list(range(len(layers)))[::-1]
+            order = list(range(num_decayed))[::-1]
         elif name == "lpwd_shuffled":
             order = [
                 int(j)
-                for j in np.random.default_rng(lpwd_permutation_seed).permutation(len(layers))
+                for j in np.random.default_rng(lpwd_permutation_seed).permutation(num_decayed)
             ]
             description += f", permutation_seed={lpwd_permutation_seed}"
             details["permutation_seed"] = lpwd_permutation_seed
@@ -277,7 +308,7 @@ def build_method(
         if name == "wd_matched":
             lpwd_table = lo.depth_table(params, labels, rate)
             details["matched_rate"] = mean_rate
-            reg = lo.weight_decay(mean_rate, learning_rate=lr)
+            reg = lo.weight_decay(mean_rate, learning_rate=lr, mask=mask)
             return Method(
                 name,
                 (base, reg),
@@ -296,17 +327,17 @@ def build_method(
             + lo.depth_table(params, labels, rate)
         )
         if name == "lwd":
-            reg = lo.weight_decay(rate, learning_rate=lr)
+            reg = lo.weight_decay(rate, learning_rate=lr, mask=mask)
             return Method(
                 name, (base, reg), "last", identity, identity, description, details=details
             )
-    reg = lo.pre_weight_decay(rate, learning_rate=lr)
+    reg = lo.pre_weight_decay(rate, learning_rate=lr, mask=mask)
     return Method(
         name,
         (base, reg),
         "last",
-        lambda p: lo.pre_decay_params(p, rate, learning_rate=lr),
-        lambda p, step: lo.evaluated_params(p, rate, step, learning_rate=lr),
+        lambda p: lo.pre_decay_params(p, rate, learning_rate=lr, mask=mask),
+        lambda p, step: lo.evaluated_params(p, rate, step, learning_rate=lr, mask=mask),
         description,
         predecayed=True,
         details=details or None,

@@ -15,6 +15,7 @@ import optax
 import pytest
 
 import lpwd_optax as lo
+from lpwd_optax._common import leaves_with_paths
 from lpwd_optax.experiments import cifar, methods
 from tests import _cifar_helpers as helpers
 
@@ -163,6 +164,79 @@ def test_reassign_layer_rates_rejects_a_wrong_order():
         methods.reassign_layer_rates(labels, labels, {"a": True, "b": True}, [0, 0])
 
 
+class _ScanBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return nn.relu(nn.Dense(8, name="fc")(x)), None
+
+
+class ScanNet(nn.Module):
+    """embed (4x8) -> 3 scanned blocks (a stacked (3, 8, 8) kernel and (3, 8) bias) -> head
+    (8x2): depths 1, then 2, 3, 4 over the slices, then 5."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(8, name="embed")(x)
+        blocks = nn.scan(
+            _ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=3
+        )
+        x, _ = blocks(name="blocks")(x, None)
+        return nn.Dense(2, name="head")(x)
+
+
+def test_controls_on_a_scanned_model_move_rates_slice_by_slice():
+    x = jax.random.normal(jax.random.key(1), (16, 4))
+    params = ScanNet().init(jax.random.key(0), x)["params"]
+    apply_fn = lambda p, x: ScanNet().apply({"params": p}, x)
+    layers = lo.layer_structure(params, apply_fn, x)
+    unit = 2 * LAM / 5  # LPWD's rate lambda * 2 * i / 5 at depth i is i units
+    # lpwd_reversed: depth i takes depth 6 - i's rate; the stacked kernel's slices 2, 3, 4
+    # take 4, 3, 2 units. Its stacked bias (3, 8) is not decayed: a bias in every slice.
+    method = methods.build_method(
+        "lpwd_reversed",
+        optimizer="adam",
+        learning_rate=LR,
+        weight_decay=LAM,
+        params=params,
+        layers=layers,
+    )
+    assert method.details["rate_taken_from_layer"] == {"1": 5, "2": 4, "3": 3, "4": 2, "5": 1}
+    stored = method.init_params(params)
+    kernel = params["blocks"]["fc"]["kernel"]
+    for i, units in enumerate([4, 3, 2]):
+        np.testing.assert_allclose(
+            stored["blocks"]["fc"]["kernel"][i], (1 - LR * units * unit) * kernel[i], rtol=1e-6
+        )
+    np.testing.assert_allclose(
+        stored["embed"]["kernel"], (1 - LR * 5 * unit) * params["embed"]["kernel"], rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        stored["head"]["kernel"], (1 - LR * 1 * unit) * params["head"]["kernel"], rtol=1e-6
+    )
+    for m in ("embed", "blocks", "head"):
+        key = "fc" if m == "blocks" else None
+        bias = params[m][key]["bias"] if key else params[m]["bias"]
+        got = stored[m][key]["bias"] if key else stored[m]["bias"]
+        np.testing.assert_array_equal(got, bias)
+    chex.assert_trees_all_close(method.eval_params(stored, 0), params, rtol=1e-6)
+    # wd_matched: (32 * 1 + 64 * (2 + 3 + 4) + 16 * 5) / 240 = 688 / 240 units.
+    matched = methods.build_method(
+        "wd_matched",
+        optimizer="adam",
+        learning_rate=LR,
+        weight_decay=LAM,
+        params=params,
+        layers=layers,
+    )
+    assert matched.details["matched_rate"] == pytest.approx(688 / 240 * unit, rel=1e-12)
+    zero = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = matched.tx.update(zero, matched.tx.init(params), params)
+    np.testing.assert_array_equal(updates["blocks"]["fc"]["bias"], 0.0)
+    np.testing.assert_allclose(
+        updates["blocks"]["fc"]["kernel"], -LR * 688 / 240 * unit * kernel, rtol=1e-6
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # WRS: only the scale-invariant kernels are rescaled.
 
@@ -259,3 +333,40 @@ def test_the_program_rescales_exactly_the_layers_layers_txt_calls_invariant(
         rescaled = json.load(f)["method_details"]["rescaled"]
     assert {path.rsplit("/", 1)[0] for path in rescaled} == invariant
     assert all(path.endswith("/kernel") for path in rescaled)
+
+
+def test_the_program_traces_the_forward_pass_once(tmp_path, cache_dir, monkeypatch):
+    """build() reads LPWD's depths, the decay mask and the kernels from one layer_structure,
+    with the same depths and rates the separate depth_labels trace gives."""
+    monkeypatch.setenv("LPWD_OPTAX_CACHE", str(tmp_path / "data_cache"))
+    from lpwd_optax.experiments.config import parse_config
+
+    calls = []
+    real = lo.layer_structure
+    monkeypatch.setattr(lo, "layer_structure", lambda *a, **k: calls.append(1) or real(*a, **k))
+    separate = {"depth_labels": lo.depth_labels, "scale_invariant_mask": lo.scale_invariant_mask}
+
+    def refuse(*a, **k):
+        raise AssertionError("a separate trace of the forward pass")
+
+    for name in (*separate, "default_decay_mask"):
+        monkeypatch.setattr(lo, name, refuse)
+    setup = cifar.build(
+        parse_config(helpers.run_flags(tmp_path / "run", cache_dir, "--method=lpwd"))
+    )
+    assert len(calls) == 1
+    params, apply_fn = setup.model.params, setup.model.apply
+    example = jnp.zeros((2, *setup.train_ds.images.shape[1:]), jnp.float32)
+    labels = separate["depth_labels"](params, apply_fn, example)
+    assert jax.tree.map(int, setup.layers.depths) == jax.tree.map(int, labels)
+    rates = lo.layerwise_schedule(labels, 0.5, max_scale=2.0)
+    stored = setup.method.init_params(params)
+    want = lo.pre_decay_params(params, rates, learning_rate=1e-2)
+    chex.assert_trees_all_close(stored, want, rtol=1e-6)
+    # layers.txt's invariant kernels are those scale_invariant_mask finds on its own.
+    probe = cifar.first_images(setup.train_ds, cifar.SCALE_PROBE_EXAMPLES)
+    mask = separate["scale_invariant_mask"](apply_fn, params, probe)
+    flat = [p for p, m in zip(leaves_with_paths(params), jax.tree.leaves(mask)) if m]
+    assert {path.rsplit("/", 1)[0] for path, _ in flat} == set(cifar.scale_invariant_modules(setup))
+    table = cifar._scale_invariance_table(setup)
+    assert setup.layers.table() in table
