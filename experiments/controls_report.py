@@ -147,15 +147,7 @@ def comparison_rows(
                 {s: r[metric] for s, r in runs_b.items()},
             )
             if diff is not None:
-                row.update(
-                    {
-                        metric: diff.mean,
-                        f"{metric}_low": diff.low,
-                        f"{metric}_high": diff.high,
-                        f"{metric}_significant": diff.significant,
-                        "n": diff.n,
-                    }
-                )
+                row.update(diff.columns(metric))
         test = stats.paired_t_test(
             {s: r[VERDICT_METRIC] for s, r in runs_a.items()},
             {s: r[VERDICT_METRIC] for s, r in runs_b.items()},

@@ -45,6 +45,16 @@ class Difference:
         """True when the interval excludes 0."""
         return self.low > 0 or self.high < 0
 
+    def columns(self, metric: str) -> dict[str, float | int | bool]:
+        """The report's columns for `metric`: its mean, interval, significance and `n`."""
+        return {
+            metric: self.mean,
+            f"{metric}_low": self.low,
+            f"{metric}_high": self.high,
+            f"{metric}_significant": self.significant,
+            "n": self.n,
+        }
+
     def __str__(self) -> str:
         mark = " *" if self.significant else ""
         return f"{self.mean:+.2f} [{self.low:+.2f}, {self.high:+.2f}]{mark}"

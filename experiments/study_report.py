@@ -161,15 +161,7 @@ def growth_rows(cells: dict[Cell, dict[int, dict]], protocol: Protocol) -> list[
 
 def _add_difference(row: dict[str, Any], metric: str, diff: stats.Difference | None) -> None:
     if diff is not None:
-        row.update(
-            {
-                metric: diff.mean,
-                f"{metric}_low": diff.low,
-                f"{metric}_high": diff.high,
-                f"{metric}_significant": diff.significant,
-                "n": diff.n,
-            }
-        )
+        row.update(diff.columns(metric))
 
 
 def rop_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
