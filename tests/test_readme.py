@@ -52,3 +52,9 @@ def test_stacked_layers_guide_examples_run(capsys):
     assert not mask["batch_norm"]["scale"] and not mask["batch_norm"]["offset"]
     stacked = haiku["layers"].depths["__layer_stack_no_per_layer/linear"]["w"]
     assert stacked.ravel().tolist() == [3, 4, 5, 6] and haiku["layers"].num_layers == 7
+
+
+def test_readme_shows_the_guides_table():
+    _, printed = _guide_blocks()
+    shown = re.findall(r"```text\n(.*?)```", README.read_text(), re.S)
+    assert printed[0] in shown
