@@ -16,6 +16,10 @@ settings (baseline, WD and LPWD at eta 1e-3) are not trained again: their record
 study's runs.jsonl (`--reuse_from`) are written as the runs' summary.json, marked `reused_from`.
 Part h is planned once the pilot has finished, since its lr comes from the pilot.
 
+A study outlives its runs directory through its committed report: `restore` writes each trained
+run's record in a report's runs.jsonl (`--restore_from`) back as that run's summary.json, marked
+`restored_from`, so the runner skips it and the report is rebuilt from the same numbers.
+
 Part h's decay. With SGD-momentum the methods do not all decay alike at the same lambda: WD, the
 WD of WRS's other leaves and SGDP + WRS's decay are decoupled (d = eta * lambda per step);
 AdaDecay adds its penalty to the gradient, which momentum 0.9 amplifies in the steady state by
@@ -236,6 +240,60 @@ def materialize_reused(
         with open(os.path.join(directory, "summary.json"), "w") as f:
             json.dump({**matches[0], "reused_from": os.path.abspath(reuse_from)}, f, indent=2)
     return len(todo)
+
+
+def restore(p: ControlsProtocol, runs_dir: str, restore_from: str) -> int:
+    """Writes each trained run recorded in a controls report's runs.jsonl whose directory has no
+    summary.json back as its summary.json (marked `restored_from`); returns how many.
+
+    Reused records are left to `materialize_reused`. A record that matches no planned run, or
+    two records of one run, is an error: the file is not this protocol's report.
+    """
+    path = os.path.expanduser(restore_from)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--restore_from: no such file: {restore_from}")
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+
+    def key(optimizer, method, lr, weight_decay, seed):
+        return (optimizer, method, float(lr), float(weight_decay), int(seed))
+
+    pending = {}
+    for record in records:
+        if record.get("reused"):
+            continue
+        k = key(*(record[f] for f in ("optimizer", "method", "lr", "weight_decay", "seed")))
+        if k in pending:
+            raise ValueError(f"{restore_from} has two records of {k}")
+        if record.get("steps") != p.steps:
+            raise ValueError(
+                f"{restore_from}: a record of {k} has {record.get('steps')} steps; the "
+                f"protocol '{p.name}' has {p.steps}"
+            )
+        pending[k] = record
+    restored = 0
+    while pending:  # the pilot's records decide whether part h is planned: plan again
+        runs = {
+            key(r.optimizer, r.method, r.lr, r.weight_decay, r.seed): r for r in plan(p, runs_dir)
+        }
+        found = [k for k in pending if k in runs]
+        if not found:
+            raise ValueError(
+                f"{restore_from} records {len(pending)} runs the protocol '{p.name}' does not "
+                f"plan, e.g. {sorted(pending)[0]}"
+            )
+        for k in found:
+            record, run = pending.pop(k), runs[k]
+            if is_finished(runs_dir, run):
+                continue
+            summary = {f: v for f, v in record.items() if f not in ("part", "optimizer", "reused")}
+            summary["restored_from"] = os.path.abspath(path)
+            directory = os.path.join(runs_dir, run.directory)
+            os.makedirs(directory, exist_ok=True)
+            with open(os.path.join(directory, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+            restored += 1
+    return restored
 
 
 def describe(p: ControlsProtocol, dataset: str, runs: Sequence[StudyRun], runs_dir: str) -> str:

@@ -378,6 +378,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="controls: the first study's runs.jsonl (experiments/results/cifar10_cpu/), whose "
         "seeds the protocol reuses instead of training them again.",
     )
+    parser.add_argument(
+        "--restore_from",
+        default=None,
+        help="controls: a controls report's runs.jsonl (e.g. the committed "
+        "experiments/results/cifar10_cpu_controls/runs.jsonl); its trained runs missing from "
+        "--output_dir are written back as finished, so a study survives the loss of its runs "
+        "directory.",
+    )
     parser.add_argument("--dry_run", action="store_true", help="Print the plan and exit.")
     parser.add_argument(
         "--report_only", action="store_true", help="Only write the report from finished runs."
@@ -432,6 +440,14 @@ def _main_controls(args: argparse.Namespace) -> int:
     runs_dir = os.path.abspath(os.path.expanduser(args.output_dir))
     results_dir = os.path.expanduser(args.results_dir or os.path.join(runs_dir, "results"))
     parts = args.parts.split(",") if args.parts else None
+    if args.restore_from and not args.dry_run:
+        os.makedirs(runs_dir, exist_ok=True)
+        try:
+            restored = controls.restore(protocol, runs_dir, args.restore_from)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 2
+        print(f"restored {restored} finished runs from {args.restore_from}", flush=True)
     print(controls.describe(protocol, dataset, controls.plan(protocol, runs_dir), runs_dir))
     if args.dry_run:
         return 0

@@ -368,6 +368,64 @@ def test_controls_report_from_runs_with_known_numbers(tmp_path):
         assert os.path.getsize(os.path.join(results, f"{name}.png")) > 10_000
 
 
+def test_controls_study_is_restored_from_its_committed_report(tmp_path, capsys):
+    p = CONTROLS_TINY
+    runs_dir, results = str(tmp_path / "runs"), str(tmp_path / "results")
+    for run, best in zip(controls.pilot_runs(p), (40.0, 45.0)):  # lr 0.1: part h is planned
+        _write_summary(runs_dir, run, _fake_controls_summary(best, best, 1.0, p.steps))
+    finished = []
+    for index, run in enumerate(controls.plan(p, runs_dir)):
+        if run.part == "p" or index % 3 == 0:  # some runs have not finished
+            continue
+        summary = _fake_controls_summary(50.0 + index, 51.0 + index, 1.0 / index, p.steps)
+        if controls.is_reused(p, run):
+            summary["reused_from"] = "first-study/runs.jsonl"
+        _write_summary(runs_dir, run, summary)
+        finished.append(run)
+    assert any(r.part == "h" for r in finished)
+    controls_report.write_report(p, "digits", runs_dir, results)
+    committed = os.path.join(results, "runs.jsonl")
+    # The runs directory is lost; the committed report brings back every trained run.
+    lost = str(tmp_path / "fresh")
+    trained = [r for r in finished if not controls.is_reused(p, r)]
+    assert controls.restore(p, lost, committed) == 2 + len(trained)
+    restored = {r.directory for r in controls.plan(p, lost) if study.is_finished(lost, r)}
+    assert restored == {r.directory for r in [*controls.pilot_runs(p), *trained]}
+    for run in trained:
+        summary = study._summary(lost, run)
+        assert summary["restored_from"] == os.path.abspath(committed)
+        assert summary["best10_mean"] == study._summary(runs_dir, run)["best10_mean"]
+    # The reused seeds come back from the first study as before; then the records agree.
+    reused = [r for r in finished if controls.is_reused(p, r)]
+    for run in reused:
+        _write_summary(lost, run, study._summary(runs_dir, run))
+
+    def strip(records):
+        return [{k: v for k, v in r.items() if k != "wall_time_s"} for r in records]
+
+    assert strip(controls.records(p, lost)) == strip(controls.records(p, runs_dir))
+    assert controls.restore(p, lost, committed) == 0  # nothing left to restore
+    # Through the program: restored, then only reported.
+    argv = ["--protocol=controls_tiny", f"--output_dir={tmp_path / 'cli'}", "--report_only"]
+    assert study.main([*argv, f"--restore_from={committed}"]) == 0
+    assert f"restored {2 + len(trained)} finished runs from {committed}" in capsys.readouterr().out
+    # A file that is not this protocol's report: one-line errors naming the problem.
+    assert study.main([*argv, f"--restore_from={tmp_path / 'none.jsonl'}"]) == 2
+    assert "--restore_from: no such file" in capsys.readouterr().err
+    with open(committed) as f:
+        record = json.loads(f.readline())
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({**record, "steps": 2400}) + "\n")
+    with pytest.raises(ValueError, match="has 2400 steps; the protocol 'controls_tiny' has 6"):
+        controls.restore(p, str(tmp_path / "x"), str(other))
+    other.write_text(json.dumps({**record, "seed": 9}) + "\n")
+    with pytest.raises(ValueError, match="does not plan"):
+        controls.restore(p, str(tmp_path / "y"), str(other))
+    other.write_text(json.dumps(record) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(ValueError, match="two records"):
+        controls.restore(p, str(tmp_path / "z"), str(other))
+
+
 @pytest.mark.slow
 def test_controls_pilot_runs_then_part_h_is_planned(tmp_path, capsys):
     runs_dir = str(tmp_path / "runs")
