@@ -7,7 +7,9 @@ param leaf:
 - when it is first used, which orders the layers from the input to the output (LPWD's depth);
 - whether a `scan` slices it: a leaf of shape `(L, ...)` that `jax.lax.scan` (linen's
   `nn.scan`, NNX's `nnx.scan`, Equinox's and Haiku's stacked-layer recipes) iterates over holds
-  `L` layers, one per slice, each at the depth its unrolled twin would have;
+  `L` layers, one per slice, each at the depth its unrolled twin would have; so does a leaf that
+  a Python loop reads one static index at a time (`params["w"][i]`, `jax.tree.map(lambda a:
+  a[i], blocks)`), when every use of it takes one entry along that axis;
 - what it is: a kernel (it reaches a `dot_general` or `conv_general_dilated` through views:
   casts, reshapes, transposes, broadcasts, slices, masks, gathers by constant indices, or is
   multiplied one sliced-out tap at a time), an embedding (rows gathered by the inputs), a
@@ -22,6 +24,7 @@ and diagnostics take it as `layers=` and then work per slice and along the trace
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import itertools
 import math
@@ -56,8 +59,8 @@ class LeafLayout:
       role: one of `ROLES`: "kernel" (reaches a `dot_general` / convolution, or is multiplied
         one tap at a time), "embedding" (rows gathered by the inputs), "bias" (added),
         "scale" (multiplied whole), "other", or "unused".
-      stacked_axes: the leaf axes a `scan` iterates over: one layer per slice. Empty for a
-        leaf that is one layer.
+      stacked_axes: the leaf axes a `scan` iterates over, or a Python loop reads one static
+        index of at a time: one layer per slice. Empty for a leaf that is one layer.
       input_axes: a kernel's contracted feature axes (its input channels); an embedding's
         feature axes.
       spatial_axes: a convolution kernel's window axes (contracted too).
@@ -148,8 +151,10 @@ class _Ref:
     leaf: int
     axes: tuple[tuple[int, ...], ...]  # per value axis, the leaf axes it spans
     stacking: tuple[_Stacking, ...] = ()
-    # Leaf axes a static slice cut down to one entry (a tap of a kernel taken on its own).
+    # Leaf axes a static slice cut down to one entry (a tap of a kernel taken on its own, or
+    # one slice of a stacked leaf), and (leaf axis, index) of each entry taken.
     cut: frozenset[int] = frozenset()
+    picked: tuple[tuple[int, int], ...] = ()
     # Leaf axes a gather with constant indices rearranged (a Toeplitz matrix of a convolution
     # kernel, a table read by a fixed index): their entries reappear along other value axes.
     rearranged: frozenset[int] = frozenset()
@@ -221,20 +226,52 @@ def _view_axes(eqn: Any, ref: _Ref) -> _Ref:
         old = eqn.invars[0].aval.shape
         axes = _reshape_axes(axes, old, params["new_sizes"])
     elif name == "slice":
-        old, new = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
-        cut = _union([a for a, n, m in zip(axes, old, new) if n > 1 and m == 1])
-        return dataclasses.replace(ref, cut=ref.cut | cut)
+        return _cut(
+            ref, eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape, params["start_indices"]
+        )
     return dataclasses.replace(ref, axes=axes)
 
 
-def _gather_view(eqn: Any, ref: _Ref) -> _Ref:
-    """A gather of param view `ref` by constant indices: the same entries, rearranged. Offset
-    axes keep their leaf axes; the axes the indices add span the indexed leaf axes."""
+def _cut(ref: _Ref, old: Sequence[int], new: Sequence[int], starts: Sequence[int]) -> _Ref:
+    """A static slice of `ref` from `starts`: the value axes it cuts to one entry."""
+    cut = [(a, int(k)) for a, n, m, k in zip(ref.axes, old, new, starts) if n > 1 and m == 1]
+    picked = tuple((a[0], k) for a, k in cut if len(a) == 1)  # one leaf axis: one index of it
+    return dataclasses.replace(
+        ref, cut=ref.cut | _union([a for a, _ in cut]), picked=ref.picked + picked
+    )
+
+
+def _dynamic_slice_view(eqn: Any, ref: _Ref, starts: Sequence[Any]) -> _Ref:
+    """`lax.dynamic_slice` at known starts (`lax.dynamic_index_in_dim(w, 2)`), clamped into
+    range as the primitive does: a static slice."""
+    old, sizes = eqn.invars[0].aval.shape, eqn.params["slice_sizes"]
+    starts = [min(max(int(k), 0), n - m) for k, n, m in zip(starts, old, sizes)]
+    return _cut(ref, old, sizes, starts)
+
+
+def _gather_view(eqn: Any, ref: _Ref, indices: Any) -> _Ref:
+    """A gather of param view `ref` by constant indices. One start (`jnp.take(w, 2, axis=0)`,
+    its value known): a static slice. Else the same entries, rearranged: offset axes keep their
+    leaf axes, and the axes the indices add span the indexed leaf axes."""
     numbers = eqn.params["dimension_numbers"]
-    indexed = _union([ref.axes[k] for k in numbers.start_index_map])
     dropped = set(numbers.collapsed_slice_dims) | set(numbers.operand_batching_dims)
     kept = [ref.axes[k] for k in range(len(ref.axes)) if k not in dropped]
     ndim = len(eqn.outvars[0].aval.shape)
+    start_map = numbers.start_index_map
+    if (
+        indices is not None
+        and np.size(indices) == len(start_map)
+        and not numbers.operand_batching_dims
+    ):
+        old, sizes = eqn.invars[0].aval.shape, eqn.params["slice_sizes"]
+        starts = [0] * len(old)
+        for d, k in zip(start_map, np.ravel(indices)):
+            starts[d] = min(max(int(k), 0), old[d] - sizes[d])
+        out: list[tuple[int, ...]] = [()] * ndim
+        for position, leaf_axes in zip(numbers.offset_dims, kept):
+            out[position] = leaf_axes
+        return dataclasses.replace(_cut(ref, old, sizes, starts), axes=tuple(out))
+    indexed = _union([ref.axes[k] for k in start_map])
     axes: list[tuple[int, ...]] = [tuple(sorted(indexed))] * ndim
     for position, leaf_axes in zip(numbers.offset_dims, kept):
         axes[position] = leaf_axes
@@ -256,6 +293,10 @@ def _kernel_use(
     # A rearranged axis that is contracted was spread over the kept axes by the gather (the
     # output positions of a Toeplitz matrix): it is fan-in, not an output unit.
     output_axes -= (input_axes | spatial_axes) & ref.rearranged
+    if not (input_axes | spatial_axes) and ref.cut:
+        # What is contracted is one tap of the kernel, cut out alone (a convolution whose
+        # window overlaps the input at one position): the cut axes are its window.
+        spatial_axes = ref.cut - output_axes
     ambiguous = bool(
         (input_axes | spatial_axes) & output_axes or input_axes & spatial_axes
     ) or not (input_axes | spatial_axes)
@@ -294,6 +335,33 @@ def _consumer_use(eqn: Any, operand: int, ref: _Ref, position: tuple) -> _Use:
     return _Use(ref, position, name, "other")
 
 
+# Constants of at most this many entries are evaluated, to read static indices.
+_SMALL_CONSTANT = 1024
+_UNKNOWN = object()  # a constant whose value is not evaluated
+
+
+def _evaluate(eqn: Any, values: Sequence[Any]) -> list[Any] | None:
+    """The outputs of an equation whose inputs are all known small constants (the index
+    arithmetic `jnp.take` and `lax.dynamic_index_in_dim` wrap around a static index)."""
+    if any(v is _UNKNOWN for v in values):
+        return None
+    if any(math.prod(v.aval.shape) > _SMALL_CONSTANT for v in [*eqn.invars, *eqn.outvars]):
+        return None
+    try:
+        with jax.ensure_compile_time_eval():
+            closed = eqn.params.get("jaxpr")
+            if isinstance(closed, jex_core.ClosedJaxpr) and eqn.primitive.name in ("jit", "pjit"):
+                outs = jax.core.eval_jaxpr(closed.jaxpr, closed.consts, *values)
+            elif any(_as_jaxpr(p) is not None for p in eqn.params.values()):
+                return None  # another call-like primitive: not evaluated
+            else:
+                outs = eqn.primitive.bind(*values, **eqn.params)
+                outs = outs if eqn.primitive.multiple_results else [outs]
+            return [np.asarray(o) for o in outs]
+    except Exception:  # anything not evaluable here stays an unknown constant
+        return None
+
+
 def _as_jaxpr(x: Any) -> jex_core.Jaxpr | None:
     if isinstance(x, jex_core.ClosedJaxpr):
         return x.jaxpr
@@ -315,21 +383,26 @@ class _Walker:
         jaxpr: Any,
         ins: list[_Ref | None],
         prefix: tuple,
-        constant_ins: Sequence[bool] | None = None,
+        constant_ins: Sequence[Any] | None = None,
+        const_values: Sequence[Any] = (),
     ) -> list[_Ref | None]:
+        """`constant_ins`: per invar, None if it depends on the params or inputs, else its
+        value (`_UNKNOWN` if not evaluated); `const_values`: the constvars' values."""
         env = {v: r for v, r in zip(jaxpr.invars, ins) if r is not None}
         read = lambda v: None if isinstance(v, jex_core.Literal) else env.get(v)
         # Values that depend on neither the params nor the inputs (numpy constants the model
-        # closes over, and what is computed from them alone).
-        constant = set(jaxpr.constvars)
-        constant.update(v for v, c in zip(jaxpr.invars, constant_ins or ()) if c)
-        is_constant = lambda v: isinstance(v, jex_core.Literal) or v in constant
+        # closes over, and what is computed from them alone), with their values where known.
+        constant: dict[Any, Any] = {v: _UNKNOWN for v in jaxpr.constvars}
+        constant.update(zip(jaxpr.constvars, const_values))
+        constant.update((v, c) for v, c in zip(jaxpr.invars, constant_ins or ()) if c is not None)
+        value = lambda v: v.val if isinstance(v, jex_core.Literal) else constant.get(v)
         for eqn in jaxpr.eqns:
             position = (*prefix, self.counter)
             self.counter += 1
-            flags = [is_constant(v) for v in eqn.invars]
-            if all(flags):
-                constant.update(eqn.outvars)
+            flags = [value(v) for v in eqn.invars]
+            if all(f is not None for f in flags):
+                outs = _evaluate(eqn, flags) or [_UNKNOWN] * len(eqn.outvars)
+                constant.update(zip(eqn.outvars, outs))
                 continue
             refs = [read(v) for v in eqn.invars]
             if all(r is None for r in refs):
@@ -340,8 +413,13 @@ class _Walker:
                     if r is not None:
                         env[v] = r if name in _IDENTITY_VIEWS else _view_axes(eqn, r)
                 continue
-            if name == "gather" and refs[0] is not None and flags[1]:
-                env[eqn.outvars[0]] = _gather_view(eqn, refs[0])  # not a lookup by the inputs
+            known = [f is not None and f is not _UNKNOWN for f in flags]
+            if name == "dynamic_slice" and refs[0] is not None and all(known[1:]):
+                env[eqn.outvars[0]] = _dynamic_slice_view(eqn, refs[0], flags[1:])
+                continue
+            if name == "gather" and refs[0] is not None and flags[1] is not None:
+                # Not a lookup by the inputs: a view of the param.
+                env[eqn.outvars[0]] = _gather_view(eqn, refs[0], flags[1] if known[1] else None)
                 continue
             cases = [r for r in refs[1:] if r is not None]
             if name == "select_n" and refs[0] is None and len(cases) == 1:
@@ -356,11 +434,11 @@ class _Walker:
                     env[v] = r
         return [read(v) for v in jaxpr.outvars]
 
-    def _call(self, eqn: Any, refs: list, position: tuple, flags: list[bool]) -> list:
+    def _call(self, eqn: Any, refs: list, position: tuple, flags: list[Any]) -> list:
         name = eqn.primitive.name
         if name == "while":
             nc, nb = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
-            carried = [False] * (len(refs) - nc - nb)  # the loop changes its carry
+            carried = [None] * (len(refs) - nc - nb)  # the loop changes its carry
             subs = [
                 (
                     eqn.params["cond_jaxpr"].jaxpr,
@@ -381,7 +459,7 @@ class _Walker:
                     # operands 1:1; cond's branches get all operands but the branch index.
                     k = len(jaxpr.invars)
                     inner = refs[len(refs) - k :] if k <= len(refs) else [None] * k
-                    inner_flags = flags[len(flags) - k :] if k <= len(flags) else [False] * k
+                    inner_flags = flags[len(flags) - k :] if k <= len(flags) else [None] * k
                     outs_match = len(jaxpr.outvars) == len(eqn.outvars)
                     subs.append((jaxpr, inner, inner_flags, outs_match))
         passed = set()
@@ -396,7 +474,7 @@ class _Walker:
                 self.uses.append(_consumer_use(eqn, k, r, position))
         return outs
 
-    def _scan(self, eqn: Any, refs: list, position: tuple, flags: list[bool]) -> list:
+    def _scan(self, eqn: Any, refs: list, position: tuple, flags: list[Any]) -> list:
         params = eqn.params
         first_xs = params["num_consts"] + params["num_carry"]
         level = self.levels
@@ -417,7 +495,11 @@ class _Walker:
                 inner.append(None)
         body = params["jaxpr"].jaxpr
         carry = range(params["num_consts"], first_xs)
-        inner_flags = [f and k not in carry for k, f in enumerate(flags)]
+        # The carry changes; a constant xs is sliced, so its value is not the body's.
+        inner_flags = [
+            None if k in carry or f is None else (f if k < first_xs else _UNKNOWN)
+            for k, f in enumerate(flags)
+        ]
         self.walk(body, inner, (*position, _Iteration(level)), inner_flags)
         return [None] * len(eqn.outvars)
 
@@ -462,7 +544,10 @@ def _trace_uses(
         _Ref(i, tuple((a,) for a in range(len(s)))) for i, s in enumerate(shapes)
     ]
     walker = _Walker()
-    walker.walk(closed.jaxpr, refs + [None] * len(dynamic), ())
+    const_values = [
+        np.asarray(c) if np.size(c) <= _SMALL_CONSTANT else _UNKNOWN for c in closed.consts
+    ]
+    walker.walk(closed.jaxpr, refs + [None] * len(dynamic), (), None, const_values)
     return walker.uses
 
 
@@ -489,10 +574,22 @@ def _concrete(position: tuple, stacking: tuple[_Stacking, ...], index: dict[int,
 _ROLE_PRIORITY = ("embedding", "kernel", "scale", "bias", "other")
 
 
-def _leaf_layout(path: str, shape: tuple[int, ...], uses: list[_Use]) -> LeafLayout:
+def _leaf_layout(
+    path: str, shape: tuple[int, ...], uses: list[_Use], order: Sequence[int]
+) -> LeafLayout:
+    """`order`: the trace order (eqn counter) of every use of every leaf, sorted."""
     if not uses:
         return LeafLayout(path, shape, "unused", (), (), (), (), 0, decays_by_default(path, shape))
-    stacked = tuple(sorted({s.leaf_axis for u in uses for s in u.ref.stacking}))
+    scanned = {s.leaf_axis for u in uses for s in u.ref.stacking}
+    indexed = _indexed_axes(uses, order)
+    stacked = tuple(sorted(scanned | indexed))
+    if indexed:  # a product of one slice of a stacked leaf multiplies it whole: a scale
+        uses = [
+            _Use(u.ref, u.position, u.primitive, "scale")
+            if u.primitive in _SCALE_PRIMITIVES and u.kind == "kernel" and u.spatial_axes <= indexed
+            else u
+            for u in uses
+        ]
     role = next(k for k in _ROLE_PRIORITY if any(u.kind == k for u in uses))
     input_axes = spatial_axes = output_axes = ()
     if role in ("kernel", "embedding"):
@@ -514,6 +611,27 @@ def _leaf_layout(path: str, shape: tuple[int, ...], uses: list[_Use]) -> LeafLay
     return LeafLayout(path, shape, role, stacked, input_axes, spatial_axes, output_axes, 0, decay)
 
 
+def _indexed_axes(uses: list[_Use], order: Sequence[int]) -> set[int]:
+    """The leaf axes a Python loop indexes (`w[i]`): every use takes one static entry along
+    the axis, and at least two entries are used. Each slice is then its own layer, unless the
+    products of single entries along the axis follow one another with no other param used in
+    between: those are the taps of one kernel (a convolution as a sum of shifted products)."""
+    axes = set.intersection(*({a for a, _ in u.ref.picked} for u in uses))
+    for u in uses:
+        axes -= u.input_axes | u.output_axes
+    out = set()
+    for axis in axes:
+        seq = sorted((u.position[-1], dict(u.ref.picked)[axis]) for u in uses)
+        changes = [(c1, c2) for (c1, k1), (c2, k2) in itertools.pairwise(seq) if k1 != k2]
+        if not changes:
+            continue  # one entry used: not a stack
+        taps = any(axis in u.spatial_axes for u in uses)
+        between = lambda c1, c2: bisect.bisect_left(order, c2) - bisect.bisect_right(order, c1)
+        if not taps or all(between(c1, c2) > 0 for c1, c2 in changes):
+            out.add(axis)
+    return out
+
+
 def _slice_indices(shape: tuple[int, ...], stacked: tuple[int, ...]):
     for combo in itertools.product(*(range(shape[a]) for a in stacked)):
         yield dict(zip(stacked, combo)), combo
@@ -523,7 +641,12 @@ def _first_uses(layout: LeafLayout, uses: list[_Use]) -> dict[tuple[int, ...], t
     """Slice index (over the stacked axes) -> first position, in execution order, it is used."""
     first = {}
     for index, combo in _slice_indices(layout.shape, layout.stacked_axes):
-        first[combo] = min(_concrete(u.position, u.ref.stacking, index) for u in uses)
+        positions = [
+            _concrete(u.position, u.ref.stacking, index)
+            for u in uses
+            if all(index.get(a, k) == k for a, k in u.ref.picked)  # a use of another slice
+        ]
+        first[combo] = min(positions, default=None)
     return first
 
 
@@ -624,8 +747,9 @@ def analyse(
     by_leaf: list[list[_Use]] = [[] for _ in flat]
     for u in uses:
         by_leaf[u.ref.leaf].append(u)
+    order = sorted(u.position[-1] for u in uses)
     layouts = [
-        _leaf_layout(path, tuple(int(n) for n in np.shape(leaf)), u)
+        _leaf_layout(path, tuple(int(n) for n in np.shape(leaf)), u, order)
         for (path, leaf), u in zip(flat, by_leaf)
     ]
     if group_of is None:
@@ -790,7 +914,10 @@ def layer_structure(
     - its stacked axes: a leaf sliced by a `scan` (linen `nn.scan`, NNX `nnx.scan`, Equinox's
       `jax.lax.scan` over `eqx.filter_vmap`-built layers, Haiku's `hk.layer_stack`) is one
       layer per slice; `jit`, `remat`, `vmap`, `cond` and custom derivatives inside are
-      followed;
+      followed. So is a leaf a Python loop reads one block at a time (`w[i]`, `jnp.take(w,
+      i, axis=0)`, `lax.dynamic_index_in_dim(w, i)`), when every use takes one entry along
+      the axis: single entries multiplied one after another with no other param used in
+      between are the taps of one kernel instead;
     - a kernel's axes as the product contracts them: `input_axes` and `spatial_axes` (its
       fan-in) and `output_axes` (one output unit per index), for any library's layout;
     - its depth: layers (a module's leaves, or one slice of them) ranked by first use, 1 for

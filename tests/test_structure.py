@@ -76,6 +76,21 @@ def _linen_pair():
     return x, (scanned, apply_s), (unroll(scanned), apply_u), unroll, lambda p: p
 
 
+def _linen_loop_pair():
+    """The scanned model's params, applied by a Python loop that reads one slice at a time."""
+    x, (stacked, _), (unrolled, apply_u), unroll, pure = _linen_pair()
+
+    def apply_loop(p, x):
+        x = nn.Dense(WIDTH).apply({"params": p["embed"]}, x)
+        for i in range(L):
+            block = jax.tree.map(lambda a, i=i: a[i], p["blocks"]["block"])
+            x = Block().apply({"params": block}, x)
+        x = nn.LayerNorm().apply({"params": p["final_norm"]}, x)
+        return nn.Dense(CLASSES).apply({"params": p["head"]}, x)
+
+    return x, (stacked, apply_loop), (unrolled, apply_u), unroll, pure
+
+
 # --------------------------------------------------------------------------------------------
 # NNX: nnx.vmap-built blocks applied with nnx.scan, and a list of blocks
 
@@ -256,10 +271,12 @@ def _haiku_pair():
 
 PAIRS = {
     "linen nn.scan": _linen_pair,
+    "linen loop over slices": _linen_loop_pair,
     "nnx.scan": _nnx_pair,
     "equinox lax.scan": _eqx_pair,
     "haiku layer_stack": _haiku_pair,
 }
+FLAX_PAIRS = ("linen nn.scan", "linen loop over slices", "nnx.scan")
 # Equinox's (out, in) kernels and Haiku's layout: the transforms that read kernel axes.
 LAYOUT_TRANSFORMS = ("lpwd", "wrs", "adamp", "sgdp")
 
@@ -349,7 +366,7 @@ CASES = [
     (pair, transform)
     for pair in sorted(PAIRS)
     for transform in sorted(TRANSFORMS)
-    if pair in ("linen nn.scan", "nnx.scan") or transform in LAYOUT_TRANSFORMS
+    if pair in FLAX_PAIRS or transform in LAYOUT_TRANSFORMS
 ]
 
 
@@ -360,9 +377,7 @@ def test_scanned_and_unrolled_follow_one_trajectory(pair, transform):
     layers = lo.layer_structure(scanned, apply_s, x)
     # Flax's twin runs on the library's Flax-layout defaults; Equinox's and Haiku's need their
     # own structure too (the defaults read an Equinox (out, in) kernel the wrong way round).
-    twin = (
-        None if pair in ("linen nn.scan", "nnx.scan") else lo.layer_structure(unrolled, apply_u, x)
-    )
+    twin = None if pair in FLAX_PAIRS else lo.layer_structure(unrolled, apply_u, x)
     tx_s, init_s = TRANSFORMS[transform](layers, scanned, apply_s, x)
     tx_u, init_u = TRANSFORMS[transform](twin, unrolled, apply_u, x)
     path_s = _trajectory(scanned, apply_s, x, y, tx_s, init_s)
@@ -405,7 +420,7 @@ def test_structure_matches_the_unrolled_twin(pair):
         assert x.role in ("kernel", "bias", "scale"), (x.path, x.role)
 
 
-@pytest.mark.parametrize("pair", ["linen nn.scan", "nnx.scan"])
+@pytest.mark.parametrize("pair", FLAX_PAIRS)
 def test_diagnostics_are_per_slice(pair):
     x, (scanned, apply_s), (unrolled, apply_u), unroll, _ = PAIRS[pair]()
     layers = lo.layer_structure(scanned, apply_s, x)
@@ -627,3 +642,66 @@ def test_a_table_read_by_a_constant_index_is_not_an_embedding():
     embed = layers.leaves[0]
     assert embed.path == "embed/embedding"
     assert (embed.role, embed.input_axes, embed.output_axes) == ("embedding", (1,), (0,))
+
+
+@pytest.mark.parametrize("index", ["x[i]", "jnp.take", "lax.dynamic_index_in_dim"])
+def test_a_python_loop_over_a_stacked_leaf_is_one_layer_per_slice(index):
+    # Hand-written JAX often keeps the blocks stacked and reads block i by a static index in a
+    # Python loop (unrolled in the trace): each slice is a layer, as under a scan.
+    take = {
+        "x[i]": lambda a, i: a[i],
+        "jnp.take": lambda a, i: jnp.take(a, i, axis=0),
+        "lax.dynamic_index_in_dim": lambda a, i: jax.lax.dynamic_index_in_dim(a, i, 0, False),
+    }[index]
+    keys = jax.random.split(jax.random.key(0), 2)
+    params = {
+        "blocks": {
+            "w": jax.random.normal(keys[0], (L, WIDTH, WIDTH)),
+            "gain": jnp.ones((L, WIDTH)),
+        },
+        "head": {"w": jax.random.normal(keys[1], (WIDTH, CLASSES))},
+    }
+
+    def apply(p, x):
+        for i in range(L):
+            x = jnp.tanh(x @ take(p["blocks"]["w"], i)) * take(p["blocks"]["gain"], i)
+        return x @ p["head"]["w"]
+
+    layers = lo.layer_structure(params, apply, jnp.ones((2, WIDTH)))
+    by_path = {x.path: x for x in layers.leaves}
+    w, gain, head = by_path["blocks/w"], by_path["blocks/gain"], by_path["head/w"]
+    assert (w.role, w.stacked_axes, w.fan_in_axes, w.output_axes, w.decay) == (
+        "kernel",
+        (0,),
+        (1,),
+        (2,),
+        True,
+    )
+    assert (gain.role, gain.stacked_axes, gain.decay) == ("scale", (0,), False)
+    np.testing.assert_array_equal(np.ravel(w.depth), np.arange(1, L + 1))
+    np.testing.assert_array_equal(np.ravel(gain.depth), np.arange(1, L + 1))
+    assert int(head.depth) == L + 1 and layers.num_layers == L + 1
+
+
+def test_the_taps_of_a_shifted_sum_convolution_are_one_kernel():
+    # A 1-d depthwise convolution written as a sum of shifted products (as in Mamba-style
+    # code): every tap k[j] is one static entry along axis 0, used one after the other with no
+    # other param in between, so axis 0 is the kernel's window, not a stack of layers.
+    width, taps = 6, 4
+    params = {"conv": {"k": jnp.ones((taps, width))}, "head": {"w": jnp.ones((width, 2))}}
+
+    def apply(p, x):  # x: (time, width)
+        y = sum(p["conv"]["k"][j] * x[j : j + x.shape[0] - taps + 1] for j in range(taps))
+        return y @ p["head"]["w"]
+
+    layers = lo.layer_structure(params, apply, jnp.ones((10, width)))
+    k = layers.leaves[0]
+    assert k.path == "conv/k"
+    assert (k.role, k.stacked_axes, k.fan_in_axes, k.output_axes, int(k.depth)) == (
+        "kernel",
+        (),
+        (0,),
+        (1,),
+        1,
+    )
+    assert layers.num_layers == 2
