@@ -40,12 +40,15 @@ def _statistic(theta: chex.Array, regularization: str) -> chex.Array:
     return jnp.std(theta, ddof=1)
 
 
-def _statistic_grad(theta: chex.Array, r: chex.Array, regularization: str) -> chex.Array:
+def _gradient_coefficients(
+    theta: chex.Array, r: chex.Array, regularization: str
+) -> tuple[chex.Array, chex.Array]:
+    """`(a, b)` with `grad R(theta) = a * theta + b`, both scalars."""
     if regularization == "l2":
-        return 2 * theta
+        return jnp.asarray(2.0, theta.dtype), jnp.zeros([], theta.dtype)
     # d std / d theta = (theta - mean) / ((n - 1) std); a constant matrix has no direction.
-    safe = jnp.where(r > 0, r, 1.0)
-    return jnp.where(r > 0, (theta - jnp.mean(theta)) / ((theta.size - 1) * safe), 0.0)
+    a = jnp.where(r > 0, 1.0 / ((theta.size - 1) * jnp.where(r > 0, r, 1.0)), 0.0)
+    return a, -a * jnp.mean(theta)
 
 
 def constrained_parameter_regularization(
@@ -187,8 +190,13 @@ def constrained_parameter_regularization(
             r = _statistic(theta, regularization)
             step_size = mu_lr / theta.size if regularization == "l2" else mu_lr
             new_mu = jnp.where(active, jnp.maximum(0.0, mu + step_size * (r - kappa)), mu)
-            pull = jnp.where(active, c * new_mu, 0.0) * _statistic_grad(theta, r, regularization)
-            out.append((u.astype(acc) - pull).astype(u.dtype))
+            a, b = _gradient_coefficients(theta, r, regularization)
+            k = jnp.where(active, c * new_mu, 0.0)
+            # u - k grad R(theta') with theta' = p + u, written so that the pass reads p and u
+            # and theta' is only reduced, never stored (XLA would write it: 3 more trees).
+            ka = (k * a).astype(acc)
+            pulled = u.astype(acc) * (1 - ka) - ka * p.astype(acc) - (k * b).astype(acc)
+            out.append(pulled.astype(u.dtype))
             mus.append(new_mu)
             if kappa_init == "warm_start":
                 kappa = jnp.where(step == warm_start, r, kappa)
