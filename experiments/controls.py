@@ -235,11 +235,15 @@ def materialize_reused(
                 f"{reuse_from} has {len(matches)} records of {run.name} with {p.steps} steps; "
                 "expected exactly one"
             )
-        directory = os.path.join(runs_dir, run.directory)
-        os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, "summary.json"), "w") as f:
-            json.dump({**matches[0], "reused_from": os.path.abspath(reuse_from)}, f, indent=2)
+        _write_summary(runs_dir, run, {**matches[0], "reused_from": os.path.abspath(reuse_from)})
     return len(todo)
+
+
+def _write_summary(runs_dir: str, run: StudyRun, summary: dict[str, Any]) -> None:
+    directory = os.path.join(runs_dir, run.directory)
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
 
 
 def restore(p: ControlsProtocol, runs_dir: str, restore_from: str) -> int:
@@ -288,10 +292,7 @@ def restore(p: ControlsProtocol, runs_dir: str, restore_from: str) -> int:
                 continue
             summary = {f: v for f, v in record.items() if f not in ("part", "optimizer", "reused")}
             summary["restored_from"] = os.path.abspath(path)
-            directory = os.path.join(runs_dir, run.directory)
-            os.makedirs(directory, exist_ok=True)
-            with open(os.path.join(directory, "summary.json"), "w") as f:
-                json.dump(summary, f, indent=2)
+            _write_summary(runs_dir, run, summary)
             restored += 1
     return restored
 

@@ -241,12 +241,16 @@ def _cut(ref: _Ref, old: Sequence[int], new: Sequence[int], starts: Sequence[int
     )
 
 
+def _clamped(starts: Sequence[Any], old: Sequence[int], sizes: Sequence[int]) -> list[int]:
+    """Start indices clamped into range, as `dynamic_slice` and `gather` clamp them."""
+    return [min(max(int(k), 0), n - m) for k, n, m in zip(starts, old, sizes)]
+
+
 def _dynamic_slice_view(eqn: Any, ref: _Ref, starts: Sequence[Any]) -> _Ref:
-    """`lax.dynamic_slice` at known starts (`lax.dynamic_index_in_dim(w, 2)`), clamped into
-    range as the primitive does: a static slice."""
+    """`lax.dynamic_slice` at known starts (`lax.dynamic_index_in_dim(w, 2)`): a static
+    slice."""
     old, sizes = eqn.invars[0].aval.shape, eqn.params["slice_sizes"]
-    starts = [min(max(int(k), 0), n - m) for k, n, m in zip(starts, old, sizes)]
-    return _cut(ref, old, sizes, starts)
+    return _cut(ref, old, sizes, _clamped(starts, old, sizes))
 
 
 def _gather_view(eqn: Any, ref: _Ref, indices: Any) -> _Ref:
@@ -258,23 +262,23 @@ def _gather_view(eqn: Any, ref: _Ref, indices: Any) -> _Ref:
     kept = [ref.axes[k] for k in range(len(ref.axes)) if k not in dropped]
     ndim = len(eqn.outvars[0].aval.shape)
     start_map = numbers.start_index_map
-    if (
+    single = (
         indices is not None
         and np.size(indices) == len(start_map)
         and not numbers.operand_batching_dims
-    ):
+    )
+    indexed = _union([ref.axes[k] for k in start_map])
+    axes: list[tuple[int, ...]] = [() if single else tuple(sorted(indexed))] * ndim
+    for position, leaf_axes in zip(numbers.offset_dims, kept):
+        axes[position] = leaf_axes
+    if single:
         old, sizes = eqn.invars[0].aval.shape, eqn.params["slice_sizes"]
         starts = [0] * len(old)
         for d, k in zip(start_map, np.ravel(indices)):
-            starts[d] = min(max(int(k), 0), old[d] - sizes[d])
-        out: list[tuple[int, ...]] = [()] * ndim
-        for position, leaf_axes in zip(numbers.offset_dims, kept):
-            out[position] = leaf_axes
-        return dataclasses.replace(_cut(ref, old, sizes, starts), axes=tuple(out))
-    indexed = _union([ref.axes[k] for k in start_map])
-    axes: list[tuple[int, ...]] = [tuple(sorted(indexed))] * ndim
-    for position, leaf_axes in zip(numbers.offset_dims, kept):
-        axes[position] = leaf_axes
+            starts[d] = k
+        return dataclasses.replace(
+            _cut(ref, old, sizes, _clamped(starts, old, sizes)), axes=tuple(axes)
+        )
     return dataclasses.replace(ref, axes=tuple(axes), rearranged=ref.rearranged | indexed)
 
 
@@ -619,6 +623,7 @@ def _indexed_axes(uses: list[_Use], order: Sequence[int]) -> set[int]:
     axes = set.intersection(*({a for a, _ in u.ref.picked} for u in uses))
     for u in uses:
         axes -= u.input_axes | u.output_axes
+    between = lambda c1, c2: bisect.bisect_left(order, c2) - bisect.bisect_right(order, c1)
     out = set()
     for axis in axes:
         seq = sorted((u.position[-1], dict(u.ref.picked)[axis]) for u in uses)
@@ -626,7 +631,6 @@ def _indexed_axes(uses: list[_Use], order: Sequence[int]) -> set[int]:
         if not changes:
             continue  # one entry used: not a stack
         taps = any(axis in u.spatial_axes for u in uses)
-        between = lambda c1, c2: bisect.bisect_left(order, c2) - bisect.bisect_right(order, c1)
         if not taps or all(between(c1, c2) > 0 for c1, c2 in changes):
             out.add(axis)
     return out
