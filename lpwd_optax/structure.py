@@ -8,8 +8,10 @@ param leaf:
 - whether a `scan` slices it: a leaf of shape `(L, ...)` that `jax.lax.scan` (linen's
   `nn.scan`, NNX's `nnx.scan`, Equinox's and Haiku's stacked-layer recipes) iterates over holds
   `L` layers, one per slice, each at the depth its unrolled twin would have; so does a leaf that
-  a Python loop reads one static index at a time (`params["w"][i]`, `jax.tree.map(lambda a:
-  a[i], blocks)`), when every use of it takes one entry along that axis;
+  a loop reads one block at a time (`params["w"][i]`, `jax.tree.map(lambda a: a[i],
+  blocks)`): a Python loop, when every use of it takes one entry along that axis, or a
+  `fori_loop` / a scan over `jnp.arange(L)`, whose traced counter's values are read from the
+  trace, slice `i` at the step that reads it;
 - what it is: a kernel (it reaches a `dot_general` or `conv_general_dilated` through views:
   casts, reshapes, transposes, broadcasts, slices, masks, gathers by constant indices, or is
   multiplied one sliced-out tap at a time), an embedding (rows gathered by the inputs), a
@@ -59,8 +61,8 @@ class LeafLayout:
       role: one of `ROLES`: "kernel" (reaches a `dot_general` / convolution, or is multiplied
         one tap at a time), "embedding" (rows gathered by the inputs), "bias" (added),
         "scale" (multiplied whole), "other", or "unused".
-      stacked_axes: the leaf axes a `scan` iterates over, or a Python loop reads one static
-        index of at a time: one layer per slice. Empty for a leaf that is one layer.
+      stacked_axes: the leaf axes a `scan` iterates over, or a loop (Python or `fori_loop`)
+        reads one index of at a time: one layer per slice. Empty for a leaf that is one layer.
       input_axes: a kernel's contracted feature axes (its input channels); an embedding's
         feature axes.
       spatial_axes: a convolution kernel's window axes (contracted too).
@@ -138,10 +140,12 @@ class _Iteration:
 
 @dataclasses.dataclass(frozen=True)
 class _Stacking:
+    """Leaf axis `leaf_axis` is read one slice per step of scan `level`: slice `i` at
+    execution step `steps[i]` (-1: this use never reads it)."""
+
     level: int
     leaf_axis: int
-    length: int
-    reverse: bool
+    steps: tuple[int, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,33 +257,78 @@ def _dynamic_slice_view(eqn: Any, ref: _Ref, starts: Sequence[Any]) -> _Ref:
     return _cut(ref, old, sizes, _clamped(starts, old, sizes))
 
 
-def _gather_view(eqn: Any, ref: _Ref, indices: Any) -> _Ref:
-    """A gather of param view `ref` by constant indices. One start (`jnp.take(w, 2, axis=0)`,
-    its value known): a static slice. Else the same entries, rearranged: offset axes keep their
-    leaf axes, and the axes the indices add span the indexed leaf axes."""
+def _gather_starts(eqn: Any, indices: Any) -> np.ndarray | None:
+    """The start along every operand axis of a gather that takes one slice at known
+    `indices` (`jnp.take(w, 2, axis=0)`), else None."""
+    numbers = eqn.params["dimension_numbers"]
+    start_map = numbers.start_index_map
+    if indices is None or np.size(indices) != len(start_map) or numbers.operand_batching_dims:
+        return None
+    starts = np.zeros(len(eqn.invars[0].aval.shape), np.int64)
+    starts[list(start_map)] = np.ravel(indices)
+    return starts
+
+
+def _gathered(eqn: Any, ref: _Ref, single: bool) -> _Ref:
+    """The axes of a gather's output: offset axes keep their leaf axes; the axes the indices
+    add span the indexed leaf axes, whose entries are rearranged, unless one slice is taken."""
     numbers = eqn.params["dimension_numbers"]
     dropped = set(numbers.collapsed_slice_dims) | set(numbers.operand_batching_dims)
     kept = [ref.axes[k] for k in range(len(ref.axes)) if k not in dropped]
-    ndim = len(eqn.outvars[0].aval.shape)
-    start_map = numbers.start_index_map
-    single = (
-        indices is not None
-        and np.size(indices) == len(start_map)
-        and not numbers.operand_batching_dims
+    indexed = _union([ref.axes[k] for k in numbers.start_index_map])
+    axes: list[tuple[int, ...]] = [() if single else tuple(sorted(indexed))] * len(
+        eqn.outvars[0].aval.shape
     )
-    indexed = _union([ref.axes[k] for k in start_map])
-    axes: list[tuple[int, ...]] = [() if single else tuple(sorted(indexed))] * ndim
     for position, leaf_axes in zip(numbers.offset_dims, kept):
         axes[position] = leaf_axes
     if single:
-        old, sizes = eqn.invars[0].aval.shape, eqn.params["slice_sizes"]
-        starts = [0] * len(old)
-        for d, k in zip(start_map, np.ravel(indices)):
-            starts[d] = k
-        return dataclasses.replace(
-            _cut(ref, old, sizes, _clamped(starts, old, sizes)), axes=tuple(axes)
-        )
+        return dataclasses.replace(ref, axes=tuple(axes))
     return dataclasses.replace(ref, axes=tuple(axes), rearranged=ref.rearranged | indexed)
+
+
+def _gather_view(eqn: Any, ref: _Ref, indices: Any) -> _Ref:
+    """A gather of param view `ref` by constant indices: one slice taken at known starts is
+    a static slice; else the same entries, rearranged."""
+    starts = _gather_starts(eqn, indices)
+    if starts is None:
+        return _gathered(eqn, ref, single=False)
+    old, sizes = eqn.invars[0].aval.shape, eqn.params["slice_sizes"]
+    return _gathered(eqn, _cut(ref, old, sizes, _clamped(starts, old, sizes)), single=True)
+
+
+def _loop_cut(
+    ref: _Ref, old: Sequence[int], sizes: Sequence[int], starts: Sequence[Any], leaf_shape
+) -> _Ref | None:
+    """A slice whose starts move with the steps of scans (`w[i]` in a `fori_loop` or in a
+    scan over `jnp.arange(L)`; `w[j, i]` in two nested ones): `starts` holds an int or a
+    `_Varying` per axis. Each leaf axis a start walks is stacked, slice `i` read at the first
+    step that starts at `i`; None unless every moving start is one index of a whole leaf axis,
+    one axis per scan."""
+    fixed, axes, static = list(old), list(ref.axes), []
+    stacking = list(ref.stacking)
+    for k, start in enumerate(starts):
+        top = old[k] - sizes[k]  # starts are clamped into range, as dynamic_slice does
+        if not isinstance(start, _Varying):
+            static.append(min(max(int(start), 0), top))
+            continue
+        values = np.clip(np.ravel(start.values), 0, top)
+        if np.all(values == values[0]):
+            static.append(int(values[0]))  # every step reads the same slice
+            continue
+        if sizes[k] != 1 or len(ref.axes[k]) != 1 or any(x.level == start.level for x in stacking):
+            return None
+        axis = ref.axes[k][0]
+        if old[k] != leaf_shape[axis]:
+            return None  # a part of the leaf axis: its indices are not the leaf's
+        steps = [-1] * old[k]
+        for step, i in enumerate(values):
+            if steps[i] < 0:
+                steps[i] = step
+        stacking.append(_Stacking(start.level, axis, tuple(steps)))
+        fixed[k], axes[k] = 1, ()  # not a static cut: the axis is gone from the view
+        static.append(0)
+    view = _cut(ref, fixed, sizes, static)
+    return dataclasses.replace(view, axes=tuple(axes), stacking=tuple(stacking))
 
 
 def _kernel_use(
@@ -339,16 +388,43 @@ def _consumer_use(eqn: Any, operand: int, ref: _Ref, position: tuple) -> _Use:
     return _Use(ref, position, name, "other")
 
 
-# Constants of at most this many entries are evaluated, to read static indices.
+# Constants of at most this many entries are evaluated, to read static indices; so are the
+# values a loop counter takes, in scans of at most this many steps.
 _SMALL_CONSTANT = 1024
 _UNKNOWN = object()  # a constant whose value is not evaluated
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Varying:
+    """A value that depends on nothing but the step of scan `level` (a `fori_loop`'s counter,
+    a constant `xs`, and what is computed from them): `values[j]` at execution step `j`."""
+
+    level: int
+    values: np.ndarray
+
+
+def _is_value(flag: Any) -> bool:
+    return flag is not None and flag is not _UNKNOWN and not isinstance(flag, _Varying)
+
+
 def _evaluate(eqn: Any, values: Sequence[Any]) -> list[Any] | None:
     """The outputs of an equation whose inputs are all known small constants (the index
-    arithmetic `jnp.take` and `lax.dynamic_index_in_dim` wrap around a static index)."""
+    arithmetic `jnp.take` and `lax.dynamic_index_in_dim` wrap around a static index), step
+    by step where some of them vary with one scan's steps."""
     if any(v is _UNKNOWN for v in values):
         return None
+    varying = [v for v in values if isinstance(v, _Varying)]
+    if varying:
+        level = varying[0].level
+        if any(v.level != level for v in varying):
+            return None
+        per_step = []
+        for j in range(len(varying[0].values)):
+            outs = _evaluate(eqn, [v.values[j] if isinstance(v, _Varying) else v for v in values])
+            if outs is None:
+                return None
+            per_step.append(outs)
+        return [_Varying(level, np.stack(o)) for o in zip(*per_step)]
     if any(math.prod(v.aval.shape) > _SMALL_CONSTANT for v in [*eqn.invars, *eqn.outvars]):
         return None
     try:
@@ -366,6 +442,35 @@ def _evaluate(eqn: Any, values: Sequence[Any]) -> list[Any] | None:
         return None
 
 
+def _carry_values(
+    body: jex_core.Jaxpr, k: int, out: int, init: Any, length: int, known: dict
+) -> np.ndarray | None:
+    """The value integer carry `k` of a scan body takes at each step, when its update (body
+    output `out`) depends on nothing but itself and the known values `known` (a
+    `fori_loop`'s counter); else None."""
+    carry, target = body.invars[k], body.outvars[out]
+    literal = lambda v: isinstance(v, jex_core.Literal)
+    needed, wanted = [], set() if literal(target) else {target}
+    for eqn in reversed(body.eqns):
+        if any(o in wanted for o in eqn.outvars):
+            needed.append(eqn)
+            wanted.update(v for v in eqn.invars if not literal(v))
+    needed.reverse()
+    produced = {o for eqn in needed for o in eqn.outvars}
+    if any(v not in produced and v is not carry and v not in known for v in wanted):
+        return None
+    values = [np.asarray(init)]
+    for _ in range(length - 1):
+        env = {**known, carry: values[-1]}
+        for eqn in needed:
+            outs = _evaluate(eqn, [v.val if literal(v) else env[v] for v in eqn.invars])
+            if outs is None:
+                return None
+            env.update(zip(eqn.outvars, outs))
+        values.append(np.asarray(target.val if literal(target) else env[target]))
+    return np.stack(values)
+
+
 def _as_jaxpr(x: Any) -> jex_core.Jaxpr | None:
     if isinstance(x, jex_core.ClosedJaxpr):
         return x.jaxpr
@@ -377,7 +482,8 @@ def _as_jaxpr(x: Any) -> jex_core.Jaxpr | None:
 class _Walker:
     """Walks a jaxpr in execution order, following param views into calls and scans."""
 
-    def __init__(self) -> None:
+    def __init__(self, shapes: Sequence[tuple[int, ...]]) -> None:
+        self.shapes = shapes  # of the param leaves
         self.counter = 0
         self.levels = 0
         self.uses: list[_Use] = []
@@ -417,9 +523,13 @@ class _Walker:
                     if r is not None:
                         env[v] = r if name in _IDENTITY_VIEWS else _view_axes(eqn, r)
                 continue
-            known = [f is not None and f is not _UNKNOWN for f in flags]
+            known = [_is_value(f) for f in flags]
             if name == "dynamic_slice" and refs[0] is not None and all(known[1:]):
                 env[eqn.outvars[0]] = _dynamic_slice_view(eqn, refs[0], flags[1:])
+                continue
+            view = self._loop_view(eqn, refs, flags)
+            if view is not None:
+                env[eqn.outvars[0]] = view
                 continue
             if name == "gather" and refs[0] is not None and flags[1] is not None:
                 # Not a lookup by the inputs: a view of the param.
@@ -437,6 +547,29 @@ class _Walker:
                 if r is not None:
                     env[v] = r
         return [read(v) for v in jaxpr.outvars]
+
+    def _loop_view(self, eqn: Any, refs: list, flags: list[Any]) -> _Ref | None:
+        """A `dynamic_slice` or one-slice `gather` of a param whose start moves with a scan's
+        steps: see `_loop_cut`."""
+        name, ref = eqn.primitive.name, refs[0]
+        if ref is None or name not in ("dynamic_slice", "gather"):
+            return None
+        if name == "dynamic_slice":
+            starts = flags[1:]
+            if not all(_is_value(f) or isinstance(f, _Varying) for f in starts):
+                return None
+        elif isinstance(flags[1], _Varying):
+            per_step = [_gather_starts(eqn, v) for v in flags[1].values]
+            if any(p is None for p in per_step):
+                return None
+            starts = [_Varying(flags[1].level, column) for column in np.stack(per_step).T]
+        else:
+            return None
+        old, sizes = eqn.invars[0].aval.shape, eqn.params["slice_sizes"]
+        view = _loop_cut(ref, old, sizes, starts, self.shapes[ref.leaf])
+        if view is None or name == "dynamic_slice":
+            return view
+        return _gathered(eqn, view, single=True)
 
     def _call(self, eqn: Any, refs: list, position: tuple, flags: list[Any]) -> list:
         name = eqn.primitive.name
@@ -490,7 +623,9 @@ class _Walker:
                 continue
             scanned, rest = r.axes[0], r.axes[1:]
             if len(scanned) == 1:
-                stack = _Stacking(level, scanned[0], params["length"], params["reverse"])
+                n = params["length"]
+                steps = tuple(n - 1 - i if params["reverse"] else i for i in range(n))
+                stack = _Stacking(level, scanned[0], steps)
                 inner.append(_Ref(r.leaf, rest, (*r.stacking, stack)))
             elif not scanned:
                 inner.append(dataclasses.replace(r, axes=rest))  # broadcast, then scanned
@@ -498,12 +633,30 @@ class _Walker:
                 self.uses.append(_Use(r, position, "scan", "other"))
                 inner.append(None)
         body = params["jaxpr"].jaxpr
-        carry = range(params["num_consts"], first_xs)
-        # The carry changes; a constant xs is sliced, so its value is not the body's.
-        inner_flags = [
-            None if k in carry or f is None else (f if k < first_xs else _UNKNOWN)
-            for k, f in enumerate(flags)
-        ]
+        n, consts = params["length"], params["num_consts"]
+        known = {v: f for v, f in zip(body.invars[:consts], flags) if _is_value(f)}
+        # Consts are the same at every step. A carry changes, but an integer counter of known
+        # start whose update needs nothing else takes known values, step by step; so does a
+        # known constant xs, sliced one step at a time.
+        inner_flags: list[Any] = list(flags[:consts])
+        for k in range(consts, len(flags)):
+            f, var = flags[k], body.invars[k]
+            if f is None:
+                inner_flags.append(None)
+            elif k >= first_xs:
+                steps = f[::-1] if params["reverse"] else f
+                small = _is_value(f) and n <= _SMALL_CONSTANT
+                inner_flags.append(_Varying(level, np.asarray(steps)) if small else _UNKNOWN)
+            elif (
+                _is_value(f)
+                and var.aval.shape == ()
+                and np.issubdtype(var.aval.dtype, np.integer)
+                and n <= _SMALL_CONSTANT
+            ):
+                values = _carry_values(body, k, k - consts, f, n, known)
+                inner_flags.append(None if values is None else _Varying(level, values))
+            else:
+                inner_flags.append(None)
         self.walk(body, inner, (*position, _Iteration(level)), inner_flags)
         return [None] * len(eqn.outvars)
 
@@ -547,7 +700,7 @@ def _trace_uses(
     refs: list[_Ref | None] = [
         _Ref(i, tuple((a,) for a in range(len(s)))) for i, s in enumerate(shapes)
     ]
-    walker = _Walker()
+    walker = _Walker(shapes)
     const_values = [
         np.asarray(c) if np.size(c) <= _SMALL_CONSTANT else _UNKNOWN for c in closed.consts
     ]
@@ -559,7 +712,10 @@ def _trace_uses(
 # From uses to per-slice first uses, roles and axes
 
 
-def _concrete(position: tuple, stacking: tuple[_Stacking, ...], index: dict[int, int]) -> tuple:
+def _concrete(
+    position: tuple, stacking: tuple[_Stacking, ...], index: dict[int, int]
+) -> tuple | None:
+    """The position at which a use reads slice `index`, or None if it never reads it."""
     by_level = {s.level: s for s in stacking}
     out = []
     for p in position:
@@ -567,9 +723,11 @@ def _concrete(position: tuple, stacking: tuple[_Stacking, ...], index: dict[int,
             s = by_level.get(p.level)
             if s is None:
                 out.append(0)  # a leaf the scan does not slice is used from its first step
-            else:
-                i = index[s.leaf_axis]
-                out.append(s.length - 1 - i if s.reverse else i)
+                continue
+            step = s.steps[index[s.leaf_axis]]
+            if step < 0:
+                return None
+            out.append(step)
         else:
             out.append(p)
     return tuple(out)
@@ -650,7 +808,7 @@ def _first_uses(layout: LeafLayout, uses: list[_Use]) -> dict[tuple[int, ...], t
             for u in uses
             if all(index.get(a, k) == k for a, k in u.ref.picked)  # a use of another slice
         ]
-        first[combo] = min(positions, default=None)
+        first[combo] = min((p for p in positions if p is not None), default=None)
     return first
 
 
@@ -696,10 +854,15 @@ def _rank_layers(
     rank = {g: k + 1 for k, g in enumerate(order)}
     unused = sorted((g for g in members if g not in first), key=str)
     if unused:
-        paths = sorted({layouts[i].path for g in unused for i, _ in members[g]})
+        # A leaf, or one slice of a stacked leaf (`blocks/w[3]`) a loop never reads.
+        index = lambda combo: f"[{','.join(map(str, combo))}]" if combo else ""
+        name = lambda i, combo: layouts[i].path + index(combo)
+        names = sorted(
+            {name(i, combo) for g in unused for i, combo in members[g]}, key=_natural_key
+        )
         warnings.warn(
-            f"{caller}: apply_fn never used {len(paths)} param leaves (e.g. "
-            f"{', '.join(paths[:3])}); they get the last label {len(order) + 1}.",
+            f"{caller}: apply_fn never used {len(names)} params (e.g. "
+            f"{', '.join(names[:3])}); they get the last label {len(order) + 1}.",
             stacklevel=3,
         )
         rank.update({g: len(order) + 1 for g in unused})
@@ -921,7 +1084,9 @@ def layer_structure(
       followed. So is a leaf a Python loop reads one block at a time (`w[i]`, `jnp.take(w,
       i, axis=0)`, `lax.dynamic_index_in_dim(w, i)`), when every use takes one entry along
       the axis: single entries multiplied one after another with no other param used in
-      between are the taps of one kernel instead;
+      between are the taps of one kernel instead. And so is a leaf a `fori_loop` (or a scan
+      over `jnp.arange(L)`) reads at its counter: the counter's value at every step is read
+      from the trace, so `w[L - 1 - i]` stacks the blocks in reverse;
     - a kernel's axes as the product contracts them: `input_axes` and `spatial_axes` (its
       fan-in) and `output_axes` (one output unit per index), for any library's layout;
     - its depth: layers (a module's leaves, or one slice of them) ranked by first use, 1 for

@@ -273,7 +273,7 @@ def test_ties_are_broken_by_natural_path_order():
 def test_unused_params_get_the_last_label_with_a_warning():
     params = {"used_2": {"w": jnp.ones(2)}, "unused": {"w": jnp.ones(2)}, "used_1": {"w": 1.0}}
     apply_fn = lambda p, x: (x * p["used_1"]["w"]) @ p["used_2"]["w"]
-    with pytest.warns(UserWarning, match=r"never used 1 param leaves \(e.g. unused/w\)"):
+    with pytest.warns(UserWarning, match=r"never used 1 params \(e.g. unused/w\)"):
         labels = depth_labels(params, apply_fn, jnp.ones(2))
     assert labels == {"used_1": {"w": 1}, "used_2": {"w": 2}, "unused": {"w": 3}}
 

@@ -91,6 +91,25 @@ def _linen_loop_pair():
     return x, (stacked, apply_loop), (unrolled, apply_u), unroll, pure
 
 
+def _linen_fori_pair():
+    """The scanned model's params, applied by `jax.lax.fori_loop`: block i read at the traced
+    counter i."""
+    x, (stacked, _), (unrolled, apply_u), unroll, pure = _linen_pair()
+
+    def apply_fori(p, x):
+        x = nn.Dense(WIDTH).apply({"params": p["embed"]}, x)
+
+        def step(i, x):
+            block = jax.tree.map(lambda a: a[i], p["blocks"]["block"])
+            return Block().apply({"params": block}, x)
+
+        x = jax.lax.fori_loop(0, L, step, x)
+        x = nn.LayerNorm().apply({"params": p["final_norm"]}, x)
+        return nn.Dense(CLASSES).apply({"params": p["head"]}, x)
+
+    return x, (stacked, apply_fori), (unrolled, apply_u), unroll, pure
+
+
 # --------------------------------------------------------------------------------------------
 # NNX: nnx.vmap-built blocks applied with nnx.scan, and a list of blocks
 
@@ -183,20 +202,25 @@ class EqxNet(eqx.Module):
     blocks: Any  # one EqxBlock with stacked arrays, or a list of blocks
     final_norm: eqx.nn.LayerNorm
     head: eqx.nn.Linear
+    loop: str = eqx.field(static=True, default="scan")  # over stacked blocks: or "fori_loop"
 
     def __call__(self, x):
         x = self.embed(x)
         if isinstance(self.blocks, list):
             for block in self.blocks:
                 x = block(x)
-        else:
+        elif self.loop == "scan":
             arrays, static = eqx.partition(self.blocks, eqx.is_array)
             step = lambda x, a: (eqx.combine(a, static)(x), None)
             x, _ = jax.lax.scan(step, x, arrays)
+        else:
+            arrays, static = eqx.partition(self.blocks, eqx.is_array)
+            block = lambda i: eqx.combine(jax.tree.map(lambda a: a[i], arrays), static)
+            x = jax.lax.fori_loop(0, L, lambda i, x: block(i)(x), x)
         return self.head(self.final_norm(x))
 
 
-def _eqx_pair():
+def _eqx_pair(loop="scan"):
     x = jax.random.normal(jax.random.key(0), (32, 5))
     k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
     blocks = eqx.filter_vmap(EqxBlock)(jax.random.split(k2, L))
@@ -205,6 +229,7 @@ def _eqx_pair():
         blocks,
         eqx.nn.LayerNorm(WIDTH),
         eqx.nn.Linear(WIDTH, CLASSES, key=k3),
+        loop,
     )
     scanned, static_s = eqx.partition(model, eqx.is_array)
     scanned = jax.tree.map(lambda a: a * 1.5, scanned)
@@ -272,11 +297,13 @@ def _haiku_pair():
 PAIRS = {
     "linen nn.scan": _linen_pair,
     "linen loop over slices": _linen_loop_pair,
+    "linen fori_loop over slices": _linen_fori_pair,
     "nnx.scan": _nnx_pair,
     "equinox lax.scan": _eqx_pair,
+    "equinox fori_loop": lambda: _eqx_pair("fori_loop"),
     "haiku layer_stack": _haiku_pair,
 }
-FLAX_PAIRS = ("linen nn.scan", "linen loop over slices", "nnx.scan")
+FLAX_PAIRS = ("linen nn.scan", "linen loop over slices", "linen fori_loop over slices", "nnx.scan")
 # Equinox's (out, in) kernels and Haiku's layout: the transforms that read kernel axes.
 LAYOUT_TRANSFORMS = ("lpwd", "wrs", "adamp", "sgdp")
 
@@ -563,7 +590,7 @@ def test_bad_input_names_the_leaf():
     with pytest.raises(ValueError, match=r"'a/bias' is not a kernel .* role 'bias'"):
         mask = {"a": {"kernel": True, "bias": True}, "b": {"kernel": True}}
         lo.rescale_params(params, mask=mask, layers=layers)
-    with pytest.warns(UserWarning, match="never used 1 param leaves"):
+    with pytest.warns(UserWarning, match="never used 1 params"):
         lo.layer_structure(
             {**params, "unused": {"w": jnp.ones((2, 2))}}, apply_fn, jnp.ones((1, 3))
         )
@@ -644,17 +671,30 @@ def test_a_table_read_by_a_constant_index_is_not_an_embedding():
     assert (embed.role, embed.input_axes, embed.output_axes) == ("embedding", (1,), (0,))
 
 
-@pytest.mark.parametrize("index", ["x[i]", "jnp.take", "lax.dynamic_index_in_dim"])
-def test_a_python_loop_over_a_stacked_leaf_is_one_layer_per_slice(index):
-    # Hand-written JAX often keeps the blocks stacked and reads block i by a static index in a
-    # Python loop (unrolled in the trace): each slice is a layer, as under a scan.
-    take = {
-        "x[i]": lambda a, i: a[i],
-        "jnp.take": lambda a, i: jnp.take(a, i, axis=0),
-        "lax.dynamic_index_in_dim": lambda a, i: jax.lax.dynamic_index_in_dim(a, i, 0, False),
-    }[index]
+TAKE = {
+    "x[i]": lambda a, i: a[i],
+    "jnp.take": lambda a, i: jnp.take(a, i, axis=0),
+    "lax.dynamic_index_in_dim": lambda a, i: jax.lax.dynamic_index_in_dim(a, i, 0, False),
+}
+
+
+def _loop(kind, step, x, order):
+    """`x = step(i, x)` for `i` in `order`, as a Python loop, a `fori_loop` (with `order` as
+    arithmetic on its traced counter) or a `scan` over the indices."""
+    if kind == "python loop":
+        for i in order:
+            x = step(i, x)
+        return x
+    first, last = order[0], order[-1]
+    sign = 1 if last >= first else -1
+    if kind == "fori_loop":
+        return jax.lax.fori_loop(0, len(order), lambda j, x: step(first + sign * j, x), x)
+    return jax.lax.scan(lambda x, i: (step(i, x), None), x, jnp.asarray(order))[0]
+
+
+def _stacked_params():
     keys = jax.random.split(jax.random.key(0), 2)
-    params = {
+    return {
         "blocks": {
             "w": jax.random.normal(keys[0], (L, WIDTH, WIDTH)),
             "gain": jnp.ones((L, WIDTH)),
@@ -662,10 +702,18 @@ def test_a_python_loop_over_a_stacked_leaf_is_one_layer_per_slice(index):
         "head": {"w": jax.random.normal(keys[1], (WIDTH, CLASSES))},
     }
 
+
+@pytest.mark.parametrize("loop", ["python loop", "fori_loop", "scan over indices"])
+@pytest.mark.parametrize("index", sorted(TAKE))
+def test_a_loop_over_a_stacked_leaf_is_one_layer_per_slice(loop, index):
+    # Hand-written JAX often keeps the blocks stacked and reads block i in a loop: a Python
+    # loop (static i, unrolled in the trace), `fori_loop` (i its traced counter) or a scan over
+    # `jnp.arange(L)`. Each slice is a layer, as under a scan over the blocks themselves.
+    take, params = TAKE[index], _stacked_params()
+
     def apply(p, x):
-        for i in range(L):
-            x = jnp.tanh(x @ take(p["blocks"]["w"], i)) * take(p["blocks"]["gain"], i)
-        return x @ p["head"]["w"]
+        step = lambda i, x: jnp.tanh(x @ take(p["blocks"]["w"], i)) * take(p["blocks"]["gain"], i)
+        return _loop(loop, step, x, list(range(L))) @ p["head"]["w"]
 
     layers = lo.layer_structure(params, apply, jnp.ones((2, WIDTH)))
     by_path = {x.path: x for x in layers.leaves}
@@ -681,6 +729,53 @@ def test_a_python_loop_over_a_stacked_leaf_is_one_layer_per_slice(index):
     np.testing.assert_array_equal(np.ravel(w.depth), np.arange(1, L + 1))
     np.testing.assert_array_equal(np.ravel(gain.depth), np.arange(1, L + 1))
     assert int(head.depth) == L + 1 and layers.num_layers == L + 1
+
+
+@pytest.mark.parametrize("loop", ["python loop", "fori_loop", "scan over indices"])
+def test_a_loop_in_reverse_or_over_part_of_a_stack_reads_those_slices(loop):
+    # The depth of a slice is the step that reads it: block L-1 first in a loop counting down.
+    params = _stacked_params()
+    step = lambda p: lambda i, x: jnp.tanh(x @ p["blocks"]["w"][i]) * p["blocks"]["gain"][i]
+    apply = lambda order: lambda p, x: _loop(loop, step(p), x, order) @ p["head"]["w"]
+    x = jnp.ones((2, WIDTH))
+    down = lo.layer_structure(params, apply(list(range(L - 1, -1, -1))), x)
+    np.testing.assert_array_equal(np.ravel(down.depths["blocks"]["w"]), np.arange(L, 0, -1))
+    assert down.stacked_axes["blocks"]["w"] == (0,)
+    # Blocks 1 and 2 only: blocks 0 and 3 are never used, and get the last label.
+    unused = r"never used 4 params \(e.g. blocks/gain\[0\], blocks/gain\[3\], blocks/w\[0\]\)"
+    with pytest.warns(UserWarning, match=unused):
+        part = lo.layer_structure(params, apply([1, 2]), x)
+    np.testing.assert_array_equal(np.ravel(part.depths["blocks"]["w"]), [4, 1, 2, 4])
+    assert int(part.depths["head"]["w"]) == 3
+
+
+@pytest.mark.parametrize("outer", ["fori_loop", "scan over the stack"])
+def test_nested_loops_stack_two_axes(outer):
+    # Groups of blocks, (groups, blocks, in, out): block (j, i) is read at the counters of two
+    # nested loops, so both axes are stacked and the slices follow in execution order.
+    groups, blocks = 2, 3
+    params = {"w": jax.random.normal(jax.random.key(0), (groups, blocks, WIDTH, WIDTH))}
+    params["head"] = {"w": jnp.ones((WIDTH, CLASSES))}
+    inner = lambda read, x: jax.lax.fori_loop(0, blocks, lambda i, x: jnp.tanh(x @ read(i)), x)
+
+    def apply(p, x):
+        if outer == "fori_loop":
+            x = jax.lax.fori_loop(0, groups, lambda j, x: inner(lambda i: p["w"][j, i], x), x)
+        else:
+            x = jax.lax.scan(lambda x, w: (inner(lambda i: w[i], x), None), x, p["w"])[0]
+        return x @ p["head"]["w"]
+
+    layers = lo.layer_structure(params, apply, jnp.ones((2, WIDTH)))
+    w = layers.leaves[1]
+    assert (w.path, w.role, w.stacked_axes, w.fan_in_axes, w.output_axes) == (
+        "w",
+        "kernel",
+        (0, 1),
+        (2,),
+        (3,),
+    )
+    np.testing.assert_array_equal(w.depth[..., 0, 0], np.arange(1, 7).reshape(groups, blocks))
+    assert layers.num_layers == groups * blocks + 1
 
 
 def test_the_taps_of_a_shifted_sum_convolution_are_one_kernel():
