@@ -74,3 +74,20 @@ def test_subcommands_from_the_usage_line():
     usage = "usage: lpwd-plots [-h] {curves,rop,zero_shot} ...\n\nFigures."
     assert lpwd_docs.subcommands(usage) == ["curves", "rop", "zero_shot"]
     assert lpwd_docs.subcommands("usage: lpwd-sweep [-h] [--output_dir STR]\n") == []
+
+
+def test_the_studies_links_point_at_the_pages_that_include_them():
+    pages = lpwd_docs.included_files(DOCS)
+    results = (DOCS.parent / "experiments" / "results").resolve()
+    controls = results / "cifar10_cpu_controls"
+    assert pages[controls / "README.md"] == "guides/study/cifar10_cpu_controls"
+    assert pages[results / "cifar10_cpu" / "results.md"] == "guides/study/results"
+    text = "see [the first](../cifar10_cpu/README.md#protocol), [ours](results.md), [x](no.md)"
+    got, unknown = lpwd_docs.rewrite_links(text, controls / "README.md", pages)
+    # From guides/study/: the first study's page, and this study's results page (not the
+    # first study's results.md, which a naive relative link would reach).
+    assert got == (
+        "see [the first](cifar10_cpu.md#protocol), [ours](cifar10_cpu_controls_results.md), "
+        "[x](no.md)"
+    )
+    assert unknown == ["no.md"]

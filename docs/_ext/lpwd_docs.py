@@ -12,6 +12,10 @@ and the programs' `--help` output.
   "s", which `autodoc-process-docstring` inserts.
 - A Flax NNX module's page shows its constructor's arguments, not its metaclass's
   `(*args, **kwargs)`.
+- A study's README is included into a page of the site (a MyST `{include}`), and its links
+  to other files of the repository that the site includes (`../cifar10_cpu/README.md`,
+  `results.md`) are rewritten, as the file is read, to the pages that include them; a link to
+  a Markdown file no page includes is a warning.
 - `.. program-help:: lpwd-cifar [SUBCOMMAND]` runs the installed console script's `--help` at
   build time (in a subprocess) and inserts its output; a sub-command the program offers without
   its own `program-help` is a warning.
@@ -346,6 +350,58 @@ class ProgramHelp(SphinxDirective):
         return [nodes.paragraph("", "", nodes.literal(text=f"$ {command}")), block]
 
 
+# Included files' links --------------------------------------------------------------------
+
+INCLUDE = re.compile(r"^```\{include\}\s+(\S+)", re.MULTILINE)
+MARKDOWN_LINK = re.compile(r"\]\(([^)#\s:]+\.md)(#[^)\s]*)?\)")
+
+
+def included_files(srcdir: pathlib.Path) -> dict[pathlib.Path, str]:
+    """`{included file (resolved): docname of the page that includes it}` for the site's
+    Markdown pages."""
+    pages = {}
+    for page in sorted(srcdir.rglob("*.md")):
+        if "_build" in page.relative_to(srcdir).parts:
+            continue
+        docname = page.relative_to(srcdir).with_suffix("").as_posix()
+        for target in INCLUDE.findall(page.read_text()):
+            pages[(page.parent / target).resolve()] = docname
+    return pages
+
+
+def rewrite_links(text: str, source: pathlib.Path, pages: dict[pathlib.Path, str]):
+    """`text` of included file `source` with each relative link to a Markdown file that a page
+    includes pointing at that page (as a path from the page that includes `source`), and the
+    links to Markdown files no page includes."""
+    here = pathlib.Path(pages[source]).parent
+    unknown = []
+
+    def replace(match: re.Match) -> str:
+        target = (source.parent / match.group(1)).resolve()
+        if target not in pages:
+            unknown.append(match.group(1))
+            return match.group(0)
+        page = os.path.relpath(pages[target] + ".md", here)
+        return f"]({pathlib.Path(page).as_posix()}{match.group(2) or ''})"
+
+    return MARKDOWN_LINK.sub(replace, text), unknown
+
+
+def _included_links(
+    app: Sphinx, relative_path: pathlib.Path, parent_docname: str, content: list[str]
+) -> None:
+    srcdir = pathlib.Path(app.srcdir)
+    pages = getattr(app, "_lpwd_included", None)
+    if pages is None:
+        pages = app._lpwd_included = included_files(srcdir)
+    source = (srcdir / relative_path).resolve()
+    if source not in pages:
+        return
+    content[0], unknown = rewrite_links(content[0], source, pages)
+    for link in unknown:
+        logger.warning(f"{relative_path}: the link to {link} is to a file no page includes")
+
+
 def setup(app: Sphinx) -> dict[str, Any]:
     app.add_node(related_placeholder)
     app.add_directive("api-related", ApiRelated)
@@ -358,4 +414,5 @@ def setup(app: Sphinx) -> dict[str, Any]:
     app.connect("env-check-consistency", _check_coverage)
     app.connect("env-check-consistency", _check_subcommands)
     app.connect("doctree-resolved", _fill_related)
+    app.connect("include-read", _included_links)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}
