@@ -10,8 +10,8 @@ param leaf:
   `L` layers, one per slice, each at the depth its unrolled twin would have; so does a leaf that
   a loop reads one block at a time (`params["w"][i]`, `jax.tree.map(lambda a: a[i],
   blocks)`): a Python loop, when every use of it takes one entry along that axis, or a
-  `fori_loop` / a scan over `jnp.arange(L)`, whose traced counter's values are read from the
-  trace, slice `i` at the step that reads it;
+  `fori_loop`, a `while_loop` of known trip count or a scan over `jnp.arange(L)`, whose
+  traced counter's values are read from the trace, slice `i` at the step that reads it;
 - what it is: a kernel (it reaches a `dot_general` or `conv_general_dilated` through views:
   casts, reshapes, transposes, broadcasts, slices, masks, gathers by constant indices, or is
   multiplied one sliced-out tap at a time), an embedding (rows gathered by the inputs), a
@@ -442,33 +442,65 @@ def _evaluate(eqn: Any, values: Sequence[Any]) -> list[Any] | None:
         return None
 
 
-def _carry_values(
-    body: jex_core.Jaxpr, k: int, out: int, init: Any, length: int, known: dict
-) -> np.ndarray | None:
-    """The value integer carry `k` of a scan body takes at each step, when its update (body
-    output `out`) depends on nothing but itself and the known values `known` (a
-    `fori_loop`'s counter); else None."""
-    carry, target = body.invars[k], body.outvars[out]
+def _function_of(
+    jaxpr: jex_core.Jaxpr, out: int, var: Any, known: dict
+) -> Callable[[Any], Any] | None:
+    """Output `out` of `jaxpr` as a function of its input `var` alone, the inputs in `known`
+    held at their values (a loop counter's update, or a `while_loop`'s test of it); None if it
+    needs any other input. The function returns None where a step cannot be evaluated."""
+    target = jaxpr.outvars[out]
     literal = lambda v: isinstance(v, jex_core.Literal)
     needed, wanted = [], set() if literal(target) else {target}
-    for eqn in reversed(body.eqns):
+    for eqn in reversed(jaxpr.eqns):
         if any(o in wanted for o in eqn.outvars):
             needed.append(eqn)
             wanted.update(v for v in eqn.invars if not literal(v))
     needed.reverse()
     produced = {o for eqn in needed for o in eqn.outvars}
-    if any(v not in produced and v is not carry and v not in known for v in wanted):
+    if any(v not in produced and v is not var and v not in known for v in wanted):
         return None
-    values = [np.asarray(init)]
-    for _ in range(length - 1):
-        env = {**known, carry: values[-1]}
+
+    def f(x: Any) -> Any:
+        env = {**known, var: x}
         for eqn in needed:
             outs = _evaluate(eqn, [v.val if literal(v) else env[v] for v in eqn.invars])
             if outs is None:
                 return None
             env.update(zip(eqn.outvars, outs))
-        values.append(np.asarray(target.val if literal(target) else env[target]))
-    return np.stack(values)
+        return np.asarray(target.val if literal(target) else env[target])
+
+    return f
+
+
+def _is_counter(var: Any, init: Any) -> bool:
+    return _is_value(init) and var.aval.shape == () and np.issubdtype(var.aval.dtype, np.integer)
+
+
+def _counter_values(
+    update: Callable[[Any], Any] | None,
+    init: Any,
+    length: int | None = None,
+    test: Callable[[Any], Any] | None = None,
+) -> np.ndarray | None:
+    """The values a loop counter takes, step by step, from `init`: `length` steps, or (a
+    `while_loop`) as long as `test` holds, at most `_SMALL_CONSTANT`; None if unknown."""
+    if update is None:
+        return None
+    values, x = [], np.asarray(init)
+    while len(values) < (length if length is not None else _SMALL_CONSTANT + 1):
+        if test is not None:
+            going = test(x)
+            if going is None:
+                return None
+            if not bool(going):
+                break
+        values.append(x)
+        x = update(x)
+        if x is None and (length is None or len(values) < length):
+            return None
+    if length is None and len(values) > _SMALL_CONSTANT:
+        return None  # not evaluated this far
+    return np.stack(values) if values else None
 
 
 def _as_jaxpr(x: Any) -> jex_core.Jaxpr | None:
@@ -541,6 +573,8 @@ class _Walker:
                 continue
             if name == "scan":
                 outs = self._scan(eqn, refs, position, flags)
+            elif name == "while" and self._while(eqn, refs, position, flags):
+                outs = [None] * len(eqn.outvars)
             else:
                 outs = self._call(eqn, refs, position, flags)
             for v, r in zip(eqn.outvars, outs):
@@ -570,6 +604,46 @@ class _Walker:
         if view is None or name == "dynamic_slice":
             return view
         return _gathered(eqn, view, single=True)
+
+    def _while(self, eqn: Any, refs: list, position: tuple, flags: list[Any]) -> bool:
+        """A `while_loop` whose test reads one integer counter of known start and update (a
+        hand-written loop over blocks, `i < L`) runs a known number of steps: its body is
+        walked as a scan's, the counters' values known at every step. False if it is not."""
+        params = eqn.params
+        nc, nb = params["cond_nconsts"], params["body_nconsts"]
+        cond, body = params["cond_jaxpr"].jaxpr, params["body_jaxpr"].jaxpr
+        init = flags[nc + nb :]
+        if any(refs[:nc]) or any(refs[nc + nb :]) or not init:
+            return False  # a param tested or carried by the loop: not a loop over blocks
+        known_cond = {v: f for v, f in zip(cond.invars[:nc], flags[:nc]) if _is_value(f)}
+        known_body = {v: f for v, f in zip(body.invars[:nb], flags[nc:]) if _is_value(f)}
+        for k, f in enumerate(init):  # a carry the body passes on unchanged (fori_loop's bound)
+            if _is_value(f) and body.outvars[k] is body.invars[nb + k]:
+                known_cond[cond.invars[nc + k]] = known_body[body.invars[nb + k]] = f
+        update = lambda c: _function_of(body, c, body.invars[nb + c], known_body)
+        tests = [
+            (c, _function_of(cond, 0, cond.invars[nc + c], known_cond))
+            for c in range(len(init))
+            if _is_counter(cond.invars[nc + c], init[c])
+        ]
+        tests = [(c, test) for c, test in tests if test is not None]
+        if len(tests) != 1:
+            return False
+        c, test = tests[0]
+        values = _counter_values(update(c), init[c], test=test)
+        if values is None:
+            return False
+        level = self.levels
+        self.levels += 1
+        inner_flags = list(flags[nc : nc + nb])
+        for k, f in enumerate(init):
+            var = body.invars[nb + k]
+            counter = values if k == c else None
+            if counter is None and _is_counter(var, f):
+                counter = _counter_values(update(k), f, len(values))
+            inner_flags.append(None if counter is None else _Varying(level, counter))
+        self.walk(body, refs[nc:], (*position, _Iteration(level)), inner_flags)
+        return True
 
     def _call(self, eqn: Any, refs: list, position: tuple, flags: list[Any]) -> list:
         name = eqn.primitive.name
@@ -647,13 +721,8 @@ class _Walker:
                 steps = f[::-1] if params["reverse"] else f
                 small = _is_value(f) and n <= _SMALL_CONSTANT
                 inner_flags.append(_Varying(level, np.asarray(steps)) if small else _UNKNOWN)
-            elif (
-                _is_value(f)
-                and var.aval.shape == ()
-                and np.issubdtype(var.aval.dtype, np.integer)
-                and n <= _SMALL_CONSTANT
-            ):
-                values = _carry_values(body, k, k - consts, f, n, known)
+            elif _is_counter(var, f) and n <= _SMALL_CONSTANT:
+                values = _counter_values(_function_of(body, k - consts, var, known), f, n)
                 inner_flags.append(None if values is None else _Varying(level, values))
             else:
                 inner_flags.append(None)
@@ -1084,9 +1153,11 @@ def layer_structure(
       followed. So is a leaf a Python loop reads one block at a time (`w[i]`, `jnp.take(w,
       i, axis=0)`, `lax.dynamic_index_in_dim(w, i)`), when every use takes one entry along
       the axis: single entries multiplied one after another with no other param used in
-      between are the taps of one kernel instead. And so is a leaf a `fori_loop` (or a scan
-      over `jnp.arange(L)`) reads at its counter: the counter's value at every step is read
-      from the trace, so `w[L - 1 - i]` stacks the blocks in reverse;
+      between are the taps of one kernel instead. And so is a leaf a `fori_loop`, a
+      `while_loop` that tests its counter against known values, or a scan over
+      `jnp.arange(L)` reads at its counter: the counter's value at every step is read from the
+      trace, so `w[L - 1 - i]` stacks the blocks in reverse (a trip count that is an input
+      is not known, and the leaf stays one layer);
     - a kernel's axes as the product contracts them: `input_axes` and `spatial_axes` (its
       fan-in) and `output_axes` (one output unit per index), for any library's layout;
     - its depth: layers (a module's leaves, or one slice of them) ranked by first use, 1 for

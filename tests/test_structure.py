@@ -678,17 +678,27 @@ TAKE = {
 }
 
 
+LOOPS = ("python loop", "fori_loop", "fori_loop, array bounds", "while_loop", "scan over indices")
+
+
 def _loop(kind, step, x, order):
     """`x = step(i, x)` for `i` in `order`, as a Python loop, a `fori_loop` (with `order` as
-    arithmetic on its traced counter) or a `scan` over the indices."""
+    arithmetic on its traced counter; with array bounds it is a `while_loop`), a hand-written
+    `while_loop` (`j < n`) or a `scan` over the indices."""
     if kind == "python loop":
         for i in order:
             x = step(i, x)
         return x
     first, last = order[0], order[-1]
-    sign = 1 if last >= first else -1
+    sign, n = (1 if last >= first else -1), len(order)
+    body = lambda j, x: step(first + sign * j, x)
     if kind == "fori_loop":
-        return jax.lax.fori_loop(0, len(order), lambda j, x: step(first + sign * j, x), x)
+        return jax.lax.fori_loop(0, n, body, x)
+    if kind == "fori_loop, array bounds":
+        return jax.lax.fori_loop(jnp.int32(0), jnp.int32(n), body, x)
+    if kind == "while_loop":
+        cond = lambda carry: carry[0] < n
+        return jax.lax.while_loop(cond, lambda c: (c[0] + 1, body(*c)), (0, x))[1]
     return jax.lax.scan(lambda x, i: (step(i, x), None), x, jnp.asarray(order))[0]
 
 
@@ -703,12 +713,13 @@ def _stacked_params():
     }
 
 
-@pytest.mark.parametrize("loop", ["python loop", "fori_loop", "scan over indices"])
+@pytest.mark.parametrize("loop", LOOPS)
 @pytest.mark.parametrize("index", sorted(TAKE))
 def test_a_loop_over_a_stacked_leaf_is_one_layer_per_slice(loop, index):
     # Hand-written JAX often keeps the blocks stacked and reads block i in a loop: a Python
-    # loop (static i, unrolled in the trace), `fori_loop` (i its traced counter) or a scan over
-    # `jnp.arange(L)`. Each slice is a layer, as under a scan over the blocks themselves.
+    # loop (static i, unrolled in the trace), `fori_loop` or `while_loop` (i its traced
+    # counter) or a scan over `jnp.arange(L)`. Each slice is a layer, as under a scan over the
+    # blocks themselves.
     take, params = TAKE[index], _stacked_params()
 
     def apply(p, x):
@@ -731,7 +742,7 @@ def test_a_loop_over_a_stacked_leaf_is_one_layer_per_slice(loop, index):
     assert int(head.depth) == L + 1 and layers.num_layers == L + 1
 
 
-@pytest.mark.parametrize("loop", ["python loop", "fori_loop", "scan over indices"])
+@pytest.mark.parametrize("loop", LOOPS)
 def test_a_loop_in_reverse_or_over_part_of_a_stack_reads_those_slices(loop):
     # The depth of a slice is the step that reads it: block L-1 first in a loop counting down.
     params = _stacked_params()
@@ -747,6 +758,20 @@ def test_a_loop_in_reverse_or_over_part_of_a_stack_reads_those_slices(loop):
         part = lo.layer_structure(params, apply([1, 2]), x)
     np.testing.assert_array_equal(np.ravel(part.depths["blocks"]["w"]), [4, 1, 2, 4])
     assert int(part.depths["head"]["w"]) == 3
+
+
+def test_a_loop_whose_length_is_an_input_reads_the_leaf_whole():
+    # The trip count is a traced input: which slices are read is not in the trace, so the leaf
+    # stays one layer, used whole by the loop (not a kernel of known axes).
+    params = _stacked_params()
+
+    def apply(p, x, n):
+        step = lambda i, x: jnp.tanh(x @ p["blocks"]["w"][i])
+        return jax.lax.fori_loop(0, n, step, x) @ p["head"]["w"]
+
+    layers = lo.layer_structure(params, apply, jnp.ones((2, WIDTH)), jnp.int32(L))
+    w = {x.path: x for x in layers.leaves}["blocks/w"]
+    assert (w.role, w.stacked_axes, int(w.depth)) == ("other", (), 1)
 
 
 @pytest.mark.parametrize("outer", ["fori_loop", "scan over the stack"])
