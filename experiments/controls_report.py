@@ -102,7 +102,16 @@ def named_comparisons(p: controls.ControlsProtocol, lr: float | None) -> list[di
             ("h", "SGDP+WRS - WRS", sgd_cell(p, "wrs+adamp", lr), sgd_cell(p, "wrs", lr), "> 0"),
             ("h", "SGDP+WRS - SGDP", sgd_cell(p, "wrs+adamp", lr), sgd_cell(p, "adamp", lr), "> 0"),
         ]
-    return [dict(part=part, comparison=c, a=a, b=b, claim=claim) for part, c, a, b, claim in rows]
+    planned = {"g": len(p.seeds), "h": len(p.sgd_seeds)}
+    return [
+        dict(part=part, comparison=c, a=a, b=b, claim=claim, n_planned=planned[part])
+        for part, c, a, b, claim in rows
+    ]
+
+
+def family_size(p: controls.ControlsProtocol) -> int:
+    """How many named comparisons Holm's adjustment runs over once part h's lr is known."""
+    return len(named_comparisons(p, p.pilot_lrs[0]))
 
 
 def descriptive_comparisons(p: controls.ControlsProtocol, lr: float | None):
@@ -124,10 +133,15 @@ def descriptive_comparisons(p: controls.ControlsProtocol, lr: float | None):
 
 
 def comparison_rows(
-    cells: dict[Cell, dict[int, dict[str, Any]]], named: list[dict], descriptive: list[dict]
+    cells: dict[Cell, dict[int, dict[str, Any]]],
+    named: list[dict],
+    descriptive: list[dict],
+    family: int | None = None,
 ) -> list[dict[str, Any]]:
     """Each comparison's paired difference per metric; for the named ones the verdict metric's
-    t-test p-value and its Holm adjustment across the named comparisons that have data."""
+    t-test p-value, its Holm adjustment across the named comparisons that have data, the
+    reading, and whether that reading is final (`is_final`; `family`: the number of named
+    comparisons once all are planned, default `len(named)`)."""
     rows = []
     for spec, is_named in [(c, True) for c in named] + [(c, False) for c in descriptive]:
         runs_a, runs_b = cells.get(spec["a"], {}), cells.get(spec["b"], {})
@@ -154,13 +168,34 @@ def comparison_rows(
         )
         if test is not None:
             row.update(t=test.t, p=test.p)
+        if is_named:
+            row["n_planned"] = spec["n_planned"]
         if "n" in row:
             rows.append(row)
     tested = [r for r in rows if r["named"] and "p" in r]
+    family = len(named) if family is None else family
+    complete = len(tested) == family and all(r["n"] >= r["n_planned"] for r in tested)
     for row, adjusted in zip(tested, stats.holm([r["p"] for r in tested])):
         row["p_holm"] = adjusted
         row["outcome"] = outcome(row)
+        row["final"] = complete or is_final(row, family)
     return rows
+
+
+def is_final(row: dict[str, Any], family: int) -> bool:
+    """Whether a named comparison's reading holds whatever the comparisons still missing or
+    incomplete turn out to be: it has all its seeds, and its Holm-adjusted p stays on the same
+    side of 0.05 for any p-values of the others. That adjusted p lies between the raw p (the
+    comparison ranked last) and `family` times it (ranked first), so a reading of "holds" or
+    "shown negative" is final when `family * p < 0.05`, and "not shown" when `p >= 0.05`; a
+    "none" rule reads the unadjusted interval, final once the seeds are in."""
+    if row["n"] < row["n_planned"]:
+        return False
+    if row["claim"] == "none":
+        return True
+    if row["p_holm"] < 0.05:
+        return family * row["p"] < 0.05
+    return row["p"] >= 0.05
 
 
 def outcome(row: dict[str, Any]) -> str:
@@ -208,7 +243,7 @@ def write_report(
     tables = dict(
         cells=cell_rows(cells, p.steps),
         comparisons=comparison_rows(
-            cells, named_comparisons(p, lr), descriptive_comparisons(p, lr)
+            cells, named_comparisons(p, lr), descriptive_comparisons(p, lr), family_size(p)
         ),
         pilot=[
             {k: r[k] for k in ("lr", "best10_mean", "final_top1", "final_train_loss")}
@@ -309,7 +344,11 @@ def results_markdown(p, dataset, runs_dir, records, tables, lr) -> str:
         "",
         "Mean over seeds of the paired difference with its 95% t-interval (* = excludes 0); the",
         "paired t-test's p-value on best-10 and its Holm adjustment across every named comparison",
-        "that has data. A comparison with fewer seeds than planned is provisional.",
+        "that has data. A reading is final when no outcome of the comparisons still to come can",
+        f"change it: all its seeds are in, and Holm's p over all {family_size(p)} named "
+        "comparisons, which lies",
+        f"between p and {family_size(p)} p, is on the same side of 0.05 either way; else it is "
+        "provisional.",
         "",
         "| part | a - b | rule | best-10 | p | p (Holm) | reading | final top-1 | "
         "final train loss | n |",
@@ -320,7 +359,7 @@ def results_markdown(p, dataset, runs_dir, records, tables, lr) -> str:
             lines.append(
                 f"| {r['part']} | {r['comparison']} | {r['claim']} | "
                 f"{_interval(r, 'best10_mean')} | {_fmt(r.get('p'), 4)} | "
-                f"{_fmt(r.get('p_holm'), 4)} | {r.get('outcome', '-')} | "
+                f"{_fmt(r.get('p_holm'), 4)} | {_reading(r)} | "
                 f"{_interval(r, 'final_top1')} | {_interval(r, 'final_train_loss')} | {r['n']} |"
             )
     lines += [
@@ -330,6 +369,8 @@ def results_markdown(p, dataset, runs_dir, records, tables, lr) -> str:
         "| part | a - b | best-10 | final top-1 | final train loss | n |",
         "|---|---|---|---|---|---|",
     ]
+    if not any(not r["named"] for r in tables["comparisons"]):
+        lines.append("| none has data yet | | | | | |")
     for r in tables["comparisons"]:
         if not r["named"]:
             lines.append(
@@ -337,6 +378,12 @@ def results_markdown(p, dataset, runs_dir, records, tables, lr) -> str:
                 f"{_interval(r, 'final_top1')} | {_interval(r, 'final_train_loss')} | {r['n']} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _reading(row: dict[str, Any]) -> str:
+    if "outcome" not in row:
+        return "-"
+    return f"{row['outcome']} ({'final' if row['final'] else 'provisional'})"
 
 
 def _write_csv(path: str, rows: Sequence[dict[str, Any]], fields: Sequence[str] | None = None):

@@ -314,6 +314,41 @@ def _fake_controls_summary(best10, final, loss, steps):
     )
 
 
+def test_controls_report_says_which_readings_are_final(tmp_path):
+    # Part g1 alone (seeds 0-2 of the tiny protocol): 4 of the 12 named comparisons have data.
+    # A reading is final only if no p-values of the other 8 could move its Holm-adjusted p
+    # across 0.05: that p lies between p and 12 p.
+    p = CONTROLS_TINY
+    runs_dir, results = str(tmp_path / "runs"), str(tmp_path / "results")
+    best = {
+        "wd": lambda s: 50.0,
+        "lpwd": lambda s: 53.0 + 0.5 * s,  # - WD: 3, 3.5, 4
+        "lwd": lambda s: 50.0 + (1.0, -1.0, 0.5)[s],  # - WD: 1, -1, 0.5
+        "lpwd_reversed": lambda s: 47.0,  # LPWD - it: 6, 6.5, 7
+    }
+    for run in controls.plan(p, runs_dir):
+        if run.part == "g1":
+            b = best[run.method](run.seed)
+            _write_summary(runs_dir, run, _fake_controls_summary(b, b + 1, 1.0, p.steps))
+    tables = controls_report.write_report(p, "digits", runs_dir, results)
+    rows = {r["comparison"]: r for r in tables["comparisons"] if r["named"]}
+    assert sorted(rows) == ["LPWD - WD", "LPWD - lpwd_reversed", "LPWD - lwd", "lwd - WD"]
+    # Paired t with 2 dof: p = 1 - t / sqrt(2 + t^2), t = mean / (0.5 / sqrt 3).
+    p_of = lambda mean: 1 - (t := mean / (0.5 / math.sqrt(3))) / math.sqrt(2 + t * t)
+    assert rows["LPWD - WD"]["p"] == pytest.approx(p_of(3.5))  # 0.0067: 12 p = 0.08
+    assert rows["LPWD - lpwd_reversed"]["p"] == pytest.approx(p_of(6.5))  # 0.0020: 12 p = 0.024
+    readings = {c: (r["outcome"], r["final"]) for c, r in rows.items()}
+    assert readings == {
+        "LPWD - WD": ("holds", False),  # Holm over the 4 with data: 3 p = 0.020
+        "LPWD - lpwd_reversed": ("holds", True),
+        "lwd - WD": ("not shown", True),  # p = 0.80: never below 0.05
+        "LPWD - lwd": ("shown (interval excludes 0)", True),  # differences 2, 4.5, 3.5
+    }
+    text = open(os.path.join(results, "results.md")).read()
+    assert "| holds (provisional) |" in text and "| not shown (final) |" in text
+    assert "| none has data yet |" in text  # no baseline or wd_matched run yet
+
+
 def test_controls_report_from_runs_with_known_numbers(tmp_path):
     p = CONTROLS_TINY
     runs_dir, results = str(tmp_path / "runs"), str(tmp_path / "results")
