@@ -403,6 +403,10 @@ class _Varying:
     values: np.ndarray
 
 
+def _is_index(dtype: Any) -> bool:
+    return np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.bool_)
+
+
 def _is_value(flag: Any) -> bool:
     return flag is not None and flag is not _UNKNOWN and not isinstance(flag, _Varying)
 
@@ -418,6 +422,8 @@ def _evaluate(eqn: Any, values: Sequence[Any]) -> list[Any] | None:
         level = varying[0].level
         if any(v.level != level for v in varying):
             return None
+        if not all(_is_index(v.aval.dtype) for v in eqn.outvars):
+            return None  # only index arithmetic is followed step by step
         per_step = []
         for j in range(len(varying[0].values)):
             outs = _evaluate(eqn, [v.values[j] if isinstance(v, _Varying) else v for v in values])
