@@ -36,8 +36,8 @@ def _guide_blocks():
 
 def test_stacked_layers_guide_examples_run(capsys):
     blocks, printed = _guide_blocks()
-    assert len(blocks) == 3
-    linen, equinox, haiku = ({} for _ in range(3))
+    assert len(blocks) == 4
+    linen, equinox, haiku, plain = ({} for _ in range(4))
     exec(compile(blocks[0], str(GUIDE), "exec"), linen)
     assert capsys.readouterr().out.strip() == printed[0].strip()  # the table as shown
     assert linen["rates"]["blocks"]["Dense_0"]["kernel"].shape == (6, 1, 1)
@@ -52,6 +52,12 @@ def test_stacked_layers_guide_examples_run(capsys):
     assert not mask["batch_norm"]["scale"] and not mask["batch_norm"]["offset"]
     stacked = haiku["layers"].depths["__layer_stack_no_per_layer/linear"]["w"]
     assert stacked.ravel().tolist() == [3, 4, 5, 6] and haiku["layers"].num_layers == 7
+    exec(compile(blocks[3], str(GUIDE), "exec"), plain)
+    assert capsys.readouterr().out.strip() == "[6 5 4 3 2 1]"  # as the comment says
+    layers = plain["layers"]
+    assert layers.depths["blocks"]["gain"].ravel().tolist() == [6, 5, 4, 3, 2, 1]
+    assert layers.decay_mask == {"blocks": {"gain": False, "w": True}, "head": {"w": True}}
+    assert plain["rates"]["blocks"]["w"].shape == (6, 1, 1) and layers.num_layers == 7
 
 
 def test_readme_shows_the_guides_table():
