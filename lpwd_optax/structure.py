@@ -297,7 +297,11 @@ def _gather_view(eqn: Any, ref: _Ref, indices: Any) -> _Ref:
 
 
 def _loop_cut(
-    ref: _Ref, old: Sequence[int], sizes: Sequence[int], starts: Sequence[Any], leaf_shape
+    ref: _Ref,
+    old: Sequence[int],
+    sizes: Sequence[int],
+    starts: Sequence[Any],
+    leaf_shape: Sequence[int],
 ) -> _Ref | None:
     """A slice whose starts move with the steps of scans (`w[i]` in a `fori_loop` or in a
     scan over `jnp.arange(L)`; `w[j, i]` in two nested ones): `starts` holds an int or a
