@@ -250,13 +250,6 @@ def _clamped(starts: Sequence[Any], old: Sequence[int], sizes: Sequence[int]) ->
     return [min(max(int(k), 0), n - m) for k, n, m in zip(starts, old, sizes)]
 
 
-def _dynamic_slice_view(eqn: Any, ref: _Ref, starts: Sequence[Any]) -> _Ref:
-    """`lax.dynamic_slice` at known starts (`lax.dynamic_index_in_dim(w, 2)`): a static
-    slice."""
-    old, sizes = eqn.invars[0].aval.shape, eqn.params["slice_sizes"]
-    return _cut(ref, old, sizes, _clamped(starts, old, sizes))
-
-
 def _gather_starts(eqn: Any, indices: Any) -> np.ndarray | None:
     """The start along every operand axis of a gather that takes one slice at known
     `indices` (`jnp.take(w, 2, axis=0)`), else None."""
@@ -303,8 +296,9 @@ def _loop_cut(
     starts: Sequence[Any],
     leaf_shape: Sequence[int],
 ) -> _Ref | None:
-    """A slice whose starts move with the steps of scans (`w[i]` in a `fori_loop` or in a
-    scan over `jnp.arange(L)`; `w[j, i]` in two nested ones): `starts` holds an int or a
+    """A slice at known starts (`lax.dynamic_index_in_dim(w, 2)`: a static slice), or whose
+    starts move with the steps of scans (`w[i]` in a `fori_loop` or in a scan over
+    `jnp.arange(L)`; `w[j, i]` in two nested ones): `starts` holds an int or a
     `_Varying` per axis. Each leaf axis a start walks is stacked, slice `i` read at the first
     step that starts at `i`; None unless every moving start is one index of a whole leaf axis,
     one axis per scan."""
@@ -565,17 +559,14 @@ class _Walker:
                     if r is not None:
                         env[v] = r if name in _IDENTITY_VIEWS else _view_axes(eqn, r)
                 continue
-            known = [_is_value(f) for f in flags]
-            if name == "dynamic_slice" and refs[0] is not None and all(known[1:]):
-                env[eqn.outvars[0]] = _dynamic_slice_view(eqn, refs[0], flags[1:])
-                continue
-            view = self._loop_view(eqn, refs, flags)
+            view = self._loop_view(eqn, refs, flags)  # a dynamic slice at known starts too
             if view is not None:
                 env[eqn.outvars[0]] = view
                 continue
             if name == "gather" and refs[0] is not None and flags[1] is not None:
                 # Not a lookup by the inputs: a view of the param.
-                env[eqn.outvars[0]] = _gather_view(eqn, refs[0], flags[1] if known[1] else None)
+                indices = flags[1] if _is_value(flags[1]) else None
+                env[eqn.outvars[0]] = _gather_view(eqn, refs[0], indices)
                 continue
             cases = [r for r in refs[1:] if r is not None]
             if name == "select_n" and refs[0] is None and len(cases) == 1:
@@ -593,8 +584,8 @@ class _Walker:
         return [read(v) for v in jaxpr.outvars]
 
     def _loop_view(self, eqn: Any, refs: list, flags: list[Any]) -> _Ref | None:
-        """A `dynamic_slice` or one-slice `gather` of a param whose start moves with a scan's
-        steps: see `_loop_cut`."""
+        """A `dynamic_slice` of a param at known or moving starts, or a one-slice `gather` of
+        it whose start moves with a scan's steps: see `_loop_cut`."""
         name, ref = eqn.primitive.name, refs[0]
         if ref is None or name not in ("dynamic_slice", "gather"):
             return None
