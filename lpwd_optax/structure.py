@@ -11,7 +11,10 @@ param leaf:
   a loop reads one block at a time (`params["w"][i]`, `jax.tree.map(lambda a: a[i],
   blocks)`): a Python loop, when every use of it takes one entry along that axis, or a
   `fori_loop`, a `while_loop` of known trip count or a scan over `jnp.arange(L)`, whose
-  traced counter's values are read from the trace, slice `i` at the step that reads it;
+  traced counter's values are read from the trace, slice `i` at the step that reads it; each
+  loop reads a static range of the stack (`w[2:5]`) or its axes merged (`w.reshape(G * B,
+  ...)`) the same way, and a leaf a loop reads in a way the trace cannot follow is one layer,
+  with a warning;
 - what it is: a kernel (it reaches a `dot_general` or `conv_general_dilated` through views:
   casts, reshapes, transposes, broadcasts, slices, masks, gathers by constant indices, or is
   multiplied one sliced-out tap at a time), an embedding (rows gathered by the inputs), a
@@ -140,19 +143,27 @@ class _Iteration:
 
 @dataclasses.dataclass(frozen=True)
 class _Stacking:
-    """Leaf axis `leaf_axis` is read one slice per step of scan `level`: slice `i` at
-    execution step `steps[i]` (-1: this use never reads it)."""
+    """Leaf axes `leaf_axes` are read one slice per step of scan `level` (several axes when a
+    reshape merged them into the one scanned): the slice at row-major index `k` over those
+    axes (of sizes `sizes`) at execution step `steps[k]`, -1 if this use never reads it."""
 
     level: int
-    leaf_axis: int
+    leaf_axes: tuple[int, ...]
+    sizes: tuple[int, ...]
     steps: tuple[int, ...]
+
+    def step(self, index: dict[int, int]) -> int:
+        """The step that reads the slice at `index` (leaf axis -> entry)."""
+        k = np.ravel_multi_index(tuple(index[a] for a in self.leaf_axes), self.sizes)
+        return self.steps[int(k)]
 
 
 @dataclasses.dataclass(frozen=True)
 class _Ref:
-    """A traced value that is a view of param leaf `leaf`."""
+    """A traced value that is a view of param leaf `leaf`, of shape `leaf_shape`."""
 
     leaf: int
+    leaf_shape: tuple[int, ...]
     axes: tuple[tuple[int, ...], ...]  # per value axis, the leaf axes it spans
     stacking: tuple[_Stacking, ...] = ()
     # Leaf axes a static slice cut down to one entry (a tap of a kernel taken on its own, or
@@ -162,6 +173,27 @@ class _Ref:
     # Leaf axes a gather with constant indices rearranged (a Toeplitz matrix of a convolution
     # kernel, a table read by a fixed index): their entries reappear along other value axes.
     rearranged: frozenset[int] = frozenset()
+    # Leaf axes a static slice narrowed to several of their entries (`w[2:5]`, `w[::2]`):
+    # (leaf axis, first, stride), entry `k` of the view being entry `first + stride * k`.
+    ranges: tuple[tuple[int, int, int], ...] = ()
+
+    def leaf_entry(self, axis: int, k: Any) -> Any:
+        """The leaf's entry along `axis` that entry `k` of this view is."""
+        first, stride = next(((f, s) for a, f, s in self.ranges if a == axis), (0, 1))
+        return first + stride * k
+
+    def slice_entries(self, k: int, n: int) -> np.ndarray | None:
+        """The slices that value axis `k`, of `n` entries, enumerates: per entry, the
+        row-major index over the leaf axes it spans. None unless each entry is one slice: an
+        entry of one leaf axis (whole, or a static range of it), or of several whole ones
+        that a reshape merged."""
+        leaf_axes, narrowed = self.axes[k], {a for a, _, _ in self.ranges}
+        if len(leaf_axes) == 1 and (leaf_axes[0] in narrowed or n == self.leaf_shape[leaf_axes[0]]):
+            return self.leaf_entry(leaf_axes[0], np.arange(n))
+        sizes = [self.leaf_shape[a] for a in leaf_axes]
+        if len(leaf_axes) > 1 and math.prod(sizes) == n and not narrowed & set(leaf_axes):
+            return np.arange(n)
+        return None  # a reshape split the axis: an entry is a group of slices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +233,8 @@ def _reshape_axes(
                 j += 1
                 block_new.append(j)
                 p_new *= new[new_idx[j]]
-        spanned = tuple(sorted(_union([old_axes[k][1] for k in block_old])))
+        # In the order they are laid out: a merged axis enumerates them row-major.
+        spanned = tuple(dict.fromkeys(a for k in block_old for a in old_axes[k][1]))
         for k in block_new:
             out[new_idx[k]] = spanned
         i, j = i + 1, j + 1
@@ -230,18 +263,38 @@ def _view_axes(eqn: Any, ref: _Ref) -> _Ref:
         old = eqn.invars[0].aval.shape
         axes = _reshape_axes(axes, old, params["new_sizes"])
     elif name == "slice":
-        return _cut(
-            ref, eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape, params["start_indices"]
-        )
+        old, new = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
+        return _cut(ref, old, new, params["start_indices"], params.get("strides"))
     return dataclasses.replace(ref, axes=axes)
 
 
-def _cut(ref: _Ref, old: Sequence[int], new: Sequence[int], starts: Sequence[int]) -> _Ref:
-    """A static slice of `ref` from `starts`: the value axes it cuts to one entry."""
-    cut = [(a, int(k)) for a, n, m, k in zip(ref.axes, old, new, starts) if n > 1 and m == 1]
-    picked = tuple((a[0], k) for a, k in cut if len(a) == 1)  # one leaf axis: one index of it
+def _cut(
+    ref: _Ref,
+    old: Sequence[int],
+    new: Sequence[int],
+    starts: Sequence[int],
+    strides: Sequence[int] | None = None,
+) -> _Ref:
+    """A static slice of `ref` from `starts`: the value axes it cuts to one entry, and the
+    leaf axes it narrows to a range of entries."""
+    cut, picked, ranges = [], [], {a: (f, s) for a, f, s in ref.ranges}
+    for axis, (a, n, m, k, step) in enumerate(
+        zip(ref.axes, old, new, starts, strides or [1] * len(old))
+    ):
+        if n > 1 and m == 1:
+            cut.append(a)
+            slices = ref.slice_entries(axis, n)  # one slice taken: an entry of each leaf axis
+            if slices is not None:
+                entry = np.unravel_index(slices[int(k)], [ref.leaf_shape[x] for x in a])
+                picked += [(x, int(e)) for x, e in zip(a, entry)]
+        elif 1 < m < n and len(a) == 1:
+            first, stride = ranges.get(a[0], (0, 1))
+            ranges[a[0]] = (first + stride * int(k), stride * int(step))
     return dataclasses.replace(
-        ref, cut=ref.cut | _union([a for a, _ in cut]), picked=ref.picked + picked
+        ref,
+        cut=ref.cut | _union(cut),
+        picked=ref.picked + tuple(picked),
+        ranges=tuple((a, f, s) for a, (f, s) in ranges.items()),
     )
 
 
@@ -289,19 +342,33 @@ def _gather_view(eqn: Any, ref: _Ref, indices: Any) -> _Ref:
     return _gathered(eqn, _cut(ref, old, sizes, _clamped(starts, old, sizes)), single=True)
 
 
+def _stacking(ref: _Ref, k: int, n: int, level: int, reads: Sequence[int]) -> _Stacking | None:
+    """The leaf axes that value axis `k` (of `n` entries) spans, read one entry per step of
+    scan `level`: entry `reads[s]` at step `s`. None unless each entry is one slice (see
+    `_Ref.slice_entries`)."""
+    slices = ref.slice_entries(k, n)
+    if slices is None:
+        return None
+    sizes = tuple(ref.leaf_shape[a] for a in ref.axes[k])
+    steps = [-1] * math.prod(sizes)
+    for step, entry in enumerate(reads):
+        if steps[slices[entry]] < 0:
+            steps[slices[entry]] = step
+    return _Stacking(level, ref.axes[k], sizes, tuple(steps))
+
+
 def _loop_cut(
     ref: _Ref,
     old: Sequence[int],
     sizes: Sequence[int],
     starts: Sequence[Any],
-    leaf_shape: Sequence[int],
 ) -> _Ref | None:
     """A slice at known starts (`lax.dynamic_index_in_dim(w, 2)`: a static slice), or whose
     starts move with the steps of scans (`w[i]` in a `fori_loop` or in a scan over
     `jnp.arange(L)`; `w[j, i]` in two nested ones): `starts` holds an int or a
-    `_Varying` per axis. Each leaf axis a start walks is stacked, slice `i` read at the first
-    step that starts at `i`; None unless every moving start is one index of a whole leaf axis,
-    one axis per scan."""
+    `_Varying` per axis. The leaf axes a start walks are stacked, each slice read at the first
+    step that starts at it; None unless every moving start takes one entry of an axis
+    `_stacking` maps to slices, one axis per scan."""
     fixed, axes, static = list(old), list(ref.axes), []
     stacking = list(ref.stacking)
     for k, start in enumerate(starts):
@@ -313,16 +380,12 @@ def _loop_cut(
         if np.all(values == values[0]):
             static.append(int(values[0]))  # every step reads the same slice
             continue
-        if sizes[k] != 1 or len(ref.axes[k]) != 1 or any(x.level == start.level for x in stacking):
+        if sizes[k] != 1 or any(x.level == start.level for x in stacking):
             return None
-        axis = ref.axes[k][0]
-        if old[k] != leaf_shape[axis]:
-            return None  # a part of the leaf axis: its indices are not the leaf's
-        steps = [-1] * old[k]
-        for step, i in enumerate(values):
-            if steps[i] < 0:
-                steps[i] = step
-        stacking.append(_Stacking(start.level, axis, tuple(steps)))
+        stack = _stacking(ref, k, old[k], start.level, values)
+        if stack is None:
+            return None
+        stacking.append(stack)
         fixed[k], axes[k] = 1, ()  # not a static cut: the axis is gone from the view
         static.append(0)
     view = _cut(ref, fixed, sizes, static)
@@ -390,6 +453,9 @@ def _consumer_use(eqn: Any, operand: int, ref: _Ref, position: tuple) -> _Use:
 # values a loop counter takes, in scans of at most this many steps.
 _SMALL_CONSTANT = 1024
 _UNKNOWN = object()  # a constant whose value is not evaluated
+# A value that depends on nothing but the steps of a loop whose steps are not evaluated (a
+# counter of a loop whose trip count is an input, or what mixes two loops' counters).
+_LOOP = object()
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -406,14 +472,19 @@ def _is_index(dtype: Any) -> bool:
 
 
 def _is_value(flag: Any) -> bool:
-    return flag is not None and flag is not _UNKNOWN and not isinstance(flag, _Varying)
+    return (
+        flag is not None
+        and flag is not _UNKNOWN
+        and flag is not _LOOP
+        and not isinstance(flag, _Varying)
+    )
 
 
 def _evaluate(eqn: Any, values: Sequence[Any]) -> list[Any] | None:
     """The outputs of an equation whose inputs are all known small constants (the index
     arithmetic `jnp.take` and `lax.dynamic_index_in_dim` wrap around a static index), step
     by step where some of them vary with one scan's steps."""
-    if any(v is _UNKNOWN for v in values):
+    if any(v is _UNKNOWN or v is _LOOP for v in values):
         return None
     varying = [v for v in values if isinstance(v, _Varying)]
     if varying:
@@ -518,11 +589,12 @@ def _as_jaxpr(x: Any) -> jex_core.Jaxpr | None:
 class _Walker:
     """Walks a jaxpr in execution order, following param views into calls and scans."""
 
-    def __init__(self, shapes: Sequence[tuple[int, ...]]) -> None:
-        self.shapes = shapes  # of the param leaves
+    def __init__(self) -> None:
         self.counter = 0
         self.levels = 0
         self.uses: list[_Use] = []
+        # Leaves read one slice at a time in a way the trace cannot follow: leaf -> how.
+        self.unfollowed: dict[int, str] = {}
 
     def walk(
         self,
@@ -547,7 +619,10 @@ class _Walker:
             self.counter += 1
             flags = [value(v) for v in eqn.invars]
             if all(f is not None for f in flags):
-                outs = _evaluate(eqn, flags) or [_UNKNOWN] * len(eqn.outvars)
+                outs = _evaluate(eqn, flags)
+                if outs is None:
+                    loop = any(f is _LOOP or isinstance(f, _Varying) for f in flags)
+                    outs = [_LOOP if loop else _UNKNOWN] * len(eqn.outvars)
                 constant.update(zip(eqn.outvars, outs))
                 continue
             refs = [read(v) for v in eqn.invars]
@@ -562,6 +637,9 @@ class _Walker:
             view = self._loop_view(eqn, refs, flags)  # a dynamic slice at known starts too
             if view is not None:
                 env[eqn.outvars[0]] = view
+                continue
+            if self._unfollowed_read(eqn, refs, flags):
+                self.uses.append(_Use(refs[0], position, name, "other"))
                 continue
             if name == "gather" and refs[0] is not None and flags[1] is not None:
                 # Not a lookup by the inputs: a view of the param.
@@ -601,10 +679,26 @@ class _Walker:
         else:
             return None
         old, sizes = eqn.invars[0].aval.shape, eqn.params["slice_sizes"]
-        view = _loop_cut(ref, old, sizes, starts, self.shapes[ref.leaf])
+        view = _loop_cut(ref, old, sizes, starts)
         if view is None or name == "dynamic_slice":
             return view
         return _gathered(eqn, view, single=True)
+
+    def _unfollowed_read(self, eqn: Any, refs: list, flags: list[Any]) -> bool:
+        """A `dynamic_slice` or `gather` of a param at a loop counter that `_loop_view` could
+        not map to slices (recorded in `unfollowed`): the leaf is read whole."""
+        name, ref = eqn.primitive.name, refs[0]
+        if ref is None or name not in ("dynamic_slice", "gather"):
+            return False
+        starts = flags[1:] if name == "dynamic_slice" else flags[1:2]
+        if not any(f is _LOOP or isinstance(f, _Varying) for f in starts):
+            return False
+        how = (
+            "one slice at a time at an index the trace cannot follow: a loop whose trip count "
+            f"is an input or over {_SMALL_CONSTANT} steps, or an index mixing two loops' counters"
+        )
+        self.unfollowed.setdefault(ref.leaf, how)
+        return True
 
     def _while(self, eqn: Any, refs: list, position: tuple, flags: list[Any]) -> bool:
         """A `while_loop` whose test reads one integer counter of known start and update (a
@@ -650,7 +744,14 @@ class _Walker:
         name = eqn.primitive.name
         if name == "while":
             nc, nb = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
-            carried = [None] * (len(refs) - nc - nb)  # the loop changes its carry
+            body = eqn.params["body_jaxpr"].jaxpr
+            known = {v: f for v, f in zip(body.invars[:nb], flags[nc:]) if _is_value(f)}
+            # The loop changes its carry; a counter (known start, an update that needs
+            # nothing else) takes values the trace does not say.
+            carried = [
+                _LOOP if _is_counter(var, f) and _function_of(body, k, var, known) else None
+                for k, (var, f) in enumerate(zip(body.invars[nb:], flags[nc + nb :]))
+            ]
             subs = [
                 (
                     eqn.params["cond_jaxpr"].jaxpr,
@@ -697,16 +798,19 @@ class _Walker:
                 inner.append(r)  # consts (and a carry's initial value): the whole leaf
                 continue
             scanned, rest = r.axes[0], r.axes[1:]
-            if len(scanned) == 1:
-                n = params["length"]
-                steps = tuple(n - 1 - i if params["reverse"] else i for i in range(n))
-                stack = _Stacking(level, scanned[0], steps)
-                inner.append(_Ref(r.leaf, rest, (*r.stacking, stack)))
-            elif not scanned:
+            if not scanned:
                 inner.append(dataclasses.replace(r, axes=rest))  # broadcast, then scanned
-            else:  # the scanned axis merges leaf axes: no slice is one layer
+                continue
+            n = params["length"]
+            reads = range(n - 1, -1, -1) if params["reverse"] else range(n)
+            stack = _stacking(r, 0, n, level, reads)
+            if stack is None:  # a step's entry is not one slice of the leaf
                 self.uses.append(_Use(r, position, "scan", "other"))
+                how = "in a scan over groups of their slices (a reshape split the stacked axis)"
+                self.unfollowed.setdefault(r.leaf, how)
                 inner.append(None)
+                continue
+            inner.append(dataclasses.replace(r, axes=rest, stacking=(*r.stacking, stack)))
         body = params["jaxpr"].jaxpr
         n, consts = params["length"], params["num_consts"]
         known = {v: f for v, f in zip(body.invars[:consts], flags) if _is_value(f)}
@@ -721,10 +825,10 @@ class _Walker:
             elif k >= first_xs:
                 steps = f[::-1] if params["reverse"] else f
                 small = _is_value(f) and n <= _SMALL_CONSTANT
-                inner_flags.append(_Varying(level, np.asarray(steps)) if small else _UNKNOWN)
-            elif _is_counter(var, f) and n <= _SMALL_CONSTANT:
-                values = _counter_values(_function_of(body, k - consts, var, known), f, n)
-                inner_flags.append(None if values is None else _Varying(level, values))
+                inner_flags.append(_Varying(level, np.asarray(steps)) if small else _LOOP)
+            elif _is_counter(var, f) and (update := _function_of(body, k - consts, var, known)):
+                values = _counter_values(update, f, n) if n <= _SMALL_CONSTANT else None
+                inner_flags.append(_LOOP if values is None else _Varying(level, values))
             else:
                 inner_flags.append(None)
         self.walk(body, inner, (*position, _Iteration(level)), inner_flags)
@@ -737,7 +841,7 @@ def _is_traceable_input(x: Any) -> bool:
 
 def _trace_uses(
     params: Any, apply_fn: Callable, example_args: tuple, example_kwargs: dict, caller: str
-) -> list[_Use]:
+) -> tuple[list[_Use], dict[int, str]]:
     # Arrays and ShapeDtypeStructs are traced; everything else (train=False, None, strings, an
     # rng object) is closed over as is, so Python branching on it keeps working.
     leaves, treedef = jax.tree_util.tree_flatten((example_args, example_kwargs))
@@ -768,14 +872,14 @@ def _trace_uses(
         )
     shapes = [np.shape(x) for x in jax.tree.leaves(params)]
     refs: list[_Ref | None] = [
-        _Ref(i, tuple((a,) for a in range(len(s)))) for i, s in enumerate(shapes)
+        _Ref(i, s, tuple((a,) for a in range(len(s)))) for i, s in enumerate(shapes)
     ]
-    walker = _Walker(shapes)
+    walker = _Walker()
     const_values = [
         np.asarray(c) if np.size(c) <= _SMALL_CONSTANT else _UNKNOWN for c in closed.consts
     ]
     walker.walk(closed.jaxpr, refs + [None] * len(dynamic), (), None, const_values)
-    return walker.uses
+    return walker.uses, walker.unfollowed
 
 
 # --------------------------------------------------------------------------------------------
@@ -794,7 +898,7 @@ def _concrete(
             if s is None:
                 out.append(0)  # a leaf the scan does not slice is used from its first step
                 continue
-            step = s.steps[index[s.leaf_axis]]
+            step = s.step(index)
             if step < 0:
                 return None
             out.append(step)
@@ -812,7 +916,7 @@ def _leaf_layout(
     """`order`: the trace order (eqn counter) of every use of every leaf, sorted."""
     if not uses:
         return LeafLayout(path, shape, "unused", (), (), (), (), 0, decays_by_default(path, shape))
-    scanned = {s.leaf_axis for u in uses for s in u.ref.stacking}
+    scanned = {a for u in uses for s in u.ref.stacking for a in s.leaf_axes}
     indexed = _indexed_axes(uses, order)
     stacked = tuple(sorted(scanned | indexed))
     if indexed:  # a product of one slice of a stacked leaf multiplies it whole: a scale
@@ -980,7 +1084,15 @@ def analyse(
                 f"{caller}: the param leaf '{path}' is a {type(leaf).__name__}, not an array; "
                 "pass only the arrays (for Equinox, eqx.filter(model, eqx.is_array))."
             )
-    uses = _trace_uses(params, apply_fn, example_args, example_kwargs, caller)
+    uses, unfollowed = _trace_uses(params, apply_fn, example_args, example_kwargs, caller)
+    if unfollowed:
+        names = [flat[i][0] for i in sorted(unfollowed)]
+        warnings.warn(
+            f"{caller}: apply_fn reads {len(names)} params (e.g. {', '.join(names[:3])}) "
+            f"{unfollowed[min(unfollowed)]}. Each is read as one layer; loop a static number "
+            "of times over whole slices to get one layer per slice.",
+            stacklevel=3,
+        )
     by_leaf: list[list[_Use]] = [[] for _ in flat]
     for u in uses:
         by_leaf[u.ref.leaf].append(u)
@@ -1157,8 +1269,11 @@ def layer_structure(
       between are the taps of one kernel instead. And so is a leaf a `fori_loop`, a
       `while_loop` that tests its counter against known values, or a scan over
       `jnp.arange(L)` reads at its counter: the counter's value at every step is read from the
-      trace, so `w[L - 1 - i]` stacks the blocks in reverse (a trip count that is an input
-      is not known, and the leaf stays one layer);
+      trace, so `w[L - 1 - i]` stacks the blocks in reverse. Each loop reads a static range
+      or stride of the stack (`w[2:5]`, `w[::2]`) and stacked axes merged by a reshape
+      (`w.reshape(G * B, ...)`) slice by slice too. A trip count that is an input or over
+      1024 steps, an index mixing two loops' counters or a scan over groups of slices is
+      not followed: the leaf stays one layer, role "other", and a warning names it;
     - a kernel's axes as the product contracts them: `input_axes` and `spatial_axes` (its
       fan-in) and `output_axes` (one output unit per index), for any library's layout;
     - its depth: layers (a module's leaves, or one slice of them) ranked by first use, 1 for

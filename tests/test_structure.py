@@ -4,6 +4,7 @@ trajectory under every per-layer transform, and give the same per-layer diagnost
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import equinox as eqx
@@ -760,20 +761,6 @@ def test_a_loop_in_reverse_or_over_part_of_a_stack_reads_those_slices(loop):
     assert int(part.depths["head"]["w"]) == 3
 
 
-def test_a_loop_whose_length_is_an_input_reads_the_leaf_whole():
-    # The trip count is a traced input: which slices are read is not in the trace, so the leaf
-    # stays one layer, used whole by the loop (not a kernel of known axes).
-    params = _stacked_params()
-
-    def apply(p, x, n):
-        step = lambda i, x: jnp.tanh(x @ p["blocks"]["w"][i])
-        return jax.lax.fori_loop(0, n, step, x) @ p["head"]["w"]
-
-    layers = lo.layer_structure(params, apply, jnp.ones((2, WIDTH)), jnp.int32(L))
-    w = {x.path: x for x in layers.leaves}["blocks/w"]
-    assert (w.role, w.stacked_axes, int(w.depth)) == ("other", (), 1)
-
-
 @pytest.mark.parametrize("outer", ["fori_loop", "scan over the stack"])
 def test_nested_loops_stack_two_axes(outer):
     # Groups of blocks, (groups, blocks, in, out): block (j, i) is read at the counters of two
@@ -801,6 +788,122 @@ def test_nested_loops_stack_two_axes(outer):
     )
     np.testing.assert_array_equal(w.depth[..., 0, 0], np.arange(1, 7).reshape(groups, blocks))
     assert layers.num_layers == groups * blocks + 1
+
+
+GROUPS, BLOCKS = 2, 3
+# Views of a (groups, blocks, in, out) stack that a loop runs over, and the slices (g, b) their
+# entries are, in order: a static range or stride of one axis, and both axes merged by a
+# reshape (after a transpose: blocks-major).
+STACK_VIEWS = {
+    "w[1, 1:]": (lambda w: w[1, 1:], [(1, 1), (1, 2)]),
+    "w[0, ::2]": (lambda w: w[0, ::2], [(0, 0), (0, 2)]),
+    "w[:, 1]": (lambda w: w[:, 1], [(0, 1), (1, 1)]),
+    "w.reshape(6, ...)": (
+        lambda w: w.reshape(GROUPS * BLOCKS, *w.shape[2:]),
+        [(g, b) for g in range(GROUPS) for b in range(BLOCKS)],
+    ),
+    "w.transpose(1, 0, ...).reshape(6, ...)": (
+        lambda w: w.transpose(1, 0, 2, 3).reshape(GROUPS * BLOCKS, *w.shape[2:]),
+        [(g, b) for b in range(BLOCKS) for g in range(GROUPS)],
+    ),
+}
+
+
+def _first_read_depths(reads, shape):
+    """Reference: the stacked axes are those whose entry changes from read to read; a slice
+    along them has depth 1 + the rank of its first read, the head comes next, and slices
+    never read get the label after the head's. Returns (axes, depths over those axes)."""
+    axes = tuple(a for a in range(len(shape)) if len({s[a] for s in reads}) > 1)
+    first = list(dict.fromkeys(tuple(s[a] for a in axes) for s in reads))
+    depth = np.full([shape[a] for a in axes], len(first) + 2)
+    for rank, s in enumerate(first):
+        depth[s] = rank + 1
+    return axes, depth
+
+
+@pytest.mark.parametrize("loop", ["scan", "fori_loop", "python loop"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("view", sorted(STACK_VIEWS))
+def test_a_loop_over_a_range_or_a_merge_of_stacked_axes_reads_those_slices(view, reverse, loop):
+    # Each entry of the view is one block (g, b): the view's entries map back to the leaf's
+    # slices, so the blocks it reads are layers in the order read and the rest are unused.
+    make_view, entries = STACK_VIEWS[view]
+    params = {"w": jax.random.normal(jax.random.key(0), (GROUPS, BLOCKS, WIDTH, WIDTH))}
+    params["head"] = {"w": jnp.ones((WIDTH, CLASSES))}
+    n = len(entries)
+    order = list(range(n - 1, -1, -1)) if reverse else list(range(n))
+
+    def apply(p, x):
+        w = make_view(p["w"])
+        step = lambda x, wi: jnp.tanh(x @ wi)
+        if loop == "scan":
+            x = jax.lax.scan(lambda x, wi: (step(x, wi), None), x, w, reverse=reverse)[0]
+        elif loop == "fori_loop":
+            at = (lambda j: n - 1 - j) if reverse else (lambda j: j)  # traced arithmetic
+            x = jax.lax.fori_loop(0, n, lambda j, x: step(x, w[at(j)]), x)
+        else:
+            for i in order:
+                x = step(x, w[i])
+        return x @ p["head"]["w"]
+
+    stacked, expected = _first_read_depths([entries[i] for i in order], (GROUPS, BLOCKS))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layers = lo.layer_structure(params, apply, jnp.ones((2, WIDTH)))
+    w = layers.leaves[1]
+    assert (w.path, w.role, w.stacked_axes, w.fan_in_axes, w.output_axes) == (
+        "w",
+        "kernel",
+        stacked,
+        (2,),
+        (3,),
+    )
+    np.testing.assert_array_equal(np.squeeze(w.depth, (2, 3)).reshape(expected.shape), expected)
+    assert int(layers.depths["head"]["w"]) == n + 1
+    unread = int(np.sum(expected > n + 1))
+    messages = [str(c.message) for c in caught]
+    assert any(f"never used {unread} params" in m for m in messages) == bool(unread), messages
+
+
+UNFOLLOWED = {
+    # The trip count is an input: which slices the counter reaches is not in the trace.
+    "trip count an input": (
+        lambda w, x, n: jax.lax.fori_loop(0, n, lambda i, x: jnp.tanh(x @ w[i]), x)
+    ),
+    # More steps than the trace evaluates.
+    "2000 steps": (
+        lambda w, x, n: jax.lax.fori_loop(0, 2000, lambda i, x: jnp.tanh(x @ w[i % L]), x)
+    ),
+    # Two loops' counters in one index.
+    "w[2 * j + i]": (
+        lambda w, x, n: jax.lax.fori_loop(
+            0,
+            L // 2,
+            lambda j, x: jax.lax.fori_loop(0, 2, lambda i, x: jnp.tanh(x @ w[2 * j + i]), x),
+            x,
+        )
+    ),
+    # Each step reads a group of blocks (a reshape split the stacked axis).
+    "scan over w.reshape(2, 3, ...)": (
+        lambda w, x, n: jax.lax.scan(
+            lambda x, g: (jnp.tanh(x @ g[0] @ g[1] @ g[2]), None),
+            x,
+            w.reshape(2, L // 2, WIDTH, WIDTH),
+        )[0]
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNFOLLOWED))
+def test_a_loop_the_trace_cannot_follow_reads_the_leaf_whole_and_says_so(case):
+    # The leaf stays one layer (LPWD gives all its blocks one rate), and a warning names it.
+    params = {"blocks": {"w": jnp.ones((L, WIDTH, WIDTH))}, "head": {"w": jnp.ones((WIDTH, 1))}}
+    loop = UNFOLLOWED[case]
+    apply = lambda p, x, n: loop(p["blocks"]["w"], x, n) @ p["head"]["w"]
+    with pytest.warns(UserWarning, match=r"reads 1 params \(e\.g\. blocks/w\) .* one layer"):
+        layers = lo.layer_structure(params, apply, jnp.ones((2, WIDTH)), jnp.int32(L))
+    w = layers.leaves[0]
+    assert (w.path, w.role, w.stacked_axes, int(w.depth)) == ("blocks/w", "other", (), 1)
 
 
 def test_the_taps_of_a_shifted_sum_convolution_are_one_kernel():
