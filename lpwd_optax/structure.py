@@ -12,8 +12,9 @@ param leaf:
   blocks)`): a Python loop, when every use of it takes one entry along that axis, or a
   `fori_loop`, a `while_loop` of known trip count or a scan over `jnp.arange(L)`, whose
   traced counter's values are read from the trace, slice `i` at the step that reads it; each
-  loop reads a static range of the stack (`w[2:5]`) or its axes merged (`w.reshape(G * B,
-  ...)`) the same way, and a leaf a loop reads in a way the trace cannot follow is one layer,
+  loop reads a static range of the stack (`w[2:5]`), its axes merged (`w.reshape(G * B,
+  ...)`) or split into groups that inner loops go through (`w.reshape(G, B, ...)`, `w[B * j +
+  i]`) the same way, and a leaf a loop reads in a way the trace cannot follow is one layer,
   with a warning;
 - what it is: a kernel (it reaches a `dot_general` or `conv_general_dilated` through views:
   casts, reshapes, transposes, broadcasts, slices, masks, gathers by constant indices, or is
@@ -143,17 +144,18 @@ class _Iteration:
 
 @dataclasses.dataclass(frozen=True)
 class _Stacking:
-    """Leaf axes `leaf_axes` are read one slice per step of scan `level` (several axes when a
-    reshape merged them into the one scanned): the slice at row-major index `k` over those
-    axes (of sizes `sizes`) at execution step `steps[k]`, -1 if this use never reads it."""
+    """Leaf axes `leaf_axes` are read one slice at a time by the steps of the nested scans
+    `levels` (outermost first; several axes when a reshape merged them into the one read): the
+    slice at row-major index `k` over those axes (of sizes `sizes`) first at the steps
+    `steps[k]`, one per level, or None if this use never reads it."""
 
-    level: int
+    levels: tuple[int, ...]
     leaf_axes: tuple[int, ...]
     sizes: tuple[int, ...]
-    steps: tuple[int, ...]
+    steps: tuple[tuple[int, ...] | None, ...]
 
-    def step(self, index: dict[int, int]) -> int:
-        """The step that reads the slice at `index` (leaf axis -> entry)."""
+    def step(self, index: dict[int, int]) -> tuple[int, ...] | None:
+        """The steps, one per level, that read the slice at `index` (leaf axis -> entry)."""
         k = np.ravel_multi_index(tuple(index[a] for a in self.leaf_axes), self.sizes)
         return self.steps[int(k)]
 
@@ -173,27 +175,56 @@ class _Ref:
     # Leaf axes a gather with constant indices rearranged (a Toeplitz matrix of a convolution
     # kernel, a table read by a fixed index): their entries reappear along other value axes.
     rearranged: frozenset[int] = frozenset()
-    # Leaf axes a static slice narrowed to several of their entries (`w[2:5]`, `w[::2]`):
-    # (leaf axis, first, stride), entry `k` of the view being entry `first + stride * k`.
-    ranges: tuple[tuple[int, int, int], ...] = ()
+    # Leaf axes narrowed to several of their entries, by a static slice (`w[2:5]`, `w[::2]`) or
+    # by a loop (a scan over `w.reshape(G, B, ...)`: step `g` reads entries `g * B` to
+    # `g * B + B - 1`): (leaf axis, first, stride), entry `k` of the view being entry
+    # `first + stride * k`; `first` is a `_Varying` where a loop moves it.
+    ranges: tuple[tuple[int, Any, int], ...] = ()
+    # Per value axis, where a reshape split one leaf axis into several value axes (`w.reshape(G,
+    # B, ...)`), the place value of the digit it is: entry `k` of it is `k * digit` entries
+    # further along the leaf axis (times the stride of `ranges`); 0 elsewhere, () if none is.
+    digits: tuple[int, ...] = ()
 
-    def leaf_entry(self, axis: int, k: Any) -> Any:
-        """The leaf's entry along `axis` that entry `k` of this view is."""
-        first, stride = next(((f, s) for a, f, s in self.ranges if a == axis), (0, 1))
-        return first + stride * k
+    def digit(self, k: int) -> int:
+        return self.digits[k] if self.digits else 0
 
-    def slice_entries(self, k: int, n: int) -> np.ndarray | None:
-        """The slices that value axis `k`, of `n` entries, enumerates: per entry, the
-        row-major index over the leaf axes it spans. None unless each entry is one slice: an
-        entry of one leaf axis (whole, or a static range of it), or of several whole ones
+    def digit_list(self) -> list[int]:
+        return list(self.digits) if self.digits else [0] * len(self.axes)
+
+    def range_of(self, axis: int) -> tuple[Any, int]:
+        """(first, stride) of the leaf entries the view holds along leaf axis `axis`."""
+        return next(((f, s) for a, f, s in self.ranges if a == axis), (0, 1))
+
+    def splits(self, k: int, shape: Sequence[int]) -> bool:
+        """Whether value axis `k` (of a view of shape `shape`) is one digit of a split leaf
+        axis: another value axis with several entries spans that same one leaf axis."""
+        a = self.axes[k]
+        return len(a) == 1 and any(
+            j != k and shape[j] > 1 and a[0] in self.axes[j] for j in range(len(shape))
+        )
+
+    def slice_entries(self, k: int, shape: Sequence[int]) -> tuple[tuple[int, ...], Any] | None:
+        """The slices that value axis `k` of a view of shape `shape` enumerates: `(levels,
+        table)`, `table[s1, ..., sm, e]` being the row-major index over the leaf axes it spans
+        of its entry `e` at steps `s1, ..., sm` of the loops `levels` that move the view (none
+        for a static one). None unless each entry is one slice: an entry of one leaf axis
+        (whole, a range of it, or the last digit of a split one), or of several whole ones
         that a reshape merged."""
-        leaf_axes, narrowed = self.axes[k], {a for a, _, _ in self.ranges}
-        if len(leaf_axes) == 1 and (leaf_axes[0] in narrowed or n == self.leaf_shape[leaf_axes[0]]):
-            return self.leaf_entry(leaf_axes[0], np.arange(n))
+        leaf_axes, n = self.axes[k], shape[k]
+        narrowed = {a for a, _, _ in self.ranges}
+        if len(leaf_axes) == 1:
+            a = leaf_axes[0]
+            whole = a in narrowed or self.digit(k) or n == self.leaf_shape[a]
+            if self.splits(k, shape) or not whole:
+                return None  # an entry is a group of slices
+            first, stride = self.range_of(a)
+            levels, (f,) = _on_grid([first])
+            return levels, f[..., None] + stride * (self.digit(k) or 1) * np.arange(n)
         sizes = [self.leaf_shape[a] for a in leaf_axes]
-        if len(leaf_axes) > 1 and math.prod(sizes) == n and not narrowed & set(leaf_axes):
-            return np.arange(n)
-        return None  # a reshape split the axis: an entry is a group of slices
+        merged = leaf_axes and math.prod(sizes) == n and not self.digit(k)
+        if merged and not narrowed & set(leaf_axes):
+            return (), np.arange(n)
+        return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,12 +244,18 @@ def _union(groups: Sequence[tuple[int, ...]]) -> frozenset[int]:
 
 
 def _reshape_axes(
-    axes: tuple[tuple[int, ...], ...], old: Sequence[int], new: Sequence[int]
-) -> tuple[tuple[int, ...], ...]:
-    """Leaf axes of each new axis: blocks of old and new axes with equal products are matched
-    left to right; a new axis spans the leaf axes of its block's old axes."""
-    old_axes = [(n, a) for n, a in zip(old, axes) if n != 1]
+    axes: tuple[tuple[int, ...], ...],
+    digits: Sequence[int],
+    old: Sequence[int],
+    new: Sequence[int],
+) -> tuple[tuple[tuple[int, ...], ...], tuple[int, ...]]:
+    """Leaf axes and digits (see `_Ref.digits`) of each new axis: blocks of old and new axes
+    with equal products are matched left to right; a new axis spans the leaf axes of its
+    block's old axes. One old axis of one leaf axis split into several makes each new axis a
+    digit of it; the digits of one leaf axis merged back in order make one again."""
+    old_axes = [(n, a, d) for n, a, d in zip(old, axes, digits) if n != 1]
     out: list[tuple[int, ...]] = [()] * len(new)
+    out_digits = [0] * len(new)
     new_idx = [i for i, n in enumerate(new) if n != 1]
     i = j = 0
     while i < len(old_axes) and j < len(new_idx):
@@ -237,35 +274,80 @@ def _reshape_axes(
         spanned = tuple(dict.fromkeys(a for k in block_old for a in old_axes[k][1]))
         for k in block_new:
             out[new_idx[k]] = spanned
+        sizes = [new[new_idx[k]] for k in block_new]
+        parts = [old_axes[k] for k in block_old]
+        if len(spanned) == 1 and len(parts) == 1 and len(sizes) > 1:
+            place = parts[0][2] or 1  # a split: each new axis one digit, the last the units
+            for k, rest in zip(block_new, range(len(sizes))):
+                out_digits[new_idx[k]] = place * math.prod(sizes[rest + 1 :])
+        elif len(spanned) == 1 and len(parts) > 1 and len(sizes) == 1:
+            # Digits merged back: in order (each place the next one's times its size) they
+            # are one digit again, of the last one's place.
+            places = [d for _, _, d in parts]
+            in_order = all(
+                d > 0 and d == nxt * n for (_, _, d), (n, _, nxt) in itertools.pairwise(parts)
+            )
+            out_digits[new_idx[block_new[0]]] = places[-1] if in_order else 0
+        elif len(parts) == 1 and len(sizes) == 1:
+            out_digits[new_idx[block_new[0]]] = parts[0][2]
         i, j = i + 1, j + 1
-    return tuple(out)
+    return tuple(out), tuple(out_digits)
 
 
 def _view_axes(eqn: Any, ref: _Ref) -> _Ref:
     name, params = eqn.primitive.name, eqn.params
-    axes = ref.axes
+    axes, digits = ref.axes, tuple(ref.digit_list())
     if name == "transpose":
         axes = tuple(axes[p] for p in params["permutation"])
+        digits = tuple(digits[p] for p in params["permutation"])
     elif name == "broadcast_in_dim":
         out: list[tuple[int, ...]] = [()] * len(params["shape"])
+        out_digits = [0] * len(params["shape"])
         for j, d in enumerate(params["broadcast_dimensions"]):
-            out[d] = axes[j]
-        axes = tuple(out)
+            out[d], out_digits[d] = axes[j], digits[j]
+        axes, digits = tuple(out), tuple(out_digits)
     elif name == "squeeze":
         drop = {d % len(axes) for d in params["dimensions"]}
         axes = tuple(a for k, a in enumerate(axes) if k not in drop)
+        digits = tuple(d for k, d in enumerate(digits) if k not in drop)
     elif name == "expand_dims":
-        out = list(axes)
+        out, out_digits = list(axes), list(digits)
         for d in sorted(params["dimensions"]):
             out.insert(d, ())
-        axes = tuple(out)
+            out_digits.insert(d, 0)
+        axes, digits = tuple(out), tuple(out_digits)
     elif name == "reshape":
         old = eqn.invars[0].aval.shape
-        axes = _reshape_axes(axes, old, params["new_sizes"])
+        axes, digits = _reshape_axes(axes, digits, old, params["new_sizes"])
     elif name == "slice":
         old, new = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
         return _cut(ref, old, new, params["start_indices"], params.get("strides"))
-    return dataclasses.replace(ref, axes=axes)
+    return dataclasses.replace(ref, axes=axes, digits=digits if any(digits) else ())
+
+
+def _on_grid(values: Sequence[Any]) -> tuple[tuple[int, ...], list[np.ndarray]]:
+    """Known values, some of them `_Varying`, on the grid of the steps of all their loops
+    (levels in nesting order): each an array whose leading axes are those steps."""
+    steps: dict[int, int] = {}
+    for v in values:
+        if isinstance(v, _Varying):
+            steps.update(zip(v.levels, v.values.shape))
+    levels = tuple(sorted(steps))
+    grid = tuple(steps[level] for level in levels)
+    out = []
+    for v in values:
+        if isinstance(v, _Varying):
+            rest = v.values.shape[len(v.levels) :]
+            shape = [steps[level] if level in v.levels else 1 for level in levels]
+            out.append(np.broadcast_to(v.values.reshape(*shape, *rest), grid + rest))
+        else:
+            out.append(np.broadcast_to(np.asarray(v), grid + np.shape(v)))
+    return levels, out
+
+
+def _known(levels: tuple[int, ...], values: Any) -> Any:
+    """`values` on the grid of the loops `levels`: a `_Varying`, or a plain value if none."""
+    return _Varying(levels, np.asarray(values)) if levels else values
 
 
 def _cut(
@@ -276,26 +358,96 @@ def _cut(
     strides: Sequence[int] | None = None,
 ) -> _Ref:
     """A static slice of `ref` from `starts`: the value axes it cuts to one entry, and the
-    leaf axes it narrows to a range of entries."""
+    leaf axes it narrows to a range of entries. One entry of a split leaf axis's digit, or of
+    a range a loop moves, is taken by `_take` first."""
+    taken = set()
+    for axis, (n, m, k) in enumerate(zip(old, new, starts)):
+        if n > 1 and m == 1 and (ref.splits(axis, old) or _moves(ref, axis)):
+            view = _take(ref, axis, old, int(k))
+            if view is not None:
+                ref = view
+                taken.add(axis)
     cut, picked, ranges = [], [], {a: (f, s) for a, f, s in ref.ranges}
+    digits = ref.digit_list()
     for axis, (a, n, m, k, step) in enumerate(
         zip(ref.axes, old, new, starts, strides or [1] * len(old))
     ):
+        if axis in taken:
+            continue
         if n > 1 and m == 1:
             cut.append(a)
-            slices = ref.slice_entries(axis, n)  # one slice taken: an entry of each leaf axis
-            if slices is not None:
-                entry = np.unravel_index(slices[int(k)], [ref.leaf_shape[x] for x in a])
+            entries = ref.slice_entries(axis, old)  # one slice taken: an entry of each leaf axis
+            if entries is not None:
+                slice_index = entries[1][int(k)]
+                entry = np.unravel_index(slice_index, [ref.leaf_shape[x] for x in a])
                 picked += [(x, int(e)) for x, e in zip(a, entry)]
-        elif 1 < m < n and len(a) == 1:
+        elif 1 < m < n and len(a) == 1 and not ref.splits(axis, old):
             first, stride = ranges.get(a[0], (0, 1))
-            ranges[a[0]] = (first + stride * int(k), stride * int(step))
+            stride *= digits[axis] or 1  # the range's stride holds the digit's place now
+            digits[axis] = 0
+            levels, (f,) = _on_grid([first])
+            ranges[a[0]] = (_known(levels, f + stride * int(k)), stride * int(step))
     return dataclasses.replace(
         ref,
         cut=ref.cut | _union(cut),
         picked=ref.picked + tuple(picked),
         ranges=tuple((a, f, s) for a, (f, s) in ranges.items()),
+        digits=tuple(digits) if any(digits) else (),
     )
+
+
+def _moves(ref: _Ref, axis: int) -> bool:
+    """Whether a loop moves the range of the one leaf axis that value axis `axis` spans."""
+    a = ref.axes[axis]
+    return len(a) == 1 and isinstance(ref.range_of(a[0])[0], _Varying)
+
+
+def _take(ref: _Ref, k: int, shape: Sequence[int], index: Any) -> _Ref | None:
+    """Value axis `k` of a view of shape `shape` taken at one entry `index` (an int, or a
+    `_Varying` where loops choose it) where a loop or a split is involved: a digit of a split
+    leaf axis moves the axis's range by `index` digits, and once no other digit is left the
+    one slice reached is taken; an entry of a range or axis a loop walks stacks the leaf along
+    it (see `_stacking`). The axis is gone from the view (a size-1 axis spanning no leaf axis)
+    unless a static slice is taken. None if the trace cannot say which slices are read."""
+    axes, digits = list(ref.axes), ref.digit_list()
+    index_levels, index_values = (
+        (index.levels, index.values) if isinstance(index, _Varying) else ((), np.asarray(index))
+    )
+    consumed = set(ref.axes[k]) - {a for j, x in enumerate(ref.axes) if j != k for a in x}
+    ranges = tuple(r for r in ref.ranges if r[0] not in consumed)  # read one slice at a time
+    if not ref.splits(k, shape):
+        stack = _stacking(ref, k, shape, index_levels, index_values)
+        if stack is None:
+            return None
+        axes[k], digits[k] = (), 0
+        return dataclasses.replace(
+            ref,
+            axes=tuple(axes),
+            digits=tuple(digits) if any(digits) else (),
+            stacking=(*ref.stacking, stack),
+            ranges=ranges,
+        )
+    a, place = ref.axes[k][0], ref.digit(k)
+    if not place:
+        return None  # split in a way the digits do not record
+    first, stride = ref.range_of(a)
+    levels, (f, i) = _on_grid([first, index])
+    moved = f + stride * place * i
+    axes[k], digits[k] = (), 0
+    view = dataclasses.replace(ref, axes=tuple(axes), digits=tuple(digits))
+    if any(j != k and shape[j] > 1 and a in axes[j] for j in range(len(shape))):
+        moved_range = (a, _known(levels, moved), stride)  # other digits are left
+        rest = tuple(r for r in ref.ranges if r[0] != a)
+        return dataclasses.replace(view, ranges=(*rest, moved_range))
+    if not levels:  # the last digit, statically: one slice picked
+        axes[k] = (a,)
+        return dataclasses.replace(
+            view, axes=tuple(axes), cut=ref.cut | {a}, picked=(*ref.picked, (a, int(moved)))
+        )
+    if any(set(x.levels) & set(levels) for x in ref.stacking):
+        return None
+    stack = _stacking_of(levels, (a,), (ref.leaf_shape[a],), moved)
+    return dataclasses.replace(view, stacking=(*ref.stacking, stack), ranges=ranges)
 
 
 def _clamped(starts: Sequence[Any], old: Sequence[int], sizes: Sequence[int]) -> list[int]:
@@ -321,15 +473,18 @@ def _gathered(eqn: Any, ref: _Ref, single: bool) -> _Ref:
     numbers = eqn.params["dimension_numbers"]
     dropped = set(numbers.collapsed_slice_dims) | set(numbers.operand_batching_dims)
     kept = [ref.axes[k] for k in range(len(ref.axes)) if k not in dropped]
+    kept_digits = [d for k, d in enumerate(ref.digit_list()) if k not in dropped]
     indexed = _union([ref.axes[k] for k in numbers.start_index_map])
     axes: list[tuple[int, ...]] = [() if single else tuple(sorted(indexed))] * len(
         eqn.outvars[0].aval.shape
     )
-    for position, leaf_axes in zip(numbers.offset_dims, kept):
-        axes[position] = leaf_axes
+    digits = [0] * len(axes)
+    for position, leaf_axes, digit in zip(numbers.offset_dims, kept, kept_digits):
+        axes[position], digits[position] = leaf_axes, digit
+    view = dataclasses.replace(ref, axes=tuple(axes), digits=tuple(digits) if any(digits) else ())
     if single:
-        return dataclasses.replace(ref, axes=tuple(axes))
-    return dataclasses.replace(ref, axes=tuple(axes), rearranged=ref.rearranged | indexed)
+        return view
+    return dataclasses.replace(view, rearranged=ref.rearranged | indexed)
 
 
 def _gather_view(eqn: Any, ref: _Ref, indices: Any) -> _Ref:
@@ -342,19 +497,36 @@ def _gather_view(eqn: Any, ref: _Ref, indices: Any) -> _Ref:
     return _gathered(eqn, _cut(ref, old, sizes, _clamped(starts, old, sizes)), single=True)
 
 
-def _stacking(ref: _Ref, k: int, n: int, level: int, reads: Sequence[int]) -> _Stacking | None:
-    """The leaf axes that value axis `k` (of `n` entries) spans, read one entry per step of
-    scan `level`: entry `reads[s]` at step `s`. None unless each entry is one slice (see
-    `_Ref.slice_entries`)."""
-    slices = ref.slice_entries(k, n)
-    if slices is None:
+def _stacking(
+    ref: _Ref, k: int, shape: Sequence[int], levels: tuple[int, ...], reads: Any
+) -> _Stacking | None:
+    """The leaf axes that value axis `k` of a view of shape `shape` spans, read one entry at a
+    time by the steps of the nested loops `levels`: entry `reads[s1, ..., sm]` at their steps
+    (a loop that moves the view's range adds its level). Each slice is first read at the
+    earliest steps. None unless each entry is one slice (see `_Ref.slice_entries`), and no
+    loop already stacks another of the leaf's axes."""
+    entries = ref.slice_entries(k, shape)
+    if entries is None:
         return None
+    table_levels, table = entries
+    levels, (t, r) = _on_grid([_known(table_levels, table), _known(levels, reads)])
+    if not levels or any(set(x.levels) & set(levels) for x in ref.stacking):
+        return None
+    slices = np.take_along_axis(t, np.asarray(r, np.int64)[..., None], axis=-1)[..., 0]
     sizes = tuple(ref.leaf_shape[a] for a in ref.axes[k])
-    steps = [-1] * math.prod(sizes)
-    for step, entry in enumerate(reads):
-        if steps[slices[entry]] < 0:
-            steps[slices[entry]] = step
-    return _Stacking(level, ref.axes[k], sizes, tuple(steps))
+    return _stacking_of(levels, ref.axes[k], sizes, slices)
+
+
+def _stacking_of(
+    levels: tuple[int, ...], leaf_axes: tuple[int, ...], sizes: tuple[int, ...], slices: Any
+) -> _Stacking:
+    """`slices[s1, ..., sm]`: the slice (row-major over `leaf_axes`) read at those steps."""
+    steps: list[tuple[int, ...] | None] = [None] * math.prod(sizes)
+    for point in np.ndindex(np.shape(slices)):  # row-major: execution order
+        slice_index = int(slices[point])
+        if steps[slice_index] is None:
+            steps[slice_index] = tuple(int(j) for j in point)
+    return _Stacking(levels, leaf_axes, sizes, tuple(steps))
 
 
 def _loop_cut(
@@ -364,32 +536,47 @@ def _loop_cut(
     starts: Sequence[Any],
 ) -> _Ref | None:
     """A slice at known starts (`lax.dynamic_index_in_dim(w, 2)`: a static slice), or whose
-    starts move with the steps of scans (`w[i]` in a `fori_loop` or in a scan over
-    `jnp.arange(L)`; `w[j, i]` in two nested ones): `starts` holds an int or a
-    `_Varying` per axis. The leaf axes a start walks are stacked, each slice read at the first
-    step that starts at it; None unless every moving start takes one entry of an axis
-    `_stacking` maps to slices, one axis per scan."""
-    fixed, axes, static = list(old), list(ref.axes), []
-    stacking = list(ref.stacking)
+    starts move with the steps of loops (`w[i]` in a `fori_loop` or in a scan over
+    `jnp.arange(L)`; `w[j, i]` or `w[3 * j + i]` in two nested ones): `starts` holds an int or
+    a `_Varying` per axis. A moving start that takes one entry is taken by `_take` (the leaf
+    axes it walks are stacked, each slice read at the first steps that start at it); one that
+    takes several entries of one leaf axis moves that axis's range. None where the trace
+    cannot say which slices are read."""
+    fixed, static = list(old), []
+    view = ref
     for k, start in enumerate(starts):
         top = old[k] - sizes[k]  # starts are clamped into range, as dynamic_slice does
         if not isinstance(start, _Varying):
             static.append(min(max(int(start), 0), top))
             continue
-        values = np.clip(np.ravel(start.values), 0, top)
-        if np.all(values == values[0]):
-            static.append(int(values[0]))  # every step reads the same slice
+        values = np.clip(start.values, 0, top)
+        if np.all(values == values.flat[0]):
+            static.append(int(values.flat[0]))  # every step reads the same slice
             continue
-        if sizes[k] != 1 or any(x.level == start.level for x in stacking):
-            return None
-        stack = _stacking(ref, k, old[k], start.level, values)
-        if stack is None:
-            return None
-        stacking.append(stack)
-        fixed[k], axes[k] = 1, ()  # not a static cut: the axis is gone from the view
         static.append(0)
-    view = _cut(ref, fixed, sizes, static)
-    return dataclasses.replace(view, axes=tuple(axes), stacking=tuple(stacking))
+        moving = _Varying(start.levels, values)
+        if sizes[k] == 1:
+            view = _take(view, k, old, moving)
+            fixed[k] = 1  # not a static cut: the axis is gone from the view
+        elif len(view.axes[k]) == 1 and not view.splits(k, old):
+            a, place = view.axes[k][0], view.digit(k) or 1
+            first, stride = view.range_of(a)
+            levels, (f, i) = _on_grid([first, moving])
+            ranges = {x: (f0, s0) for x, f0, s0 in view.ranges}
+            ranges[a] = (_Varying(levels, f + stride * place * i), stride * place)
+            digits = view.digit_list()
+            digits[k] = 0
+            view = dataclasses.replace(
+                view,
+                ranges=tuple((x, f0, s0) for x, (f0, s0) in ranges.items()),
+                digits=tuple(digits) if any(digits) else (),
+            )
+            fixed[k] = sizes[k]  # the window keeps its entries
+        else:
+            return None
+        if view is None:
+            return None
+    return _cut(view, fixed, sizes, static)
 
 
 def _kernel_use(
@@ -460,11 +647,16 @@ _LOOP = object()
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Varying:
-    """A value that depends on nothing but the step of scan `level` (a `fori_loop`'s counter,
-    a constant `xs`, and what is computed from them): `values[j]` at execution step `j`."""
+    """A value that depends on nothing but the steps of the nested scans `levels` (outermost
+    first): a `fori_loop`'s counter, a constant `xs`, and what is computed from them, such as
+    `2 * j + i` of two nested loops. `values[s1, ..., sm]` is its value at their steps."""
 
-    level: int
+    levels: tuple[int, ...]
     values: np.ndarray
+
+    def at(self, steps: dict[int, int]) -> np.ndarray:
+        """The value at the steps `steps` (level -> step) of its levels."""
+        return self.values[tuple(steps[level] for level in self.levels)]
 
 
 def _is_index(dtype: Any) -> bool:
@@ -488,18 +680,23 @@ def _evaluate(eqn: Any, values: Sequence[Any]) -> list[Any] | None:
         return None
     varying = [v for v in values if isinstance(v, _Varying)]
     if varying:
-        level = varying[0].level
-        if any(v.level != level for v in varying):
-            return None
         if not all(_is_index(v.aval.dtype) for v in eqn.outvars):
             return None  # only index arithmetic is followed step by step
-        per_step = []
-        for j in range(len(varying[0].values)):
-            outs = _evaluate(eqn, [v.values[j] if isinstance(v, _Varying) else v for v in values])
+        steps = {level: n for v in varying for level, n in zip(v.levels, v.values.shape)}
+        levels = tuple(sorted(steps))  # the nesting order
+        grid = tuple(steps[level] for level in levels)
+        if math.prod(grid) > _SMALL_CONSTANT:
+            return None
+        per_point = []
+        for point in np.ndindex(grid):
+            at = dict(zip(levels, point))
+            outs = _evaluate(eqn, [v.at(at) if isinstance(v, _Varying) else v for v in values])
             if outs is None:
                 return None
-            per_step.append(outs)
-        return [_Varying(level, np.stack(o)) for o in zip(*per_step)]
+            per_point.append(outs)
+        return [
+            _Varying(levels, np.stack(o).reshape(grid + np.shape(o[0]))) for o in zip(*per_point)
+        ]
     if any(math.prod(v.aval.shape) > _SMALL_CONSTANT for v in [*eqn.invars, *eqn.outvars]):
         return None
     try:
@@ -672,10 +869,13 @@ class _Walker:
             if not all(_is_value(f) or isinstance(f, _Varying) for f in starts):
                 return None
         elif isinstance(flags[1], _Varying):
-            per_step = [_gather_starts(eqn, v) for v in flags[1].values]
-            if any(p is None for p in per_step):
+            indices = flags[1]
+            grid = indices.values.shape[: len(indices.levels)]
+            per_point = [_gather_starts(eqn, indices.values[p]) for p in np.ndindex(grid)]
+            if any(p is None for p in per_point):
                 return None
-            starts = [_Varying(flags[1].level, column) for column in np.stack(per_step).T]
+            columns = np.stack(per_point).reshape(*grid, -1)
+            starts = [_Varying(indices.levels, columns[..., a]) for a in range(columns.shape[-1])]
         else:
             return None
         old, sizes = eqn.invars[0].aval.shape, eqn.params["slice_sizes"]
@@ -694,8 +894,8 @@ class _Walker:
         if not any(f is _LOOP or isinstance(f, _Varying) for f in starts):
             return False
         how = (
-            "one slice at a time at an index the trace cannot follow: a loop whose trip count "
-            f"is an input or over {_SMALL_CONSTANT} steps, or an index mixing two loops' counters"
+            "one slice at a time at an index the trace cannot follow (a loop whose trip count "
+            f"is an input, or over {_SMALL_CONSTANT} steps, nested loops' steps counted together)"
         )
         self.unfollowed.setdefault(ref.leaf, how)
         return True
@@ -736,7 +936,7 @@ class _Walker:
             counter = values if k == c else None
             if counter is None and _is_counter(var, f):
                 counter = _counter_values(update(k), f, len(values))
-            inner_flags.append(None if counter is None else _Varying(level, counter))
+            inner_flags.append(None if counter is None else _Varying((level,), counter))
         self.walk(body, refs[nc:], (*position, _Iteration(level)), inner_flags)
         return True
 
@@ -797,20 +997,19 @@ class _Walker:
             if r is None or k < first_xs:
                 inner.append(r)  # consts (and a carry's initial value): the whole leaf
                 continue
-            scanned, rest = r.axes[0], r.axes[1:]
-            if not scanned:
-                inner.append(dataclasses.replace(r, axes=rest))  # broadcast, then scanned
+            if not r.axes[0]:  # broadcast, then scanned
+                inner.append(dataclasses.replace(r, axes=r.axes[1:], digits=r.digits[1:]))
                 continue
             n = params["length"]
-            reads = range(n - 1, -1, -1) if params["reverse"] else range(n)
-            stack = _stacking(r, 0, n, level, reads)
-            if stack is None:  # a step's entry is not one slice of the leaf
+            reads = np.arange(n)[::-1] if params["reverse"] else np.arange(n)
+            view = _take(r, 0, eqn.invars[k].aval.shape, _Varying((level,), reads))
+            if view is None:  # a step's entry is not one slice, nor a group of them in order
                 self.uses.append(_Use(r, position, "scan", "other"))
-                how = "in a scan over groups of their slices (a reshape split the stacked axis)"
+                how = "in a scan whose steps read slices the trace cannot map to the leaf"
                 self.unfollowed.setdefault(r.leaf, how)
                 inner.append(None)
                 continue
-            inner.append(dataclasses.replace(r, axes=rest, stacking=(*r.stacking, stack)))
+            inner.append(dataclasses.replace(view, axes=view.axes[1:], digits=view.digits[1:]))
         body = params["jaxpr"].jaxpr
         n, consts = params["length"], params["num_consts"]
         known = {v: f for v, f in zip(body.invars[:consts], flags) if _is_value(f)}
@@ -825,10 +1024,10 @@ class _Walker:
             elif k >= first_xs:
                 steps = f[::-1] if params["reverse"] else f
                 small = _is_value(f) and n <= _SMALL_CONSTANT
-                inner_flags.append(_Varying(level, np.asarray(steps)) if small else _LOOP)
+                inner_flags.append(_Varying((level,), np.asarray(steps)) if small else _LOOP)
             elif _is_counter(var, f) and (update := _function_of(body, k - consts, var, known)):
                 values = _counter_values(update, f, n) if n <= _SMALL_CONSTANT else None
-                inner_flags.append(_LOOP if values is None else _Varying(level, values))
+                inner_flags.append(_LOOP if values is None else _Varying((level,), values))
             else:
                 inner_flags.append(None)
         self.walk(body, inner, (*position, _Iteration(level)), inner_flags)
@@ -879,7 +1078,19 @@ def _trace_uses(
         np.asarray(c) if np.size(c) <= _SMALL_CONSTANT else _UNKNOWN for c in closed.consts
     ]
     walker.walk(closed.jaxpr, refs + [None] * len(dynamic), (), None, const_values)
-    return walker.uses, walker.unfollowed
+    # A group of slices that a loop moves along the stack (a scan over `w.reshape(G, B, ...)`
+    # whose steps use each group whole): which slice is at which depth is not one answer.
+    uses = []
+    for u in walker.uses:
+        if any(isinstance(first, _Varying) for _, first, _ in u.ref.ranges):
+            how = "a group of slices at a time (a loop over groups of the stack) and uses it whole"
+            walker.unfollowed.setdefault(u.ref.leaf, how)
+            whole = _Ref(
+                u.ref.leaf, u.ref.leaf_shape, tuple((a,) for a in range(len(u.ref.leaf_shape)))
+            )
+            u = _Use(whole, u.position, u.primitive, "other")
+        uses.append(u)
+    return uses, walker.unfollowed
 
 
 # --------------------------------------------------------------------------------------------
@@ -890,18 +1101,18 @@ def _concrete(
     position: tuple, stacking: tuple[_Stacking, ...], index: dict[int, int]
 ) -> tuple | None:
     """The position at which a use reads slice `index`, or None if it never reads it."""
-    by_level = {s.level: s for s in stacking}
+    by_level = {level: (s, k) for s in stacking for k, level in enumerate(s.levels)}
     out = []
     for p in position:
         if isinstance(p, _Iteration):
-            s = by_level.get(p.level)
-            if s is None:
+            if p.level not in by_level:
                 out.append(0)  # a leaf the scan does not slice is used from its first step
                 continue
-            step = s.step(index)
-            if step < 0:
+            s, k = by_level[p.level]
+            steps = s.step(index)
+            if steps is None:
                 return None
-            out.append(step)
+            out.append(steps[k])
         else:
             out.append(p)
     return tuple(out)
@@ -1269,11 +1480,14 @@ def layer_structure(
       between are the taps of one kernel instead. And so is a leaf a `fori_loop`, a
       `while_loop` that tests its counter against known values, or a scan over
       `jnp.arange(L)` reads at its counter: the counter's value at every step is read from the
-      trace, so `w[L - 1 - i]` stacks the blocks in reverse. Each loop reads a static range
-      or stride of the stack (`w[2:5]`, `w[::2]`) and stacked axes merged by a reshape
-      (`w.reshape(G * B, ...)`) slice by slice too. A trip count that is an input or over
-      1024 steps, an index mixing two loops' counters or a scan over groups of slices is
-      not followed: the leaf stays one layer, role "other", and a warning names it;
+      trace, so `w[L - 1 - i]` stacks the blocks in reverse, and nested loops' counters
+      combine (`w[B * j + i]`). Each loop reads a static range or stride of the stack
+      (`w[2:5]`, `w[::2]`), stacked axes merged by a reshape (`w.reshape(G * B, ...)`) and
+      groups of blocks split off by one (a scan over `w.reshape(G, B, ...)` whose steps loop
+      over their group, or over `lax.dynamic_slice_in_dim(w, B * j, B)`) slice by slice too.
+      A trip count that is an input or over 1024 steps (nested loops' steps counted
+      together), or a group used whole by one product, is not followed: the leaf stays one
+      layer, role "other", and a warning names it;
     - a kernel's axes as the product contracts them: `input_axes` and `spatial_axes` (its
       fan-in) and `output_axes` (one output unit per index), for any library's layout;
     - its depth: layers (a module's leaves, or one slice of them) ranked by first use, 1 for

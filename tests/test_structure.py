@@ -874,19 +874,10 @@ UNFOLLOWED = {
     "2000 steps": (
         lambda w, x, n: jax.lax.fori_loop(0, 2000, lambda i, x: jnp.tanh(x @ w[i % L]), x)
     ),
-    # Two loops' counters in one index.
-    "w[2 * j + i]": (
-        lambda w, x, n: jax.lax.fori_loop(
-            0,
-            L // 2,
-            lambda j, x: jax.lax.fori_loop(0, 2, lambda i, x: jnp.tanh(x @ w[2 * j + i]), x),
-            x,
-        )
-    ),
-    # Each step reads a group of blocks (a reshape split the stacked axis).
-    "scan over w.reshape(2, 3, ...)": (
+    # Each step uses a group of blocks whole (one product over the group).
+    "scan over w.reshape(2, 3, ...), each group used whole": (
         lambda w, x, n: jax.lax.scan(
-            lambda x, g: (jnp.tanh(x @ g[0] @ g[1] @ g[2]), None),
+            lambda x, g: (jnp.tanh(jnp.einsum("bi,gij->bj", x, g)), None),
             x,
             w.reshape(2, L // 2, WIDTH, WIDTH),
         )[0]
@@ -904,6 +895,143 @@ def test_a_loop_the_trace_cannot_follow_reads_the_leaf_whole_and_says_so(case):
         layers = lo.layer_structure(params, apply, jnp.ones((2, WIDTH)), jnp.int32(L))
     w = layers.leaves[0]
     assert (w.path, w.role, w.stacked_axes, int(w.depth)) == ("blocks/w", "other", (), 1)
+
+
+def _block(x, w):
+    return jnp.tanh(x @ w)
+
+
+def _scan_blocks(x, w):
+    return jax.lax.scan(lambda x, wi: (_block(x, wi), None), x, w)[0]
+
+
+def _scan_groups(x, groups, inner):
+    return jax.lax.scan(lambda x, g: (inner(x, g), None), x, groups)[0]
+
+
+def _python_loop_over_groups(x, w):
+    g = w.reshape(2, 3, WIDTH, WIDTH)
+    for j in range(2):
+        for i in range(3):
+            x = _block(x, g[j][i])
+    return x
+
+
+G23 = lambda w: w.reshape(2, 3, WIDTH, WIDTH)
+# Loops over the six blocks of a (6, in, out) stack in groups, or at an index that two loops'
+# counters make, and the blocks they read, in execution order.
+GROUP_LOOPS = {
+    "fori j, fori i: w[2 * j + i]": (
+        lambda x, w: jax.lax.fori_loop(
+            0, 3, lambda j, x: jax.lax.fori_loop(0, 2, lambda i, x: _block(x, w[2 * j + i]), x), x
+        ),
+        [0, 1, 2, 3, 4, 5],
+    ),
+    "fori j, fori i: take(w, 5 - (3 * j + i))": (
+        lambda x, w: jax.lax.fori_loop(
+            0,
+            2,
+            lambda j, x: jax.lax.fori_loop(
+                0, 3, lambda i, x: _block(x, jnp.take(w, 5 - (3 * j + i), axis=0)), x
+            ),
+            x,
+        ),
+        [5, 4, 3, 2, 1, 0],
+    ),
+    "scan over arange(3), fori i < 1: w[2 * j + i]": (
+        lambda x, w: jax.lax.scan(
+            lambda x, j: (jax.lax.fori_loop(0, 1, lambda i, x: _block(x, w[2 * j + i]), x), None),
+            x,
+            jnp.arange(3),
+        )[0],
+        [0, 2, 4],
+    ),
+    "scan over groups, g[0], g[1], g[2]": (
+        lambda x, w: _scan_groups(
+            x, G23(w), lambda x, g: _block(_block(_block(x, g[0]), g[1]), g[2])
+        ),
+        [0, 1, 2, 3, 4, 5],
+    ),
+    "reverse scan over groups, g[2], g[1], g[0]": (
+        lambda x, w: jax.lax.scan(
+            lambda x, g: (_block(_block(_block(x, g[2]), g[1]), g[0]), None),
+            x,
+            G23(w),
+            reverse=True,
+        )[0],
+        [5, 4, 3, 2, 1, 0],
+    ),
+    "scan over groups, scan over the group": (
+        lambda x, w: _scan_groups(x, G23(w), _scan_blocks),
+        [0, 1, 2, 3, 4, 5],
+    ),
+    "scan over groups, fori_loop over the group": (
+        lambda x, w: _scan_groups(
+            x, G23(w), lambda x, g: jax.lax.fori_loop(0, 3, lambda i, x: _block(x, g[i]), x)
+        ),
+        [0, 1, 2, 3, 4, 5],
+    ),
+    "fori j: scan over dynamic_slice(w, 3 * j, 3)": (
+        lambda x, w: jax.lax.fori_loop(
+            0, 2, lambda j, x: _scan_blocks(x, jax.lax.dynamic_slice_in_dim(w, 3 * j, 3)), x
+        ),
+        [0, 1, 2, 3, 4, 5],
+    ),
+    "fori j: scan over the group g[j]": (
+        lambda x, w: jax.lax.fori_loop(0, 2, lambda j, x: _scan_blocks(x, G23(w)[j]), x),
+        [0, 1, 2, 3, 4, 5],
+    ),
+    "fori j, fori i: g[1 - j, i]": (
+        lambda x, w: jax.lax.fori_loop(
+            0,
+            2,
+            lambda j, x: jax.lax.fori_loop(0, 3, lambda i, x: _block(x, G23(w)[1 - j, i]), x),
+            x,
+        ),
+        [3, 4, 5, 0, 1, 2],
+    ),
+    "python loops: g[j][i]": (_python_loop_over_groups, [0, 1, 2, 3, 4, 5]),
+    "scan over the transposed groups (the block digit first)": (
+        lambda x, w: _scan_groups(x, G23(w).transpose(1, 0, 2, 3), _scan_blocks),
+        [0, 3, 1, 4, 2, 5],
+    ),
+    "scan over w[2:6] in groups of two": (
+        lambda x, w: _scan_groups(x, w[2:6].reshape(2, 2, WIDTH, WIDTH), _scan_blocks),
+        [2, 3, 4, 5],
+    ),
+    "groups merged back: scan over reshape(6, ...)": (
+        lambda x, w: _scan_blocks(x, G23(w).reshape(6, WIDTH, WIDTH)),
+        [0, 1, 2, 3, 4, 5],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GROUP_LOOPS))
+def test_loops_over_groups_of_blocks_or_at_mixed_counters_read_each_block(case):
+    # Which block each step reads is a function of the loops' counters (a split of the stacked
+    # axis into groups, an index computed from two counters): every block is a layer at the
+    # depth of its first read, as in the unrolled loop.
+    loop, reads = GROUP_LOOPS[case]
+    params = {"w": jax.random.normal(jax.random.key(0), (6, WIDTH, WIDTH))}
+    params["head"] = {"w": jnp.ones((WIDTH, CLASSES))}
+    apply = lambda p, x: loop(x, p["w"]) @ p["head"]["w"]
+    stacked, expected = _first_read_depths([(s,) for s in reads], (6,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layers = lo.layer_structure(params, apply, jnp.ones((2, WIDTH)))
+    w = layers.leaves[1]
+    assert (w.path, w.role, w.stacked_axes, w.fan_in_axes, w.output_axes) == (
+        "w",
+        "kernel",
+        stacked,
+        (1,),
+        (2,),
+    )
+    np.testing.assert_array_equal(np.ravel(w.depth), expected)
+    messages = [str(c.message) for c in caught]
+    unread = 6 - len(reads)
+    assert any(f"never used {unread} params" in m for m in messages) == bool(unread), messages
+    assert not any("cannot follow" in m or "group of slices" in m for m in messages), messages
 
 
 def test_the_taps_of_a_shifted_sum_convolution_are_one_kernel():
