@@ -18,7 +18,7 @@ param leaf:
   with a warning;
 - what it is: a kernel (it reaches a `dot_general` or `conv_general_dilated` through views:
   casts, reshapes, transposes, broadcasts, slices, masks, gathers by constant indices, or is
-  multiplied one sliced-out tap at a time), an embedding (rows gathered by the inputs), a
+  multiplied one sliced-out tap at a time), an embedding (rows read at indices the inputs give), a
   bias (added), a scale (multiplied whole), or other; and for a kernel, which of its axes are
   contracted (its fan-in: input features and, for a convolution, the window) and which index
   its output units, whatever the library's layout (Flax `(in, out)` and `(kh, kw, in, out)`,
@@ -63,7 +63,7 @@ class LeafLayout:
       path: the "/"-joined key path.
       shape: the leaf's shape.
       role: one of `ROLES`: "kernel" (reaches a `dot_general` / convolution, or is multiplied
-        one tap at a time), "embedding" (rows gathered by the inputs), "bias" (added),
+        one tap at a time), "embedding" (rows read at indices the inputs give), "bias" (added),
         "scale" (multiplied whole), "other", or "unused".
       stacked_axes: the leaf axes a `scan` iterates over, or a loop (Python or `fori_loop`)
         reads one index of at a time: one layer per slice. Empty for a leaf that is one layer.
@@ -617,8 +617,15 @@ def _consumer_use(eqn: Any, operand: int, ref: _Ref, position: tuple) -> _Use:
     if name == "conv_general_dilated" and operand == 1:
         spec = params["dimension_numbers"].rhs_spec  # (out feature, in feature, *window)
         return _kernel_use(ref, position, name, (spec[1],), spec[2:], (spec[0],))
-    if name == "gather" and operand == 0:
-        indexed = params["dimension_numbers"].start_index_map
+    if name in ("gather", "dynamic_slice") and operand == 0:
+        # Rows read at an index the inputs give: `jnp.take(table, tokens, axis=0)`, or
+        # `table[token]` at a traced scalar (a dynamic slice; so is a decoding loop's lookup
+        # of the token it generated). Views at known indices never get here.
+        if name == "gather":
+            indexed = params["dimension_numbers"].start_index_map
+        else:
+            sizes, shape = params["slice_sizes"], eqn.invars[0].aval.shape
+            indexed = [k for k in range(ndim) if sizes[k] < shape[k]]
         rows = [k for k in range(ndim) if k in indexed]
         features = [k for k in range(ndim) if k not in indexed]
         use = _kernel_use(ref, position, name, features, (), rows)
@@ -1467,10 +1474,11 @@ def layer_structure(
     - its role: "kernel" if it reaches a `dot_general` or `conv_general_dilated` through views
       (casts, reshapes, transposes, broadcasts, slices, `where` masks, gathers by constant
       indices, as in a Toeplitz-matrix convolution) or is multiplied one sliced-out tap at a
-      time (a shifted-sum convolution); "embedding" if its rows are gathered by indices that
-      depend on the inputs; "bias" if added (a table read by a constant index and added, such
-      as a relative position bias, included); "scale" if multiplied whole; "other"; or
-      "unused";
+      time (a shifted-sum convolution); "embedding" if its rows are gathered or sliced at
+      indices that depend on the inputs (`table[tokens]`, `table[token]` at a traced scalar,
+      a decoding loop's lookup of the token it generated); "bias" if added (a table read by
+      a constant index and added, such as a relative position bias, included); "scale" if
+      multiplied whole; "other"; or "unused";
     - its stacked axes: a leaf sliced by a `scan` (linen `nn.scan`, NNX `nnx.scan`, Equinox's
       `jax.lax.scan` over `eqx.filter_vmap`-built layers, Haiku's `hk.layer_stack`) is one
       layer per slice; `jit`, `remat`, `vmap`, `cond` and custom derivatives inside are

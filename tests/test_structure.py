@@ -672,6 +672,42 @@ def test_a_table_read_by_a_constant_index_is_not_an_embedding():
     assert (embed.role, embed.input_axes, embed.output_axes) == ("embedding", (1,), (0,))
 
 
+def _decode(table, head, token):
+    # Greedy decoding: each step looks up the token the previous step generated.
+    def step(token, _):
+        logits = table[token] @ head
+        return jnp.argmax(logits).astype(jnp.int32), logits
+
+    return jax.lax.scan(step, token, None, length=3)[1]
+
+
+LOOKUPS = {
+    "table[tokens]": lambda t, h, tok: t[jnp.stack([tok, tok + 1])] @ h,
+    "table[token] (a traced scalar)": lambda t, h, tok: t[tok] @ h,
+    "lax.dynamic_index_in_dim": lambda t, h, tok: jax.lax.dynamic_index_in_dim(t, tok, 0) @ h,
+    "a window at a traced offset": (lambda t, h, tok: jax.lax.dynamic_slice_in_dim(t, tok, 3) @ h),
+    "greedy decoding": _decode,
+}
+
+
+@pytest.mark.parametrize("lookup", sorted(LOOKUPS))
+def test_rows_read_at_an_index_the_inputs_give_are_an_embedding(lookup):
+    # However the index reaches the table (a gather of an array of ids, a dynamic slice at a
+    # traced scalar, the token a decoding loop generated), its rows are output units and its
+    # features the fan-in, as for a gather by token ids.
+    params = {"embed": {"table": jnp.ones((11, WIDTH))}, "head": {"w": jnp.ones((WIDTH, 11))}}
+    apply = lambda p, tok: LOOKUPS[lookup](p["embed"]["table"], p["head"]["w"], tok)
+    layers = lo.layer_structure(params, apply, jnp.int32(2))
+    table = {x.path: x for x in layers.leaves}["embed/table"]
+    assert (table.role, table.input_axes, table.output_axes, table.stacked_axes) == (
+        "embedding",
+        (1,),
+        (0,),
+        (),
+    )
+    assert (int(layers.depths["embed"]["table"]), int(layers.depths["head"]["w"])) == (1, 2)
+
+
 TAKE = {
     "x[i]": lambda a, i: a[i],
     "jnp.take": lambda a, i: jnp.take(a, i, axis=0),
