@@ -845,6 +845,36 @@ STACK_VIEWS = {
 }
 
 
+def _check_stacked_kernel(params, apply, reads, shape):
+    """Checks that leaf "w" (stack axes of sizes `shape`, then (in, out)) is a kernel stacked
+    along the axes `reads` walks, at the depths of `_first_read_depths`, and that exactly the
+    slices never read are named unused. Returns the structure and the warnings."""
+    stacked, expected = _first_read_depths(reads, shape)
+    layers, messages = _structure_and_warnings(params, apply)
+    w = layers.leaves[1]
+    ndim = len(shape) + 2
+    assert (w.path, w.role, w.stacked_axes, w.fan_in_axes, w.output_axes) == (
+        "w",
+        "kernel",
+        stacked,
+        (ndim - 2,),
+        (ndim - 1,),
+    )
+    depth = np.squeeze(w.depth, (ndim - 2, ndim - 1)).reshape(expected.shape)
+    np.testing.assert_array_equal(depth, expected)
+    unread = int(np.sum(expected > len(set(reads)) + 1))
+    assert any(f"never used {unread} params" in m for m in messages) == bool(unread), messages
+    return layers, messages
+
+
+def _structure_and_warnings(params, apply):
+    """`layer_structure` on a batch of two `WIDTH`-vectors, and the warnings it gives."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layers = lo.layer_structure(params, apply, jnp.ones((2, WIDTH)))
+    return layers, [str(c.message) for c in caught]
+
+
 def _first_read_depths(reads, shape):
     """Reference: the stacked axes are those whose entry changes from read to read; a slice
     along them has depth 1 + the rank of its first read, the head comes next, and slices
@@ -882,23 +912,9 @@ def test_a_loop_over_a_range_or_a_merge_of_stacked_axes_reads_those_slices(view,
                 x = step(x, w[i])
         return x @ p["head"]["w"]
 
-    stacked, expected = _first_read_depths([entries[i] for i in order], (GROUPS, BLOCKS))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        layers = lo.layer_structure(params, apply, jnp.ones((2, WIDTH)))
-    w = layers.leaves[1]
-    assert (w.path, w.role, w.stacked_axes, w.fan_in_axes, w.output_axes) == (
-        "w",
-        "kernel",
-        stacked,
-        (2,),
-        (3,),
-    )
-    np.testing.assert_array_equal(np.squeeze(w.depth, (2, 3)).reshape(expected.shape), expected)
+    reads = [entries[i] for i in order]
+    layers, _ = _check_stacked_kernel(params, apply, reads, (GROUPS, BLOCKS))
     assert int(layers.depths["head"]["w"]) == n + 1
-    unread = int(np.sum(expected > n + 1))
-    messages = [str(c.message) for c in caught]
-    assert any(f"never used {unread} params" in m for m in messages) == bool(unread), messages
 
 
 UNFOLLOWED = {
@@ -1051,22 +1067,7 @@ def test_loops_over_groups_of_blocks_or_at_mixed_counters_read_each_block(case):
     params = {"w": jax.random.normal(jax.random.key(0), (6, WIDTH, WIDTH))}
     params["head"] = {"w": jnp.ones((WIDTH, CLASSES))}
     apply = lambda p, x: loop(x, p["w"]) @ p["head"]["w"]
-    stacked, expected = _first_read_depths([(s,) for s in reads], (6,))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        layers = lo.layer_structure(params, apply, jnp.ones((2, WIDTH)))
-    w = layers.leaves[1]
-    assert (w.path, w.role, w.stacked_axes, w.fan_in_axes, w.output_axes) == (
-        "w",
-        "kernel",
-        stacked,
-        (1,),
-        (2,),
-    )
-    np.testing.assert_array_equal(np.ravel(w.depth), expected)
-    messages = [str(c.message) for c in caught]
-    unread = 6 - len(reads)
-    assert any(f"never used {unread} params" in m for m in messages) == bool(unread), messages
+    _, messages = _check_stacked_kernel(params, apply, [(s,) for s in reads], (6,))
     assert not any("cannot follow" in m or "group of slices" in m for m in messages), messages
 
 
