@@ -17,12 +17,13 @@ param leaf:
   i]`) the same way, and a leaf a loop reads in a way the trace cannot follow is one layer,
   with a warning;
 - what it is: a kernel (it reaches a `dot_general` or `conv_general_dilated` through views:
-  casts, reshapes, transposes, broadcasts, slices, masks, gathers by constant indices, or is
-  multiplied one sliced-out tap at a time), an embedding (rows read at indices the inputs give), a
-  bias (added), a scale (multiplied whole), or other; and for a kernel, which of its axes are
-  contracted (its fan-in: input features and, for a convolution, the window) and which index
-  its output units, whatever the library's layout (Flax `(in, out)` and `(kh, kw, in, out)`,
-  Equinox `(out, in)` and `(out, in, kh, kw)`, Haiku's `(in, out)` and `HWIO`).
+  casts, reshapes, transposes, reversals, broadcasts, slices, masks, gathers by constant
+  indices, or is multiplied one sliced-out tap at a time), an embedding (rows read at indices
+  the inputs give), a bias (added), a scale (multiplied whole), or other; and for a kernel,
+  which of its axes are contracted (its fan-in: input features and, for a convolution, the
+  window) and which index its output units, whatever the library's layout (Flax `(in, out)`
+  and `(kh, kw, in, out)`, Equinox `(out, in)` and `(out, in, kh, kw)`, Haiku's `(in, out)`
+  and `HWIO`).
 
 `layer_structure` returns all of it as one frozen `LayerStructure`; the per-layer transforms
 and diagnostics take it as `layers=` and then work per slice and along the traced axes.
@@ -129,7 +130,7 @@ _IDENTITY_VIEWS = frozenset(
     }
 )
 _SHAPE_VIEWS = frozenset(
-    {"broadcast_in_dim", "expand_dims", "reshape", "slice", "squeeze", "transpose"}
+    {"broadcast_in_dim", "expand_dims", "reshape", "rev", "slice", "squeeze", "transpose"}
 )
 _BIAS_PRIMITIVES = frozenset({"add", "sub"})
 _SCALE_PRIMITIVES = frozenset({"mul", "div"})
@@ -221,10 +222,15 @@ class _Ref:
             levels, (f,) = _on_grid([first])
             return levels, f[..., None] + stride * (self.digit(k) or 1) * np.arange(n)
         sizes = [self.leaf_shape[a] for a in leaf_axes]
-        merged = leaf_axes and math.prod(sizes) == n and not self.digit(k)
-        if merged and not narrowed & set(leaf_axes):
-            return (), np.arange(n)
-        return None
+        if not leaf_axes or math.prod(sizes) != n or self.digit(k):
+            return None
+        # Several whole leaf axes merged, each in order or reversed (`_reversed`).
+        ranges = [self.range_of(a) for a in leaf_axes]
+        if any(r not in ((0, 1), (m - 1, -1)) for r, m in zip(ranges, sizes)):
+            return None
+        index = np.unravel_index(np.arange(n), sizes)
+        entries = [f + s * i for (f, s), i in zip(ranges, index)]
+        return (), np.ravel_multi_index(entries, sizes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,7 +328,44 @@ def _view_axes(eqn: Any, ref: _Ref) -> _Ref:
     elif name == "slice":
         old, new = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
         return _cut(ref, old, new, params["start_indices"], params.get("strides"))
+    elif name == "rev":
+        return _reversed(ref, eqn.invars[0].aval.shape, params["dimensions"])
     return dataclasses.replace(ref, axes=axes, digits=digits if any(digits) else ())
+
+
+def _reversed(ref: _Ref, shape: Sequence[int], dimensions: Sequence[int]) -> _Ref:
+    """`lax.rev` of `ref` (`w[::-1]`, `jnp.flip`; `conv_transpose` flips a kernel's window):
+    entry `k` of a reversed axis is entry `n - 1 - k` of the view. A leaf axis's range (or a
+    digit's place value) runs backwards from its last entry; several leaf axes merged into
+    one are each reversed, as a row-major order reversed is."""
+    ranges = {a: (f, s) for a, f, s in ref.ranges}
+    digits = ref.digit_list()
+    for k in dimensions:
+        leaf_axes, n = ref.axes[k], shape[k]
+        if n == 1 or not leaf_axes:
+            continue
+        if len(leaf_axes) > 1:
+            if any(a in ranges for a in leaf_axes) or ref.digit(k):
+                continue  # a merge of narrowed axes: its order is not followed
+            for a in leaf_axes:
+                ranges[a] = (ref.leaf_shape[a] - 1, -1)
+            continue
+        a = leaf_axes[0]
+        if ref.splits(k, shape) and not ref.digit(k):
+            continue  # split in a way the digits do not record
+        first, stride = ranges.get(a, (0, 1))
+        step = stride * (ref.digit(k) or 1)
+        levels, (f,) = _on_grid([first])
+        if ref.digit(k):
+            digits[k] = -ref.digit(k)
+            ranges[a] = (_known(levels, f + step * (n - 1)), stride)
+        else:
+            ranges[a] = (_known(levels, f + step * (n - 1)), -stride)
+    return dataclasses.replace(
+        ref,
+        ranges=tuple((a, f, s) for a, (f, s) in ranges.items()),
+        digits=tuple(digits) if any(digits) else (),
+    )
 
 
 def _on_grid(values: Sequence[Any]) -> tuple[tuple[int, ...], list[np.ndarray]]:
@@ -1472,8 +1515,9 @@ def layer_structure(
     leaf it records:
 
     - its role: "kernel" if it reaches a `dot_general` or `conv_general_dilated` through views
-      (casts, reshapes, transposes, broadcasts, slices, `where` masks, gathers by constant
-      indices, as in a Toeplitz-matrix convolution) or is multiplied one sliced-out tap at a
+      (casts, reshapes, transposes, reversals as in a transposed convolution, broadcasts,
+      slices, `where` masks, gathers by constant indices, as in a Toeplitz-matrix
+      convolution) or is multiplied one sliced-out tap at a
       time (a shifted-sum convolution); "embedding" if its rows are gathered or sliced at
       indices that depend on the inputs (`table[tokens]`, `table[token]` at a traced scalar,
       a decoding loop's lookup of the token it generated); "bias" if added (a table read by
@@ -1490,7 +1534,8 @@ def layer_structure(
       `jnp.arange(L)` reads at its counter: the counter's value at every step is read from the
       trace, so `w[L - 1 - i]` stacks the blocks in reverse, and nested loops' counters
       combine (`w[B * j + i]`). Each loop reads a static range or stride of the stack
-      (`w[2:5]`, `w[::2]`), stacked axes merged by a reshape (`w.reshape(G * B, ...)`) and
+      (`w[2:5]`, `w[::2]`, `w[::-1]`), stacked axes merged by a reshape
+      (`w.reshape(G * B, ...)`) and
       groups of blocks split off by one (a scan over `w.reshape(G, B, ...)` whose steps loop
       over their group, or over `lax.dynamic_slice_in_dim(w, B * j, B)`) slice by slice too.
       A trip count that is an input or over 1024 steps (nested loops' steps counted

@@ -834,6 +834,11 @@ STACK_VIEWS = {
     "w[1, 1:]": (lambda w: w[1, 1:], [(1, 1), (1, 2)]),
     "w[0, ::2]": (lambda w: w[0, ::2], [(0, 0), (0, 2)]),
     "w[:, 1]": (lambda w: w[:, 1], [(0, 1), (1, 1)]),
+    "w[1, ::-1]": (lambda w: w[1, ::-1], [(1, 2), (1, 1), (1, 0)]),
+    "jnp.flip(w, (0, 1)).reshape(6, ...)": (
+        lambda w: jnp.flip(w, (0, 1)).reshape(GROUPS * BLOCKS, *w.shape[2:]),
+        [(g, b) for g in reversed(range(GROUPS)) for b in reversed(range(BLOCKS))],
+    ),
     "w.reshape(6, ...)": (
         lambda w: w.reshape(GROUPS * BLOCKS, *w.shape[2:]),
         [(g, b) for g in range(GROUPS) for b in range(BLOCKS)],
@@ -1047,6 +1052,11 @@ GROUP_LOOPS = {
         lambda x, w: _scan_groups(x, G23(w).transpose(1, 0, 2, 3), _scan_blocks),
         [0, 3, 1, 4, 2, 5],
     ),
+    "scan over groups, each reversed (g[::-1])": (
+        lambda x, w: _scan_groups(x, G23(w), lambda x, g: _scan_blocks(x, g[::-1])),
+        [2, 1, 0, 5, 4, 3],
+    ),
+    "scan over w[::-1]": (lambda x, w: _scan_blocks(x, w[::-1]), [5, 4, 3, 2, 1, 0]),
     "scan over w[2:6] in groups of two": (
         lambda x, w: _scan_groups(x, w[2:6].reshape(2, 2, WIDTH, WIDTH), _scan_blocks),
         [2, 3, 4, 5],
@@ -1069,6 +1079,29 @@ def test_loops_over_groups_of_blocks_or_at_mixed_counters_read_each_block(case):
     apply = lambda p, x: loop(x, p["w"]) @ p["head"]["w"]
     _, messages = _check_stacked_kernel(params, apply, [(s,) for s in reads], (6,))
     assert not any("cannot follow" in m or "group of slices" in m for m in messages), messages
+
+
+@pytest.mark.parametrize("transpose_kernel", [False, True])
+def test_a_transposed_convolution_kernel_is_a_kernel(transpose_kernel):
+    # With transpose_kernel, `lax.conv_transpose` flips the kernel's window (`lax.rev`) and
+    # swaps its feature axes: (kh, kw, out, in) as the product reads it.
+    class Up(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.ConvTranspose(8, (3, 3), transpose_kernel=transpose_kernel, name="up")(x)
+            return nn.Dense(2, name="head")(x.mean((1, 2)))
+
+    x = jnp.ones((1, 6, 6, 3))
+    params = Up().init(jax.random.key(0), x)["params"]
+    layers = lo.layer_structure(params, lambda p, x: Up().apply({"params": p}, x), x)
+    kernel = {k.path: k for k in layers.leaves}["up/kernel"]
+    features = ((3,), (2,)) if transpose_kernel else ((2,), (3,))
+    assert (kernel.shape[2:], kernel.role, kernel.spatial_axes) == (
+        (8, 3) if transpose_kernel else (3, 8),
+        "kernel",
+        (0, 1),
+    )
+    assert (kernel.input_axes, kernel.output_axes) == features
 
 
 def test_the_taps_of_a_shifted_sum_convolution_are_one_kernel():
