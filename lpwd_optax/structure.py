@@ -220,7 +220,10 @@ class _Ref:
                 return None  # an entry is a group of slices
             first, stride = self.range_of(a)
             levels, (f,) = _on_grid([first])
-            return levels, f[..., None] + stride * (self.digit(k) or 1) * np.arange(n)
+            entries = f[..., None] + stride * (self.digit(k) or 1) * np.arange(n)
+            if entries.min() < 0 or entries.max() >= self.leaf_shape[a]:
+                return None  # digits merged out of order (one of them reversed): not followed
+            return levels, entries
         sizes = [self.leaf_shape[a] for a in leaf_axes]
         if not leaf_axes or math.prod(sizes) != n or self.digit(k):
             return None

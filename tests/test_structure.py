@@ -931,6 +931,14 @@ UNFOLLOWED = {
     "2000 steps": (
         lambda w, x, n: jax.lax.fori_loop(0, 2000, lambda i, x: jnp.tanh(x @ w[i % L]), x)
     ),
+    # A split of the stack with one digit reversed, merged back: the order is not followed.
+    "scan over jnp.flip(w.reshape(2, 3, ...), 1).reshape(6, ...)": (
+        lambda w, x, n: jax.lax.scan(
+            lambda x, wi: (jnp.tanh(x @ wi), None),
+            x,
+            jnp.flip(w.reshape(2, L // 2, WIDTH, WIDTH), 1).reshape(L, WIDTH, WIDTH),
+        )[0]
+    ),
     # Each step uses a group of blocks whole (one product over the group).
     "scan over w.reshape(2, 3, ...), each group used whole": (
         lambda w, x, n: jax.lax.scan(
