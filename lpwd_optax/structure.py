@@ -333,7 +333,7 @@ def _view_axes(eqn: Any, ref: _Ref) -> _Ref:
         return _cut(ref, old, new, params["start_indices"], params.get("strides"))
     elif name == "rev":
         return _reversed(ref, eqn.invars[0].aval.shape, params["dimensions"])
-    return dataclasses.replace(ref, axes=axes, digits=digits if any(digits) else ())
+    return dataclasses.replace(ref, axes=axes, digits=_digits(digits))
 
 
 def _reversed(ref: _Ref, shape: Sequence[int], dimensions: Sequence[int]) -> _Ref:
@@ -357,17 +357,16 @@ def _reversed(ref: _Ref, shape: Sequence[int], dimensions: Sequence[int]) -> _Re
         if ref.splits(k, shape) and not ref.digit(k):
             continue  # split in a way the digits do not record
         first, stride = ranges.get(a, (0, 1))
-        step = stride * (ref.digit(k) or 1)
-        levels, (f,) = _on_grid([first])
+        last = _shifted(first, stride * (ref.digit(k) or 1), n - 1)
         if ref.digit(k):
             digits[k] = -ref.digit(k)
-            ranges[a] = (_known(levels, f + step * (n - 1)), stride)
+            ranges[a] = (last, stride)
         else:
-            ranges[a] = (_known(levels, f + step * (n - 1)), -stride)
+            ranges[a] = (last, -stride)
     return dataclasses.replace(
         ref,
         ranges=tuple((a, f, s) for a, (f, s) in ranges.items()),
-        digits=tuple(digits) if any(digits) else (),
+        digits=_digits(digits),
     )
 
 
@@ -394,6 +393,17 @@ def _on_grid(values: Sequence[Any]) -> tuple[tuple[int, ...], list[np.ndarray]]:
 def _known(levels: tuple[int, ...], values: Any) -> Any:
     """`values` on the grid of the loops `levels`: a `_Varying`, or a plain value if none."""
     return _Varying(levels, np.asarray(values)) if levels else values
+
+
+def _shifted(first: Any, step: int, index: Any) -> Any:
+    """`first + step * index`, where either may be a `_Varying` (then so is the result)."""
+    levels, (f, i) = _on_grid([first, index])
+    return _known(levels, f + step * i)
+
+
+def _digits(digits: Sequence[int]) -> tuple[int, ...]:
+    """The `_Ref.digits` field: () when no axis is a digit."""
+    return tuple(digits) if any(digits) else ()
 
 
 def _cut(
@@ -431,14 +441,13 @@ def _cut(
             first, stride = ranges.get(a[0], (0, 1))
             stride *= digits[axis] or 1  # the range's stride holds the digit's place now
             digits[axis] = 0
-            levels, (f,) = _on_grid([first])
-            ranges[a[0]] = (_known(levels, f + stride * int(k)), stride * int(step))
+            ranges[a[0]] = (_shifted(first, stride, int(k)), stride * int(step))
     return dataclasses.replace(
         ref,
         cut=ref.cut | _union(cut),
         picked=ref.picked + tuple(picked),
         ranges=tuple((a, f, s) for a, (f, s) in ranges.items()),
-        digits=tuple(digits) if any(digits) else (),
+        digits=_digits(digits),
     )
 
 
@@ -469,7 +478,7 @@ def _take(ref: _Ref, k: int, shape: Sequence[int], index: Any) -> _Ref | None:
         return dataclasses.replace(
             ref,
             axes=tuple(axes),
-            digits=tuple(digits) if any(digits) else (),
+            digits=_digits(digits),
             stacking=(*ref.stacking, stack),
             ranges=ranges,
         )
@@ -477,22 +486,20 @@ def _take(ref: _Ref, k: int, shape: Sequence[int], index: Any) -> _Ref | None:
     if not place:
         return None  # split in a way the digits do not record
     first, stride = ref.range_of(a)
-    levels, (f, i) = _on_grid([first, index])
-    moved = f + stride * place * i
+    moved = _shifted(first, stride * place, index)
     axes[k], digits[k] = (), 0
     view = dataclasses.replace(ref, axes=tuple(axes), digits=tuple(digits))
     if any(j != k and shape[j] > 1 and a in axes[j] for j in range(len(shape))):
-        moved_range = (a, _known(levels, moved), stride)  # other digits are left
-        rest = tuple(r for r in ref.ranges if r[0] != a)
-        return dataclasses.replace(view, ranges=(*rest, moved_range))
-    if not levels:  # the last digit, statically: one slice picked
+        rest = tuple(r for r in ref.ranges if r[0] != a)  # other digits are left
+        return dataclasses.replace(view, ranges=(*rest, (a, moved, stride)))
+    if not isinstance(moved, _Varying):  # the last digit, statically: one slice picked
         axes[k] = (a,)
         return dataclasses.replace(
             view, axes=tuple(axes), cut=ref.cut | {a}, picked=(*ref.picked, (a, int(moved)))
         )
-    if any(set(x.levels) & set(levels) for x in ref.stacking):
+    if any(set(x.levels) & set(moved.levels) for x in ref.stacking):
         return None
-    stack = _stacking_of(levels, (a,), (ref.leaf_shape[a],), moved)
+    stack = _stacking_of(moved.levels, (a,), (ref.leaf_shape[a],), moved.values)
     return dataclasses.replace(view, stacking=(*ref.stacking, stack), ranges=ranges)
 
 
@@ -527,7 +534,7 @@ def _gathered(eqn: Any, ref: _Ref, single: bool) -> _Ref:
     digits = [0] * len(axes)
     for position, leaf_axes, digit in zip(numbers.offset_dims, kept, kept_digits):
         axes[position], digits[position] = leaf_axes, digit
-    view = dataclasses.replace(ref, axes=tuple(axes), digits=tuple(digits) if any(digits) else ())
+    view = dataclasses.replace(ref, axes=tuple(axes), digits=_digits(digits))
     if single:
         return view
     return dataclasses.replace(view, rearranged=ref.rearranged | indexed)
@@ -607,15 +614,14 @@ def _loop_cut(
         elif len(view.axes[k]) == 1 and not view.splits(k, old):
             a, place = view.axes[k][0], view.digit(k) or 1
             first, stride = view.range_of(a)
-            levels, (f, i) = _on_grid([first, moving])
             ranges = {x: (f0, s0) for x, f0, s0 in view.ranges}
-            ranges[a] = (_Varying(levels, f + stride * place * i), stride * place)
+            ranges[a] = (_shifted(first, stride * place, moving), stride * place)
             digits = view.digit_list()
             digits[k] = 0
             view = dataclasses.replace(
                 view,
                 ranges=tuple((x, f0, s0) for x, (f0, s0) in ranges.items()),
-                digits=tuple(digits) if any(digits) else (),
+                digits=_digits(digits),
             )
             fixed[k] = sizes[k]  # the window keeps its entries
         else:
