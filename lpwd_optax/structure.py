@@ -176,6 +176,9 @@ class _Ref:
     # Leaf axes a gather with constant indices rearranged (a Toeplitz matrix of a convolution
     # kernel, a table read by a fixed index): their entries reappear along other value axes.
     rearranged: frozenset[int] = frozenset()
+    # Leaf axes a reshape merged from digits out of order (`w.reshape(2, 3, ...)[:, 1:]` merged
+    # back holds entries 1, 2, 4, 5): no range and place value say which entry is which.
+    scrambled: frozenset[int] = frozenset()
     # Leaf axes narrowed to several of their entries, by a static slice (`w[2:5]`, `w[::2]`) or
     # by a loop (a scan over `w.reshape(G, B, ...)`: step `g` reads entries `g * B` to
     # `g * B + B - 1`): (leaf axis, first, stride), entry `k` of the view being entry
@@ -212,6 +215,8 @@ class _Ref:
         (whole, a range of it, or the last digit of a split one), or of several whole ones
         that a reshape merged."""
         leaf_axes, n = self.axes[k], shape[k]
+        if (self.rearranged | self.scrambled) & set(leaf_axes):
+            return None  # entries in an order that ranges and digits do not record
         narrowed = {a for a, _, _ in self.ranges}
         if len(leaf_axes) == 1:
             a = leaf_axes[0]
@@ -257,14 +262,16 @@ def _reshape_axes(
     digits: Sequence[int],
     old: Sequence[int],
     new: Sequence[int],
-) -> tuple[tuple[tuple[int, ...], ...], tuple[int, ...]]:
-    """Leaf axes and digits (see `_Ref.digits`) of each new axis: blocks of old and new axes
-    with equal products are matched left to right; a new axis spans the leaf axes of its
-    block's old axes. One old axis of one leaf axis split into several makes each new axis a
-    digit of it; the digits of one leaf axis merged back in order make one again."""
+) -> tuple[tuple[tuple[int, ...], ...], tuple[int, ...], frozenset[int]]:
+    """Leaf axes and digits (see `_Ref.digits`) of each new axis, and the leaf axes merged out
+    of order (see `_Ref.scrambled`): blocks of old and new axes with equal products are matched
+    left to right; a new axis spans the leaf axes of its block's old axes. One old axis of one
+    leaf axis split into several makes each new axis a digit of it; the digits of one leaf axis
+    merged back in order make one again."""
     old_axes = [(n, a, d) for n, a, d in zip(old, axes, digits) if n != 1]
     out: list[tuple[int, ...]] = [()] * len(new)
     out_digits = [0] * len(new)
+    scrambled: set[int] = set()
     new_idx = [i for i, n in enumerate(new) if n != 1]
     i = j = 0
     while i < len(old_axes) and j < len(new_idx):
@@ -290,22 +297,24 @@ def _reshape_axes(
             for k, rest in zip(block_new, range(len(sizes))):
                 out_digits[new_idx[k]] = place * math.prod(sizes[rest + 1 :])
         elif len(spanned) == 1 and len(parts) > 1 and len(sizes) == 1:
-            # Digits merged back: in order (each place the next one's times its size) they
-            # are one digit again, of the last one's place.
+            # Digits merged back: in order (each place the next one's times its size; all
+            # reversed, a reversal) they are one digit again, of the last one's place.
             places = [d for _, _, d in parts]
             in_order = all(
-                d > 0 and d == nxt * n for (_, _, d), (n, _, nxt) in itertools.pairwise(parts)
+                d != 0 and d == nxt * n for (_, _, d), (n, _, nxt) in itertools.pairwise(parts)
             )
             out_digits[new_idx[block_new[0]]] = places[-1] if in_order else 0
+            if not in_order:
+                scrambled.update(spanned)
         elif len(parts) == 1 and len(sizes) == 1:
             out_digits[new_idx[block_new[0]]] = parts[0][2]
         i, j = i + 1, j + 1
-    return tuple(out), tuple(out_digits)
+    return tuple(out), tuple(out_digits), frozenset(scrambled)
 
 
 def _view_axes(eqn: Any, ref: _Ref) -> _Ref:
     name, params = eqn.primitive.name, eqn.params
-    axes, digits = ref.axes, tuple(ref.digit_list())
+    axes, digits, scrambled = ref.axes, tuple(ref.digit_list()), ref.scrambled
     if name == "transpose":
         axes = tuple(axes[p] for p in params["permutation"])
         digits = tuple(digits[p] for p in params["permutation"])
@@ -327,13 +336,14 @@ def _view_axes(eqn: Any, ref: _Ref) -> _Ref:
         axes, digits = tuple(out), tuple(out_digits)
     elif name == "reshape":
         old = eqn.invars[0].aval.shape
-        axes, digits = _reshape_axes(axes, digits, old, params["new_sizes"])
+        axes, digits, merged = _reshape_axes(axes, digits, old, params["new_sizes"])
+        scrambled = scrambled | merged
     elif name == "slice":
         old, new = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
         return _cut(ref, old, new, params["start_indices"], params.get("strides"))
     elif name == "rev":
         return _reversed(ref, eqn.invars[0].aval.shape, params["dimensions"])
-    return dataclasses.replace(ref, axes=axes, digits=_digits(digits))
+    return dataclasses.replace(ref, axes=axes, digits=_digits(digits), scrambled=scrambled)
 
 
 def _reversed(ref: _Ref, shape: Sequence[int], dimensions: Sequence[int]) -> _Ref:
@@ -437,6 +447,13 @@ def _cut(
                 slice_index = entries[1][int(k)]
                 entry = np.unravel_index(slice_index, [ref.leaf_shape[x] for x in a])
                 picked += [(x, int(e)) for x, e in zip(a, entry)]
+        elif 1 < m < n and len(a) == 1 and ref.splits(axis, old) and digits[axis]:
+            # One digit of a split leaf axis narrowed (`w.reshape(G, B, ...)[:, 1:]`): the
+            # leaf range starts `k` of the digit's places further on, and the digit's entries
+            # are `step` places apart.
+            first, stride = ranges.get(a[0], (0, 1))
+            ranges[a[0]] = (_shifted(first, stride * digits[axis], int(k)), stride)
+            digits[axis] *= int(step)
         elif 1 < m < n and len(a) == 1 and not ref.splits(axis, old):
             first, stride = ranges.get(a[0], (0, 1))
             stride *= digits[axis] or 1  # the range's stride holds the digit's place now
@@ -483,7 +500,7 @@ def _take(ref: _Ref, k: int, shape: Sequence[int], index: Any) -> _Ref | None:
             ranges=ranges,
         )
     a, place = ref.axes[k][0], ref.digit(k)
-    if not place:
+    if not place or a in ref.rearranged | ref.scrambled:
         return None  # split in a way the digits do not record
     first, stride = ref.range_of(a)
     moved = _shifted(first, stride * place, index)
@@ -1138,11 +1155,18 @@ def _trace_uses(
     ]
     walker.walk(closed.jaxpr, refs + [None] * len(dynamic), (), None, const_values)
     # A group of slices that a loop moves along the stack (a scan over `w.reshape(G, B, ...)`
-    # whose steps use each group whole): which slice is at which depth is not one answer.
+    # whose steps use each group whole), or one slice of a view whose entries are in an order
+    # the trace does not record (`w[perm][i]` for a constant `perm`): which slice is at which
+    # depth is not one answer.
     uses = []
     for u in walker.uses:
-        if any(isinstance(first, _Varying) for _, first, _ in u.ref.ranges):
+        picked = {a for a, _ in u.ref.picked}
+        how = None
+        if (u.ref.rearranged | u.ref.scrambled) & (u.ref.cut - picked):
+            how = "one slice at a time of a view whose order the trace does not record"
+        elif any(isinstance(first, _Varying) for _, first, _ in u.ref.ranges):
             how = "a group of slices at a time (a loop over groups of the stack) and uses it whole"
+        if how is not None:
             walker.unfollowed.setdefault(u.ref.leaf, how)
             whole = _Ref(
                 u.ref.leaf, u.ref.leaf_shape, tuple((a,) for a in range(len(u.ref.leaf_shape)))

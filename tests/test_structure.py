@@ -4,6 +4,7 @@ trajectory under every per-layer transform, and give the same per-layer diagnost
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any
 
@@ -939,6 +940,17 @@ UNFOLLOWED = {
             jnp.flip(w.reshape(2, L // 2, WIDTH, WIDTH), 1).reshape(L, WIDTH, WIDTH),
         )[0]
     ),
+    # Split digits merged back out of order (blocks 0, 2, 1, 3): no range says which is which.
+    "scan over w.reshape(2, 2, ...).transpose(1, 0, ...).reshape(4, ...)": (
+        lambda w, x, n: _scan_blocks(
+            x, w.reshape(2, L // 2, WIDTH, WIDTH).transpose(1, 0, 2, 3).reshape(L, WIDTH, WIDTH)
+        )
+    ),
+    # The stack permuted by a constant gather, scanned or indexed one block at a time.
+    "scan over w[perm]": (lambda w, x, n: _scan_blocks(x, w[jnp.array([2, 0, 3, 1])])),
+    "python loop over w[perm]": (
+        lambda w, x, n: functools.reduce(_block, w[jnp.array([2, 0, 3, 1])], x)
+    ),
     # Each step uses a group of blocks whole (one product over the group).
     "scan over w.reshape(2, 3, ...), each group used whole": (
         lambda w, x, n: jax.lax.scan(
@@ -1072,6 +1084,35 @@ GROUP_LOOPS = {
     "groups merged back: scan over reshape(6, ...)": (
         lambda x, w: _scan_blocks(x, G23(w).reshape(6, WIDTH, WIDTH)),
         [0, 1, 2, 3, 4, 5],
+    ),
+    "both digits reversed, merged back: scan over jnp.flip(g, (0, 1)).reshape(6, ...)": (
+        lambda x, w: _scan_blocks(x, jnp.flip(G23(w), (0, 1)).reshape(6, WIDTH, WIDTH)),
+        [5, 4, 3, 2, 1, 0],
+    ),
+    "scan over groups, each narrowed (g[:, 1:])": (
+        lambda x, w: _scan_groups(x, G23(w)[:, 1:], _scan_blocks),
+        [1, 2, 4, 5],
+    ),
+    "scan over groups, every other block (g[:, ::2])": (
+        lambda x, w: _scan_groups(x, G23(w)[:, ::2], _scan_blocks),
+        [0, 2, 3, 5],
+    ),
+    "scan over groups, each reversed and narrowed (jnp.flip(g, 1)[:, 1:])": (
+        lambda x, w: _scan_groups(x, jnp.flip(G23(w), 1)[:, 1:], _scan_blocks),
+        [1, 0, 4, 3],
+    ),
+    "scan over the transposed groups, narrowed ([1:])": (
+        lambda x, w: _scan_groups(x, G23(w).transpose(1, 0, 2, 3)[1:], _scan_blocks),
+        [1, 4, 2, 5],
+    ),
+    "fori j, fori i: g[:, 1:][j, i]": (
+        lambda x, w: jax.lax.fori_loop(
+            0,
+            2,
+            lambda j, x: jax.lax.fori_loop(0, 2, lambda i, x: _block(x, G23(w)[:, 1:][j, i]), x),
+            x,
+        ),
+        [1, 2, 4, 5],
     ),
 }
 
