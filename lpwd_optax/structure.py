@@ -157,6 +157,8 @@ class _Stacking:
 
     def step(self, index: dict[int, int]) -> tuple[int, ...] | None:
         """The steps, one per level, that read the slice at `index` (leaf axis -> entry)."""
+        if not self.leaf_axes:
+            return self.steps[0]  # the leaf whole, read at the one step of its join
         k = np.ravel_multi_index(tuple(index[a] for a in self.leaf_axes), self.sizes)
         return self.steps[int(k)]
 
@@ -253,6 +255,26 @@ class _Use:
     ambiguous: bool = False
 
 
+@dataclasses.dataclass(frozen=True)
+class _Joined:
+    """A traced value made of several param views (`jnp.stack([w1, w2, w3])`, a fused q/k/v
+    kernel `jnp.concatenate([wq, wk, wv], 1)`): joined along value axis `axis` of a value of
+    shape `shape`, `parts` holding (offset, size, view or None) in order; or, where `axis` is
+    None, one step of a scan over such a join, each part a view read at its own steps."""
+
+    axis: int | None
+    shape: tuple[int, ...]
+    parts: tuple[tuple[int, int, _Ref | None], ...]
+
+    def views(self) -> list[_Ref]:
+        return [r for _, _, r in self.parts if r is not None]
+
+    def part_shape(self, size: int) -> tuple[int, ...]:
+        if self.axis is None:
+            return self.shape
+        return (*self.shape[: self.axis], size, *self.shape[self.axis + 1 :])
+
+
 def _union(groups: Sequence[tuple[int, ...]]) -> frozenset[int]:
     return frozenset(a for g in groups for a in g)
 
@@ -312,8 +334,13 @@ def _reshape_axes(
     return tuple(out), tuple(out_digits), frozenset(scrambled)
 
 
-def _view_axes(eqn: Any, ref: _Ref) -> _Ref:
+def _view_axes(eqn: Any, ref: _Ref, old: Sequence[int] | None = None) -> _Ref:
+    """`ref` seen through the view `eqn` (a shape view or identity), of an operand of shape
+    `old` (by default the eqn's; a part of a join has its own)."""
     name, params = eqn.primitive.name, eqn.params
+    if name in _IDENTITY_VIEWS:
+        return ref
+    old = tuple(eqn.invars[0].aval.shape if old is None else old)
     axes, digits, scrambled = ref.axes, tuple(ref.digit_list()), ref.scrambled
     if name == "transpose":
         axes = tuple(axes[p] for p in params["permutation"])
@@ -335,14 +362,13 @@ def _view_axes(eqn: Any, ref: _Ref) -> _Ref:
             out_digits.insert(d, 0)
         axes, digits = tuple(out), tuple(out_digits)
     elif name == "reshape":
-        old = eqn.invars[0].aval.shape
         axes, digits, merged = _reshape_axes(axes, digits, old, params["new_sizes"])
         scrambled = scrambled | merged
     elif name == "slice":
-        old, new = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
+        new = eqn.outvars[0].aval.shape
         return _cut(ref, old, new, params["start_indices"], params.get("strides"))
     elif name == "rev":
-        return _reversed(ref, eqn.invars[0].aval.shape, params["dimensions"])
+        return _reversed(ref, old, params["dimensions"])
     return dataclasses.replace(ref, axes=axes, digits=_digits(digits), scrambled=scrambled)
 
 
@@ -480,7 +506,9 @@ def _take(ref: _Ref, k: int, shape: Sequence[int], index: Any) -> _Ref | None:
     leaf axis moves the axis's range by `index` digits, and once no other digit is left the
     one slice reached is taken; an entry of a range or axis a loop walks stacks the leaf along
     it (see `_stacking`). The axis is gone from the view (a size-1 axis spanning no leaf axis)
-    unless a static slice is taken. None if the trace cannot say which slices are read."""
+    unless a static slice is taken. An `index` of -1 at some steps: none of the view is read
+    there (a scan over a join of several params reads this one at its own steps). None if the
+    trace cannot say which slices are read."""
     axes, digits = list(ref.axes), ref.digit_list()
     index_levels, index_values = (
         (index.levels, index.values) if isinstance(index, _Varying) else ((), np.asarray(index))
@@ -500,8 +528,8 @@ def _take(ref: _Ref, k: int, shape: Sequence[int], index: Any) -> _Ref | None:
             ranges=ranges,
         )
     a, place = ref.axes[k][0], ref.digit(k)
-    if not place or a in ref.rearranged | ref.scrambled:
-        return None  # split in a way the digits do not record
+    if not place or a in ref.rearranged | ref.scrambled or np.any(index_values < 0):
+        return None  # split in a way the digits do not record, or read at some steps only
     first, stride = ref.range_of(a)
     moved = _shifted(first, stride * place, index)
     axes[k], digits[k] = (), 0
@@ -582,7 +610,9 @@ def _stacking(
     levels, (t, r) = _on_grid([_known(table_levels, table), _known(levels, reads)])
     if not levels or any(set(x.levels) & set(levels) for x in ref.stacking):
         return None
-    slices = np.take_along_axis(t, np.asarray(r, np.int64)[..., None], axis=-1)[..., 0]
+    r = np.asarray(r, np.int64)
+    slices = np.take_along_axis(t, np.maximum(r, 0)[..., None], axis=-1)[..., 0]
+    slices = np.where(r < 0, -1, slices)  # steps that read none of it
     sizes = tuple(ref.leaf_shape[a] for a in ref.axes[k])
     return _stacking_of(levels, ref.axes[k], sizes, slices)
 
@@ -590,11 +620,12 @@ def _stacking(
 def _stacking_of(
     levels: tuple[int, ...], leaf_axes: tuple[int, ...], sizes: tuple[int, ...], slices: Any
 ) -> _Stacking:
-    """`slices[s1, ..., sm]`: the slice (row-major over `leaf_axes`) read at those steps."""
+    """`slices[s1, ..., sm]`: the slice (row-major over `leaf_axes`) read at those steps, -1
+    where none is."""
     steps: list[tuple[int, ...] | None] = [None] * math.prod(sizes)
     for point in np.ndindex(np.shape(slices)):  # row-major: execution order
         slice_index = int(slices[point])
-        if steps[slice_index] is None:
+        if slice_index >= 0 and steps[slice_index] is None:
             steps[slice_index] = tuple(int(j) for j in point)
     return _Stacking(levels, leaf_axes, sizes, tuple(steps))
 
@@ -646,6 +677,150 @@ def _loop_cut(
         if view is None:
             return None
     return _cut(view, fixed, sizes, static)
+
+
+_NOT_FOLLOWED = object()  # a view of a join that the trace does not follow
+
+
+def _join(eqn: Any, refs: list) -> _Joined | None:
+    """The join that a `concatenate` or `stack` of param views (and other values) makes;
+    None for a join of joins along another axis."""
+    stack = eqn.primitive.name == "stack"
+    shape = tuple(eqn.outvars[0].aval.shape)
+    axis = eqn.params["axis" if stack else "dimension"] % len(shape)
+    parts: list[tuple[int, int, _Ref | None]] = []
+    offset = 0
+    for var, r in zip(eqn.invars, refs):
+        if isinstance(r, _Joined):
+            if stack or r.axis != axis:
+                return None
+            parts += [(offset + o, n, x) for o, n, x in r.parts]
+            offset += r.shape[axis]
+            continue
+        if stack and r is not None:  # each operand gets the new axis, of one entry
+            d = r.digit_list()
+            axes = (*r.axes[:axis], (), *r.axes[axis:])
+            r = dataclasses.replace(r, axes=axes, digits=_digits([*d[:axis], 0, *d[axis:]]))
+        size = 1 if stack else var.aval.shape[axis]
+        parts.append((offset, size, r))
+        offset += size
+    return _Joined(axis, shape, tuple(parts))
+
+
+def _joined_view(eqn: Any, joined: _Joined) -> Any:
+    """A shape view of a join: a join again, or the one part a slice stays within (a view of
+    that param, or None for another value), or `_NOT_FOLLOWED` (the join axis split, merged
+    with another or strided)."""
+    name, params = eqn.primitive.name, eqn.params
+    new_shape = tuple(eqn.outvars[0].aval.shape)
+    d = joined.axis
+    if d is None:  # a step of a scan over a join: every part has the value's shape
+        parts = tuple((o, n, r and _view_axes(eqn, r)) for o, n, r in joined.parts)
+        return _Joined(None, new_shape, parts)
+    parts = joined.parts
+    if name == "transpose":
+        new_d = list(params["permutation"]).index(d)
+    elif name == "squeeze":
+        dims = {x % len(joined.shape) for x in params["dimensions"]}
+        if d in dims:  # a stack of one
+            ((_, n, r),) = parts
+            return r and _view_axes(eqn, r, joined.part_shape(n))
+        new_d = d - sum(x < d for x in dims)
+    elif name == "expand_dims":
+        new_d = d + sum(x <= d + i for i, x in enumerate(sorted(params["dimensions"])))
+    elif name == "broadcast_in_dim":
+        new_d = params["broadcast_dimensions"][d]
+        if new_shape[new_d] != joined.shape[d]:
+            return _NOT_FOLLOWED
+    elif name == "reshape":
+        n_axes = len(joined.shape)
+        spans, _, _ = _reshape_axes(
+            tuple((k,) for k in range(n_axes)), [0] * n_axes, joined.shape, new_shape
+        )
+        at = [k for k, a in enumerate(spans) if d in a]
+        if len(at) != 1 or spans[at[0]] != (d,):
+            return _NOT_FOLLOWED
+        new_d = at[0]
+    elif name == "rev":
+        new_d = d
+        if d in params["dimensions"]:  # the parts in reverse order, each reversed
+            total = joined.shape[d]
+            parts = tuple(sorted((total - o - n, n, r) for o, n, r in parts))
+    else:  # a static slice
+        return _joined_slice(joined, params, new_shape)
+
+    def part(n: int, r: _Ref | None) -> _Ref | None:
+        if r is None:
+            return None
+        old = joined.part_shape(n)
+        if name != "reshape":
+            return _view_axes(eqn, r, old)
+        new = (*new_shape[:new_d], n, *new_shape[new_d + 1 :])
+        axes, digits, merged = _reshape_axes(r.axes, r.digit_list(), old, new)
+        return dataclasses.replace(
+            r, axes=axes, digits=_digits(digits), scrambled=r.scrambled | merged
+        )
+
+    return _Joined(new_d, new_shape, tuple((o, n, part(n, r)) for o, n, r in parts))
+
+
+def _joined_slice(joined: _Joined, params: dict, new_shape: tuple[int, ...]) -> Any:
+    """A static slice of a join: each part it overlaps cut to its share."""
+    d, starts = joined.axis, list(params["start_indices"])
+    strides = list(params.get("strides") or [1] * len(starts))
+    if strides[d] != 1:
+        return _NOT_FOLLOWED
+    first, last = starts[d], starts[d] + new_shape[d]
+    parts = []
+    for o, n, r in joined.parts:
+        lo, hi = max(first, o), min(last, o + n)
+        if lo >= hi:
+            continue
+        if r is not None:
+            part_starts = [*starts[:d], lo - o, *starts[d + 1 :]]
+            part_new = (*new_shape[:d], hi - lo, *new_shape[d + 1 :])
+            r = _cut(r, joined.part_shape(n), part_new, part_starts, strides)
+        parts.append((lo - first, hi - lo, r))
+    if len(parts) == 1:
+        return parts[0][2]  # within one part: a view of that param alone
+    return _Joined(d, new_shape, tuple(parts))
+
+
+def _scanned_join(joined: _Joined, level: int, length: int, reverse: bool) -> _Joined | None:
+    """One step of a scan (at `level`) over a join along its first axis: each param's part
+    read at its own steps; or over a step of an outer scan over a join (a scan over a stack
+    of stacked params): each part read along its first axis. None if a part's entries cannot
+    be mapped to its slices."""
+    reads = np.arange(length)[::-1] if reverse else np.arange(length)
+    if joined.axis is None:
+        steps = [
+            r and _take(r, 0, joined.shape, _Varying((level,), reads)) for _, _, r in joined.parts
+        ]
+        if any(r is not None and v is None for (_, _, r), v in zip(joined.parts, steps)):
+            return None
+        parts = tuple(
+            (0, 1, v and dataclasses.replace(v, axes=v.axes[1:], digits=v.digits[1:]))
+            for v in steps
+        )
+        return _Joined(None, joined.shape[1:], parts)
+    if joined.axis != 0:
+        return None
+    parts = []
+    for o, n, r in joined.parts:
+        if r is None:
+            continue
+        local = np.where((reads >= o) & (reads < o + n), reads - o, -1)
+        if n == 1:  # a param stacked with others, or one slice of it: read at its one step
+            step = int(np.flatnonzero(local == 0)[0])
+            view = dataclasses.replace(
+                r, stacking=(*r.stacking, _Stacking((level,), (), (), ((step,),)))
+            )
+        else:
+            view = _take(r, 0, joined.part_shape(n), _Varying((level,), local))
+            if view is None:
+                return None
+        parts.append((0, 1, dataclasses.replace(view, axes=view.axes[1:], digits=view.digits[1:])))
+    return _Joined(None, joined.shape[1:], tuple(parts))
 
 
 def _kernel_use(
@@ -902,10 +1077,15 @@ class _Walker:
             if all(r is None for r in refs):
                 continue  # nothing of ours flows in, so nothing inside can use a param
             name = eqn.primitive.name
+            if name in ("concatenate", "stack") or any(isinstance(r, _Joined) for r in refs):
+                outs = self._joined(eqn, refs, position, flags)
+                if outs is not None:  # else a loop or call, which passes joins on
+                    env.update((v, r) for v, r in zip(eqn.outvars, outs) if r is not None)
+                    continue
             if name in _IDENTITY_VIEWS or name in _SHAPE_VIEWS:
                 for v, r in zip(eqn.outvars, refs):
                     if r is not None:
-                        env[v] = r if name in _IDENTITY_VIEWS else _view_axes(eqn, r)
+                        env[v] = _view_axes(eqn, r)
                 continue
             view = self._loop_view(eqn, refs, flags)  # a dynamic slice at known starts too
             if view is not None:
@@ -933,6 +1113,54 @@ class _Walker:
                 if r is not None:
                     env[v] = r
         return [read(v) for v in jaxpr.outvars]
+
+    def _consume(self, eqn: Any, operand: int, ref: _Ref | _Joined, position: tuple) -> None:
+        """Records how `eqn` uses its operand `ref`; each part of a join as that param alone
+        (the q, k and v kernels of a fused product are each a kernel)."""
+        for view in ref.views() if isinstance(ref, _Joined) else [ref]:
+            self.uses.append(_consumer_use(eqn, operand, view, position))
+
+    def _joined(self, eqn: Any, refs: list, position: tuple, flags: list[Any]) -> list | None:
+        """An eqn that joins param views (`concatenate`, `stack`) or reads a join: a view of
+        it; one slice at a loop's counter, which is not followed; else a use of each part.
+        None for a scan, a loop or a call, which pass the join on."""
+        name = eqn.primitive.name
+        if name in ("scan", "while") or any(
+            _as_jaxpr(x) is not None
+            for value in eqn.params.values()
+            for x in (value if isinstance(value, (tuple, list)) else (value,))
+        ):
+            return None
+        out: Any = None
+        if name in ("concatenate", "stack"):
+            out = _join(eqn, refs)
+        elif name in _IDENTITY_VIEWS:
+            return list(refs)
+        elif name in _SHAPE_VIEWS:
+            out = _joined_view(eqn, refs[0])
+            if out is _NOT_FOLLOWED:
+                how = "joined with other params (a concatenate or stack), then reshaped or "
+                how += "strided in a way the trace does not follow"
+                self._unfollow(eqn, refs[0], position, how)
+                return [None]
+            return [out]
+        elif name in ("dynamic_slice", "gather") and isinstance(refs[0], _Joined):
+            starts = flags[1:] if name == "dynamic_slice" else flags[1:2]
+            if any(f is _LOOP or isinstance(f, _Varying) for f in starts):
+                how = "one slice at a time, at a loop's counter, of a stack joined from several"
+                self._unfollow(eqn, refs[0], position, how + " params")
+                return [None]
+        if out is not None:
+            return [out]
+        for k, r in enumerate(refs):
+            if r is not None:
+                self._consume(eqn, k, r, position)
+        return [None] * len(eqn.outvars)
+
+    def _unfollow(self, eqn: Any, joined: _Joined, position: tuple, how: str) -> None:
+        for view in joined.views():
+            self.uses.append(_Use(view, position, eqn.primitive.name, "other"))
+            self.unfollowed.setdefault(view.leaf, how)
 
     def _loop_view(self, eqn: Any, refs: list, flags: list[Any]) -> _Ref | None:
         """A `dynamic_slice` of a param at known or moving starts, or a one-slice `gather` of
@@ -1060,7 +1288,7 @@ class _Walker:
                 outs = [o if o is not None else i for o, i in zip(outs, inner_outs)]
         for k, r in enumerate(refs):
             if r is not None and id(r) not in passed:
-                self.uses.append(_consumer_use(eqn, k, r, position))
+                self._consume(eqn, k, r, position)
         return outs
 
     def _scan(self, eqn: Any, refs: list, position: tuple, flags: list[Any]) -> list:
@@ -1072,6 +1300,13 @@ class _Walker:
         for k, r in enumerate(refs):
             if r is None or k < first_xs:
                 inner.append(r)  # consts (and a carry's initial value): the whole leaf
+                continue
+            if isinstance(r, _Joined):
+                step = _scanned_join(r, level, params["length"], params["reverse"])
+                if step is None:
+                    how = "in a scan over params joined (a concatenate or stack) in a way the "
+                    self._unfollow(eqn, r, position, how + "trace does not follow")
+                inner.append(step)
                 continue
             if not r.axes[0]:  # broadcast, then scanned
                 inner.append(dataclasses.replace(r, axes=r.axes[1:], digits=r.digits[1:]))

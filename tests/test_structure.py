@@ -951,6 +951,17 @@ UNFOLLOWED = {
     "python loop over w[perm]": (
         lambda w, x, n: functools.reduce(_block, w[jnp.array([2, 0, 3, 1])], x)
     ),
+    # The stack joined with itself, read at a loop's counter or split into groups.
+    "fori_loop over concatenate([w, w])[i]": (
+        lambda w, x, n: jax.lax.fori_loop(
+            0, 2 * L, lambda i, x: _block(x, jnp.concatenate([w, w])[i]), x
+        )
+    ),
+    "scan over concatenate([w, w]).reshape(2, L, ...)": (
+        lambda w, x, n: _scan_groups(
+            x, jnp.concatenate([w, w]).reshape(2, L, WIDTH, WIDTH), _scan_blocks
+        )
+    ),
     # Each step uses a group of blocks whole (one product over the group).
     "scan over w.reshape(2, 3, ...), each group used whole": (
         lambda w, x, n: jax.lax.scan(
@@ -1128,6 +1139,133 @@ def test_loops_over_groups_of_blocks_or_at_mixed_counters_read_each_block(case):
     apply = lambda p, x: loop(x, p["w"]) @ p["head"]["w"]
     _, messages = _check_stacked_kernel(params, apply, [(s,) for s in reads], (6,))
     assert not any("cannot follow" in m or "group of slices" in m for m in messages), messages
+
+
+def _joinable_params():
+    """Three leaves to join: `a` a stack of 3 blocks, `b` of 2, `c` one block; and a head."""
+    normal = lambda i, *shape: jax.random.normal(jax.random.key(i), shape)
+    return {
+        "a": {"w": normal(0, 3, WIDTH, WIDTH)},
+        "b": {"w": normal(1, 2, WIDTH, WIDTH)},
+        "c": {"w": normal(2, WIDTH, WIDTH)},
+        "head": {"w": jnp.ones((WIDTH, CLASSES))},
+    }
+
+
+def _scan_stacks(x, stacks, inner=_scan_blocks):
+    return jax.lax.scan(lambda x, g: (inner(x, g), None), x, stacks)[0]
+
+
+# Params joined into one stack (by `concatenate` or `stack`) and read one block at a time,
+# and the (leaf, block) each step reads, None for a leaf that is one block.
+JOINS = {
+    "scan over concatenate([a, b])": (
+        lambda x, a, b, c: _scan_blocks(x, jnp.concatenate([a, b])),
+        [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1)],
+    ),
+    "reverse scan over concatenate([b, a])": (
+        lambda x, a, b, c: jax.lax.scan(
+            lambda x, w: (_block(x, w), None), x, jnp.concatenate([b, a]), reverse=True
+        )[0],
+        [("a", 2), ("a", 1), ("a", 0), ("b", 1), ("b", 0)],
+    ),
+    "python loop over concatenate([b, a])": (
+        lambda x, a, b, c: functools.reduce(_block, jnp.concatenate([b, a]), x),
+        [("b", 0), ("b", 1), ("a", 0), ("a", 1), ("a", 2)],
+    ),
+    "scan over concatenate([b, a])[::-1]": (
+        lambda x, a, b, c: _scan_blocks(x, jnp.concatenate([b, a])[::-1]),
+        [("a", 2), ("a", 1), ("a", 0), ("b", 1), ("b", 0)],
+    ),
+    "scan over concatenate([b, a])[1:4]": (
+        lambda x, a, b, c: _scan_blocks(x, jnp.concatenate([b, a])[1:4]),
+        [("b", 1), ("a", 0), ("a", 1)],
+    ),
+    "scan over concatenate([b, a constant])": (
+        lambda x, a, b, c: _scan_blocks(x, jnp.concatenate([b, jnp.eye(WIDTH)[None]])),
+        [("b", 0), ("b", 1)],
+    ),
+    "scan over stack([c, a[2], c])": (
+        lambda x, a, b, c: _scan_blocks(x, jnp.stack([c, a[2], c])),
+        [("c", None), ("a", 2), ("c", None)],
+    ),
+    "scan over stack([b[0], c, b[1]], axis=1).transpose(1, 0, 2)": (
+        lambda x, a, b, c: _scan_blocks(x, jnp.stack([b[0], c, b[1]], axis=1).transpose(1, 0, 2)),
+        [("b", 0), ("c", None), ("b", 1)],
+    ),
+    "scan over stack([b, a[:2]]), scan over each": (
+        lambda x, a, b, c: _scan_stacks(x, jnp.stack([b, a[:2]])),
+        [("b", 0), ("b", 1), ("a", 0), ("a", 1)],
+    ),
+    "scan over stack([b, a[1:]]), each g[1] then g[0]": (
+        lambda x, a, b, c: _scan_stacks(
+            x, jnp.stack([b, a[1:]]), lambda x, g: _block(_block(x, g[1]), g[0])
+        ),
+        [("b", 1), ("b", 0), ("a", 2), ("a", 1)],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(JOINS))
+def test_params_joined_into_one_stack_are_read_block_by_block(case):
+    # A loop over a join reads each block of each param at its own step: the blocks are
+    # layers at the depth of their first read, as in the loop over the params themselves;
+    # what no step reads is unused.
+    loop, reads = JOINS[case]
+    params = _joinable_params()
+    apply = lambda p, x: loop(x, *(p[k]["w"] for k in "abc")) @ p["head"]["w"]
+    layers, messages = _structure_and_warnings(params, apply)
+    assert not any("joined" in m or "cannot" in m for m in messages), messages
+    first = list(dict.fromkeys(reads))
+    depth_of = {read: rank + 1 for rank, read in enumerate(first)}
+    by_path = {leaf.path: leaf for leaf in layers.leaves}
+    assert int(by_path["head/w"].depth) == len(first) + 1
+    for name in "abc":
+        leaf = by_path[f"{name}/w"]
+        blocks = {k for n, k in first if n == name}
+        if not blocks:
+            assert leaf.role == "unused", (name, leaf)
+            continue
+        assert (leaf.role, leaf.fan_in_axes[-1:], leaf.output_axes) == (
+            "kernel",
+            (len(leaf.shape) - 2,),
+            (len(leaf.shape) - 1,),
+        ), (name, leaf)
+        if len(blocks) == 1:  # one block of it read: one layer
+            assert (leaf.stacked_axes, int(leaf.depth)) == ((), depth_of[(name, *blocks)])
+            continue
+        expected = [depth_of.get((name, k), len(first) + 2) for k in range(leaf.shape[0])]
+        assert leaf.stacked_axes == (0,)
+        np.testing.assert_array_equal(np.ravel(leaf.depth), expected)
+
+
+@pytest.mark.parametrize("form", ["concatenate", "stack"])
+def test_each_kernel_of_a_fused_product_is_a_kernel(form):
+    # A fused q/k/v product: one matmul by the q, k and v kernels joined along their output
+    # axis. Each is a kernel with its own fan-in and output axes, as in three products.
+    normal = lambda i: jax.random.normal(jax.random.key(i), (WIDTH, HIDDEN))
+    params = {name: {"kernel": normal(i)} for i, name in enumerate("qkv")}
+    params["out"] = {"kernel": jnp.ones((HIDDEN, CLASSES))}
+
+    def apply(p, x):
+        kernels = [p[name]["kernel"] for name in "qkv"]
+        if form == "concatenate":
+            q, k, v = jnp.split(x @ jnp.concatenate(kernels, 1), 3, 1)
+        else:
+            q, k, v = jnp.einsum("bi,ito->tbo", x, jnp.stack(kernels, 1))
+        return (jax.nn.softmax(q @ k.T) @ v) @ p["out"]["kernel"]
+
+    layers, messages = _structure_and_warnings(params, apply)
+    assert not messages, messages
+    for leaf in layers.leaves:
+        assert (leaf.role, leaf.stacked_axes, leaf.fan_in_axes, leaf.output_axes) == (
+            "kernel",
+            (),
+            (0,),
+            (1,),
+        ), leaf
+    depths = {leaf.path: int(leaf.depth) for leaf in layers.leaves}
+    assert depths["out/kernel"] == 4 and {depths[f"{n}/kernel"] for n in "qkv"} == {1, 2, 3}
 
 
 @pytest.mark.parametrize("transpose_kernel", [False, True])
