@@ -786,6 +786,62 @@ def _joined_slice(joined: _Joined, params: dict, new_shape: tuple[int, ...]) -> 
     return _Joined(d, new_shape, tuple(parts))
 
 
+def _loop_starts(eqn: Any, flags: list[Any]) -> list[Any] | None:
+    """The start along every operand axis of a `dynamic_slice` or a one-slice `gather`, each
+    an int or a `_Varying` where loops move it; None if they are not known."""
+    name = eqn.primitive.name
+    if name == "dynamic_slice":
+        starts = flags[1:]
+        return starts if all(_is_value(f) or isinstance(f, _Varying) for f in starts) else None
+    if name != "gather" or not isinstance(flags[1], _Varying):
+        return None
+    indices = flags[1]
+    grid = indices.values.shape[: len(indices.levels)]
+    per_point = [_gather_starts(eqn, indices.values[p]) for p in np.ndindex(grid)]
+    if any(p is None for p in per_point):
+        return None
+    columns = np.stack(per_point).reshape(*grid, -1)
+    return [_Varying(indices.levels, columns[..., a]) for a in range(columns.shape[-1])]
+
+
+def _indexed_join(eqn: Any, joined: _Joined, starts: list[Any] | None) -> _Joined | None:
+    """One entry of a join along its join axis at a loop's counter (`ws[i]` in a
+    `fori_loop` over `ws = jnp.stack([w0, w1, w2])`), the other axes read whole: each
+    param's part read at the steps whose entry is in it. None otherwise."""
+    if starts is None or joined.axis is None:
+        return None
+    d, sizes = joined.axis, eqn.params["slice_sizes"]
+    moving = starts[d]
+    fixed = lambda f: np.unique(f.values if isinstance(f, _Varying) else f).tolist()
+    others = [k for k in range(len(starts)) if k != d]
+    if (
+        not isinstance(moving, _Varying)
+        or sizes[d] != 1
+        or any(fixed(starts[k]) != [0] or sizes[k] != joined.shape[k] for k in others)
+    ):
+        return None
+    entry = np.clip(moving.values, 0, joined.shape[d] - 1)  # clamped, as dynamic_slice does
+    parts = []
+    for o, n, r in joined.parts:
+        if r is None:
+            continue
+        local = np.where((entry >= o) & (entry < o + n), entry - o, -1)
+        if n == 1:  # a param stacked with others, or one slice of it: read at its first step
+            if not np.any(local == 0):
+                continue
+            point = np.unravel_index(int(np.flatnonzero(local == 0)[0]), local.shape)
+            stack = _Stacking(moving.levels, (), (), (tuple(int(j) for j in point),))
+            view = dataclasses.replace(r, stacking=(*r.stacking, stack))
+        else:
+            view = _take(r, d, joined.part_shape(n), _Varying(moving.levels, local))
+            if view is None:
+                return None
+        if eqn.primitive.name == "gather":
+            view = _gathered(eqn, view, single=True)
+        parts.append((0, 1, view))
+    return _Joined(None, tuple(eqn.outvars[0].aval.shape), tuple(parts))
+
+
 def _scanned_join(joined: _Joined, level: int, length: int, reverse: bool) -> _Joined | None:
     """One step of a scan (at `level`) over a join along its first axis: each param's part
     read at its own steps; or over a step of an outer scan over a join (a scan over a stack
@@ -1145,6 +1201,9 @@ class _Walker:
                 return [None]
             return [out]
         elif name in ("dynamic_slice", "gather") and isinstance(refs[0], _Joined):
+            step = _indexed_join(eqn, refs[0], _loop_starts(eqn, flags))
+            if step is not None:
+                return [step]
             starts = flags[1:] if name == "dynamic_slice" else flags[1:2]
             if any(f is _LOOP or isinstance(f, _Varying) for f in starts):
                 how = "one slice at a time, at a loop's counter, of a stack joined from several"
@@ -1165,26 +1224,13 @@ class _Walker:
     def _loop_view(self, eqn: Any, refs: list, flags: list[Any]) -> _Ref | None:
         """A `dynamic_slice` of a param at known or moving starts, or a one-slice `gather` of
         it whose start moves with a scan's steps: see `_loop_cut`."""
-        name, ref = eqn.primitive.name, refs[0]
-        if ref is None or name not in ("dynamic_slice", "gather"):
-            return None
-        if name == "dynamic_slice":
-            starts = flags[1:]
-            if not all(_is_value(f) or isinstance(f, _Varying) for f in starts):
-                return None
-        elif isinstance(flags[1], _Varying):
-            indices = flags[1]
-            grid = indices.values.shape[: len(indices.levels)]
-            per_point = [_gather_starts(eqn, indices.values[p]) for p in np.ndindex(grid)]
-            if any(p is None for p in per_point):
-                return None
-            columns = np.stack(per_point).reshape(*grid, -1)
-            starts = [_Varying(indices.levels, columns[..., a]) for a in range(columns.shape[-1])]
-        else:
+        ref = refs[0]
+        starts = None if ref is None else _loop_starts(eqn, flags)
+        if starts is None:
             return None
         old, sizes = eqn.invars[0].aval.shape, eqn.params["slice_sizes"]
         view = _loop_cut(ref, old, sizes, starts)
-        if view is None or name == "dynamic_slice":
+        if view is None or eqn.primitive.name == "dynamic_slice":
             return view
         return _gathered(eqn, view, single=True)
 

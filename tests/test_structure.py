@@ -952,9 +952,14 @@ UNFOLLOWED = {
         lambda w, x, n: functools.reduce(_block, w[jnp.array([2, 0, 3, 1])], x)
     ),
     # The stack joined with itself, read at a loop's counter or split into groups.
-    "fori_loop over concatenate([w, w])[i]": (
+    "fori j, fori i: stack([w, w])[j, i]": (
         lambda w, x, n: jax.lax.fori_loop(
-            0, 2 * L, lambda i, x: _block(x, jnp.concatenate([w, w])[i]), x
+            0,
+            2,
+            lambda j, x: jax.lax.fori_loop(
+                0, L, lambda i, x: _block(x, jnp.stack([w, w])[j, i]), x
+            ),
+            x,
         )
     ),
     "scan over concatenate([w, w]).reshape(2, L, ...)": (
@@ -1184,6 +1189,32 @@ JOINS = {
     "scan over concatenate([b, a constant])": (
         lambda x, a, b, c: _scan_blocks(x, jnp.concatenate([b, jnp.eye(WIDTH)[None]])),
         [("b", 0), ("b", 1)],
+    ),
+    "fori_loop over concatenate([b, a])[i]": (
+        lambda x, a, b, c: jax.lax.fori_loop(
+            0, 5, lambda i, x: _block(x, jnp.concatenate([b, a])[i]), x
+        ),
+        [("b", 0), ("b", 1), ("a", 0), ("a", 1), ("a", 2)],
+    ),
+    "fori_loop over concatenate([b, a])[4 - i]": (
+        lambda x, a, b, c: jax.lax.fori_loop(
+            0, 5, lambda i, x: _block(x, jnp.concatenate([b, a])[4 - i]), x
+        ),
+        [("a", 2), ("a", 1), ("a", 0), ("b", 1), ("b", 0)],
+    ),
+    "fori_loop over stack([c, b[1], c])[2 - i]": (
+        lambda x, a, b, c: jax.lax.fori_loop(
+            0, 3, lambda i, x: _block(x, jnp.stack([c, b[1], c])[2 - i]), x
+        ),
+        [("c", None), ("b", 1), ("c", None)],
+    ),
+    "scan over arange(5): jnp.take(concatenate([b, a]), i, axis=0)": (
+        lambda x, a, b, c: jax.lax.scan(
+            lambda x, i: (_block(x, jnp.take(jnp.concatenate([b, a]), i, axis=0)), None),
+            x,
+            jnp.arange(5),
+        )[0],
+        [("b", 0), ("b", 1), ("a", 0), ("a", 1), ("a", 2)],
     ),
     "scan over stack([c, a[2], c])": (
         lambda x, a, b, c: _scan_blocks(x, jnp.stack([c, a[2], c])),
