@@ -804,6 +804,30 @@ def _loop_starts(eqn: Any, flags: list[Any]) -> list[Any] | None:
     return [_Varying(indices.levels, columns[..., a]) for a in range(columns.shape[-1])]
 
 
+def _parts_at(joined: _Joined, entry: _Varying) -> list[_Ref] | None:
+    """Each param's part of a join read one entry along the join axis at a time, entry
+    `entry` at the loops' steps: a view stacked on the steps whose entry is in it (a part of
+    one entry, at the first of them); parts no step reaches are left out. None if a part's
+    entries cannot be mapped to its slices."""
+    views = []
+    for o, n, r in joined.parts:
+        if r is None:
+            continue
+        local = np.where((entry.values >= o) & (entry.values < o + n), entry.values - o, -1)
+        if n == 1:  # a param stacked with others, or one slice of it: read at its first step
+            if not np.any(local == 0):
+                continue
+            point = np.unravel_index(int(np.flatnonzero(local == 0)[0]), local.shape)
+            stack = _Stacking(entry.levels, (), (), (tuple(int(j) for j in point),))
+            views.append(dataclasses.replace(r, stacking=(*r.stacking, stack)))
+            continue
+        view = _take(r, joined.axis, joined.part_shape(n), _Varying(entry.levels, local))
+        if view is None:
+            return None
+        views.append(view)
+    return views
+
+
 def _indexed_join(eqn: Any, joined: _Joined, starts: list[Any] | None) -> _Joined | None:
     """One entry of a join along its join axis at a loop's counter (`ws[i]` in a
     `fori_loop` over `ws = jnp.stack([w0, w1, w2])`), the other axes read whole: each
@@ -821,24 +845,12 @@ def _indexed_join(eqn: Any, joined: _Joined, starts: list[Any] | None) -> _Joine
     ):
         return None
     entry = np.clip(moving.values, 0, joined.shape[d] - 1)  # clamped, as dynamic_slice does
-    parts = []
-    for o, n, r in joined.parts:
-        if r is None:
-            continue
-        local = np.where((entry >= o) & (entry < o + n), entry - o, -1)
-        if n == 1:  # a param stacked with others, or one slice of it: read at its first step
-            if not np.any(local == 0):
-                continue
-            point = np.unravel_index(int(np.flatnonzero(local == 0)[0]), local.shape)
-            stack = _Stacking(moving.levels, (), (), (tuple(int(j) for j in point),))
-            view = dataclasses.replace(r, stacking=(*r.stacking, stack))
-        else:
-            view = _take(r, d, joined.part_shape(n), _Varying(moving.levels, local))
-            if view is None:
-                return None
-        if eqn.primitive.name == "gather":
-            view = _gathered(eqn, view, single=True)
-        parts.append((0, 1, view))
+    views = _parts_at(joined, _Varying(moving.levels, entry))
+    if views is None:
+        return None
+    if eqn.primitive.name == "gather":
+        views = [_gathered(eqn, view, single=True) for view in views]
+    parts = [(0, 1, view) for view in views]
     return _Joined(None, tuple(eqn.outvars[0].aval.shape), tuple(parts))
 
 
@@ -859,23 +871,10 @@ def _scanned_join(joined: _Joined, level: int, length: int, reverse: bool) -> _J
             for v in steps
         )
         return _Joined(None, joined.shape[1:], parts)
-    if joined.axis != 0:
+    views = _parts_at(joined, _Varying((level,), reads)) if joined.axis == 0 else None
+    if views is None:
         return None
-    parts = []
-    for o, n, r in joined.parts:
-        if r is None:
-            continue
-        local = np.where((reads >= o) & (reads < o + n), reads - o, -1)
-        if n == 1:  # a param stacked with others, or one slice of it: read at its one step
-            step = int(np.flatnonzero(local == 0)[0])
-            view = dataclasses.replace(
-                r, stacking=(*r.stacking, _Stacking((level,), (), (), ((step,),)))
-            )
-        else:
-            view = _take(r, 0, joined.part_shape(n), _Varying((level,), local))
-            if view is None:
-                return None
-        parts.append((0, 1, dataclasses.replace(view, axes=view.axes[1:], digits=view.digits[1:])))
+    parts = [(0, 1, dataclasses.replace(v, axes=v.axes[1:], digits=v.digits[1:])) for v in views]
     return _Joined(None, joined.shape[1:], tuple(parts))
 
 
