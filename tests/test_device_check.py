@@ -33,7 +33,7 @@ def test_device_check_quick_writes_json(tmp_path):
     check = json.loads((out / "device_check.json").read_text())
     assert check["device"] == "cpu" and check["quick"] is True
     statuses = {p["part"]: p["status"] for p in check["parts"]}
-    parts = ["devices", "train_step", "regularizers", "cifar_train"]
+    parts = ["devices", "train_step", "regularizers", "paper_cell"]
     assert statuses == dict.fromkeys(parts, "ok"), log
 
     devices = json.loads((out / "devices.json").read_text())
@@ -52,10 +52,14 @@ def test_device_check_quick_writes_json(tmp_path):
     assert "LPWD (layer-wise pre_weight_decay)" in regularizers["results"]
     assert regularizers["machine"]["jax_backend"] == "cpu"
 
-    cifar = json.loads((out / "cifar_train.json").read_text())
-    assert cifar["finished"] and len(cifar["epochs"]) == 1
-    assert cifar["summary"]["config"]["model"] == "convnext_tiny_cifar"
-    assert 0 <= cifar["epochs"][0]["test_top1"] <= 100
+    cell = json.loads((out / "paper_cell.json").read_text())
+    assert cell["finished"] and "--model=convnext_tiny_cifar" in cell["flags"]
+    epochs = cell["epochs_compared"]
+    assert epochs == cell["runs"]["wd"]["epochs_finished"] >= 1
+    for method in ("wd", "lpwd"):
+        run = cell["methods"][method]
+        assert len(run["epochs"]) == epochs
+        assert all(0 <= e["test_top1"] <= 100 for e in run["epochs"])
 
 
 def test_device_check_rejects_unknown_arguments(tmp_path):
