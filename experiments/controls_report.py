@@ -9,8 +9,6 @@ t-test p-value and Holm's adjustment across all of them; plus descriptive ones, 
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import os
 from collections import defaultdict
@@ -23,6 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from lpwd_optax.experiments import controls, stats
+from lpwd_optax.experiments.study_report import write_tables
 
 METRICS = {
     "best10_mean": "best-10 test top-1 (%)",
@@ -251,13 +250,7 @@ def write_report(
             if r["part"] == "p"
         ],
     )
-    fields = [k for k in (records[0] if records else {}) if k != "history"]
-    _write_csv(os.path.join(results_dir, "runs.csv"), records, fields)
-    with open(os.path.join(results_dir, "runs.jsonl"), "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    for name, rows in tables.items():
-        _write_csv(os.path.join(results_dir, f"{name}.csv"), rows)
+    write_tables(results_dir, records, tables)
     with open(os.path.join(results_dir, "results.md"), "w") as f:
         f.write(results_markdown(p, dataset, runs_dir, records, tables, lr))
     plot_control_bars(p, cells, os.path.join(results_dir, "fig_controls.png"))
@@ -384,16 +377,6 @@ def _reading(row: dict[str, Any]) -> str:
     if "outcome" not in row:
         return "-"
     return f"{row['outcome']} ({'final' if row['final'] else 'provisional'})"
-
-
-def _write_csv(path: str, rows: Sequence[dict[str, Any]], fields: Sequence[str] | None = None):
-    fields = list(fields or (list(rows[0]) if rows else []))
-    for row in rows:
-        fields += [k for k in row if k not in fields]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 # ----------------------------------------------------------------------------------------------

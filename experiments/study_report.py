@@ -206,13 +206,7 @@ def write_report(
         rop_grid=rop_rows(records),
         zero_shot=zero_shot_rows(protocol, runs_dir),
     )
-    run_fields = [k for k in (records[0] if records else {}) if k != "history"]
-    _write_csv(os.path.join(results_dir, "runs.csv"), records, run_fields)
-    with open(os.path.join(results_dir, "runs.jsonl"), "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    for name, rows in tables.items():
-        _write_csv(os.path.join(results_dir, f"{name}.csv"), rows)
+    write_tables(results_dir, records, tables)
     with open(os.path.join(results_dir, "results.md"), "w") as f:
         f.write(results_markdown(protocol, dataset, runs, records, tables))
     plot_curves(protocol, cells, os.path.join(results_dir, "fig_strong_curves.png"))
@@ -340,6 +334,20 @@ def _intervals(row: dict[str, Any]) -> str:
             f"{row[f'{metric}_high']:+.{digits}f}]{mark}"
         )
     return " | ".join(cells)
+
+
+def write_tables(
+    results_dir: str, records: Sequence[dict[str, Any]], tables: dict[str, list[dict[str, Any]]]
+) -> None:
+    """The study's record and tables: runs.csv, runs.jsonl (each run with its history, what
+    `--restore_from` reads back) and one CSV per table."""
+    fields = [k for k in (records[0] if records else {}) if k != "history"]
+    _write_csv(os.path.join(results_dir, "runs.csv"), records, fields)
+    with open(os.path.join(results_dir, "runs.jsonl"), "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    for name, rows in tables.items():
+        _write_csv(os.path.join(results_dir, f"{name}.csv"), rows)
 
 
 def _write_csv(path: str, rows: Sequence[dict[str, Any]], fields: Sequence[str] | None = None):
