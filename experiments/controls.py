@@ -219,7 +219,10 @@ def materialize_reused(
             f"the protocol reuses the first study's seeds {list(p.reused_seeds)}: pass "
             "--reuse_from=<the first study's runs.jsonl>"
         )
-    with open(os.path.expanduser(reuse_from)) as f:
+    path = os.path.expanduser(reuse_from)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--reuse_from: no such file: {reuse_from}")
+    with open(path) as f:
         records = [json.loads(line) for line in f if line.strip()]
     for run in todo:
         matches = [

@@ -448,6 +448,16 @@ def _main_controls(args: argparse.Namespace) -> int:
             print(f"error: {e}", file=sys.stderr, flush=True)
             return 2
         print(f"restored {restored} finished runs from {args.restore_from}", flush=True)
+    if args.report_only and args.reuse_from and not args.dry_run:
+        # A study that runs writes the reused records first; a report alone needs them too.
+        os.makedirs(runs_dir, exist_ok=True)
+        try:
+            controls.materialize_reused(
+                protocol, controls.plan(protocol, runs_dir), runs_dir, args.reuse_from
+            )
+        except (ValueError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 2
     print(controls.describe(protocol, dataset, controls.plan(protocol, runs_dir), runs_dir))
     if args.dry_run:
         return 0

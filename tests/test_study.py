@@ -461,6 +461,34 @@ def test_controls_study_is_restored_from_its_committed_report(tmp_path, capsys):
         controls.restore(p, str(tmp_path / "z"), str(other))
 
 
+def test_controls_report_alone_rebuilds_the_committed_tables(tmp_path, capsys):
+    """On a machine without the runs: --restore_from and --reuse_from with --report_only give
+    the committed tables (all 77 runs, the 15 reused ones included), training nothing."""
+    results = os.path.join(os.path.dirname(__file__), "..", "experiments", "results")
+    committed = os.path.join(results, "cifar10_cpu_controls")
+    out = tmp_path / "results"
+    argv = [
+        "--protocol=controls",
+        f"--output_dir={tmp_path / 'runs'}",
+        f"--results_dir={out}",
+        f"--reuse_from={os.path.join(results, 'cifar10_cpu', 'runs.jsonl')}",
+        f"--restore_from={os.path.join(committed, 'runs.jsonl')}",
+        "--report_only",
+    ]
+    assert study.main(argv) == 0
+    for name in ("cells.csv", "comparisons.csv", "pilot.csv"):
+        with open(out / name) as got, open(os.path.join(committed, name)) as want:
+            assert got.read() == want.read(), name
+    text = (out / "results.md").read_text()
+    assert "77 of 77 planned runs finished (15 reused from the first study; 62 trained" in text
+    # Without the first study's records the reused cells cannot be filled in: exit 2.
+    argv[3] = f"--reuse_from={tmp_path / 'none.jsonl'}"
+    argv[1] = f"--output_dir={tmp_path / 'other'}"
+    assert study.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"error: --reuse_from: no such file: {tmp_path / 'none.jsonl'}" in err
+
+
 @pytest.mark.slow
 def test_controls_pilot_runs_then_part_h_is_planned(tmp_path, capsys):
     runs_dir = str(tmp_path / "runs")
