@@ -406,15 +406,22 @@ def _reversed(ref: _Ref, shape: Sequence[int], dimensions: Sequence[int]) -> _Re
     )
 
 
-def _on_grid(values: Sequence[Any]) -> tuple[tuple[int, ...], list[np.ndarray]]:
-    """Known values, some of them `_Varying`, on the grid of the steps of all their loops
-    (levels in nesting order): each an array whose leading axes are those steps."""
+def _loop_grid(values: Sequence[Any]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The loops that some of `values` (`_Varying` ones) vary with, as levels in nesting order,
+    and each loop's number of steps."""
     steps: dict[int, int] = {}
     for v in values:
         if isinstance(v, _Varying):
             steps.update(zip(v.levels, v.values.shape))
     levels = tuple(sorted(steps))
-    grid = tuple(steps[level] for level in levels)
+    return levels, tuple(steps[level] for level in levels)
+
+
+def _on_grid(values: Sequence[Any]) -> tuple[tuple[int, ...], list[np.ndarray]]:
+    """Known values, some of them `_Varying`, on the grid of the steps of all their loops
+    (levels in nesting order): each an array whose leading axes are those steps."""
+    levels, grid = _loop_grid(values)
+    steps = dict(zip(levels, grid))
     out = []
     for v in values:
         if isinstance(v, _Varying):
@@ -984,13 +991,10 @@ def _evaluate(eqn: Any, values: Sequence[Any]) -> list[Any] | None:
     by step where some of them vary with one scan's steps."""
     if any(v is _UNKNOWN or v is _LOOP for v in values):
         return None
-    varying = [v for v in values if isinstance(v, _Varying)]
-    if varying:
+    levels, grid = _loop_grid(values)
+    if levels:
         if not all(_is_index(v.aval.dtype) for v in eqn.outvars):
             return None  # only index arithmetic is followed step by step
-        steps = {level: n for v in varying for level, n in zip(v.levels, v.values.shape)}
-        levels = tuple(sorted(steps))  # the nesting order
-        grid = tuple(steps[level] for level in levels)
         if math.prod(grid) > _SMALL_CONSTANT:
             return None
         per_point = []
