@@ -135,12 +135,6 @@ def summarize(runs: dict[str, list[dict[str, Any]]], steps: int, batch: int) -> 
     return summary
 
 
-def _steps_per_epoch(run_dir: Path) -> int | None:
-    """Training steps per epoch, from the first epoch record's step count."""
-    records = epochs_finished(run_dir)
-    return records[0]["step"] if records else None
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", help="CIFAR-10 image-folder zip or folder (default: digits)")
@@ -168,6 +162,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "runs": {},
     }
     epochs = 100
+    finished: dict[str, list[dict[str, Any]]] = {}
     for i, method in enumerate(METHODS):
         left = args.budget_s - (time.monotonic() - start)
         # WD stops halfway so that LPWD has the same time for the same epochs.
@@ -182,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ]
         print(f"{method}: up to {epochs} epochs in {limit:.0f} s", flush=True)
         rc, wall = run_for(command, limit - GRACE_S, out / f"{method}.log")
-        records = epochs_finished(run_dir)
+        records = finished[method] = epochs_finished(run_dir)
         report["runs"][method] = {
             "command": command,
             "exit_code": rc,
@@ -198,9 +193,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             if epochs == 0:
                 break
 
-    finished = {m: epochs_finished(out / m) for m in report["runs"]}
-    steps = _steps_per_epoch(out / METHODS[0])
-    if len(finished) == len(METHODS) and steps:
+    if len(finished) == len(METHODS):
+        steps = finished[METHODS[0]][0]["step"]  # the first epoch record's step count
         report.update(summarize(finished, steps, batch))
         rows = []
         for method in METHODS:
