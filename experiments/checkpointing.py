@@ -11,6 +11,7 @@ previous one is tried.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from lpwd_optax.experiments.config import ConfigError
@@ -101,6 +103,59 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def read_run_weights(path: str) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """The weights a run of the training program reached: (flat weights, its config.json,
+    where they came from).
+
+    `path` is a run's --output_dir (its newest checkpoint is read) or one of its
+    `checkpoints/<step>` directories. The weights are the evaluated ones (PWD/LPWD's theta_t,
+    not the stored phi_t), as flat `{"stem/conv/kernel": array}` names.
+
+    Raises:
+      ConfigError: `path` holds no checkpoint of the training program.
+    """
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        run_dir, directory, step = path, os.path.join(path, "checkpoints"), None
+    elif os.path.basename(path).isdigit() and os.path.basename(os.path.dirname(path)) == (
+        "checkpoints"
+    ):
+        directory, step = os.path.dirname(path), int(os.path.basename(path))
+        run_dir = os.path.dirname(directory)
+    else:
+        raise ConfigError(
+            f"--init_from: {path} is neither a run directory of this program (with "
+            "checkpoints/) nor one of its checkpoints/<step> directories"
+        )
+    config_path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(config_path):
+        raise ConfigError(f"--init_from: {run_dir} has no config.json; not a run of this program")
+    with open(config_path) as f:
+        run_config = json.load(f)
+    manager = ocp.CheckpointManager(directory, item_names=("state", "meta", "evaluated"))
+    absl_logger = logging.getLogger("absl")  # orbax warns of each item it is not asked for
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None or step not in manager.all_steps():
+            raise ConfigError(
+                f"--init_from: no checkpoint {'' if step is None else step} in {directory}"
+            )
+        has_evaluated = manager.item_metadata(step).get("evaluated") is not None
+        items = {"evaluated" if has_evaluated else "state": ocp.args.StandardRestore()}
+        restored = manager.restore(step, args=ocp.args.Composite(**items))
+    finally:
+        manager.close()
+        absl_logger.setLevel(level)
+    tree = restored["evaluated"] if has_evaluated else restored["state"]["params"]
+    flat = {
+        "/".join(str(getattr(k, "key", k)) for k in key_path): np.asarray(leaf)
+        for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+    return flat, run_config, f"{directory}/{step}"
 
 
 class OutputLock:

@@ -58,6 +58,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 import lpwd_optax as lo
 from lpwd_optax import models
@@ -131,8 +132,7 @@ class Setup(NamedTuple):
 def build(config: Config) -> Setup:
     """Loads the data, model and method and checks the batch geometry; ConfigError if wrong."""
     try:
-        train_ds = data.load_dataset(config.dataset, data_dir=config.data_dir, split="train")
-        test_ds = data.load_dataset(config.dataset, data_dir=config.data_dir, split="test")
+        train_ds, test_ds = load_data(config)
         network = models.create_model(
             config.model,
             num_classes=train_ds.num_classes,
@@ -141,8 +141,8 @@ def build(config: Config) -> Setup:
             **config.overrides,
         )
         if config.init_from:  # before the method: PWD/LPWD pre-decay from the loaded weights
-            for note in models.init_from_timm(network, os.path.expanduser(config.init_from)):
-                logging.info("--init_from: %s", note)
+            for note in warm_start(network, config):
+                print(f"--init_from: {note}", flush=True)
         model = models.functional_model(network)
         example = jnp.zeros((2, *train_ds.images.shape[1:]), jnp.float32)
         # One trace of the forward pass: LPWD's depths, the decay mask and the kernels.
@@ -216,6 +216,72 @@ def build(config: Config) -> Setup:
     )
 
 
+def load_data(config: Config) -> tuple[data.ArrayDataset, data.ArrayDataset]:
+    """The training and test splits, restricted to --classes and --train_examples."""
+    train_ds = data.load_dataset(config.dataset, data_dir=config.data_dir, split="train")
+    test_ds = data.load_dataset(config.dataset, data_dir=config.data_dir, split="test")
+    if config.classes is not None:
+        classes = data.parse_classes(config.classes)
+        train_ds, test_ds = (
+            data.select_classes(train_ds, classes),
+            data.select_classes(test_ds, classes),
+        )
+    if config.train_examples is not None:
+        train_ds = data.balanced_subset(train_ds, config.train_examples, config.subset_seed)
+    return train_ds, test_ds
+
+
+def warm_start(network: Any, config: Config) -> list[str]:
+    """Loads --init_from into `network` in place; returns what was adapted, a line each.
+
+    A file is a timm checkpoint (`models.init_from_timm`). A directory is a run of this program
+    (`checkpointing.read_run_weights`): it must be of the same --model and --model_overrides;
+    its classifier is kept only when it was trained on the same classes of the same dataset.
+    """
+    path = os.path.expanduser(config.init_from)
+    if not os.path.isdir(path):
+        return models.init_from_timm(network, path)
+    weights, source, where = checkpointing.read_run_weights(path)
+    theirs = (source.get("model"), source.get("model_overrides", ""))
+    if theirs != (config.model, config.model_overrides):
+        raise ConfigError(
+            f"--init_from: {where} is a checkpoint of {theirs[0]} {theirs[1] or ''}".rstrip()
+            + f", not of --model={config.model} {config.model_overrides}".rstrip()
+        )
+    params = nnx.state(network, nnx.Param)
+    ours = train_lib.flat_dict(params)
+    classifier = {
+        "/".join(entry.path)
+        for key, entry in models.timm_layout(network).items()
+        if key.startswith(network.TIMM_CLASSIFIER + ".")
+    }
+    same_classes = (source.get("dataset"), source.get("classes")) == (
+        config.dataset,
+        config.classes,
+    ) and all(weights.get(n, np.zeros(0)).shape == ours[n].shape for n in classifier)
+    loaded = {}
+    for name, leaf in ours.items():
+        if name in classifier and not same_classes:
+            loaded[name] = leaf
+        elif name in weights and weights[name].shape == np.shape(leaf):
+            loaded[name] = weights[name]
+        else:
+            got = weights[name].shape if name in weights else "no such weight"
+            raise ConfigError(
+                f"--init_from: {where} does not fit {config.model}: {name} is {got}, the model's "
+                f"is {tuple(np.shape(leaf))}"
+            )
+    nnx.update(network, train_lib.from_flat_dict(params, loaded))
+    notes = [f"loaded the weights of {where}"]
+    if not same_classes:
+        notes.append(
+            f"the classifier ({', '.join(sorted(classifier))}) is re-initialized: the checkpoint "
+            f"was trained on {source.get('dataset')} classes {source.get('classes') or 'all'}, "
+            f"this run trains on {config.dataset} classes {config.classes or 'all'}"
+        )
+    return notes
+
+
 def first_images(ds: data.ArrayDataset, n: int) -> np.ndarray:
     """The first `n` images of `ds` in stored order, normalized as the model sees them."""
     batch = data.batches(ds, min(n, len(ds)), seed=0, epoch=0, train=False, prefetch=0)
@@ -286,13 +352,14 @@ def train_and_evaluate(config: Config) -> dict[str, Any]:
         invariant = set(scale_invariant_modules(setup))
         jacobian = _jacobian_norm(config, setup) if is_main and config.jacobian_probes else None
 
-        batches, sums, previous, epoch_start = None, None, None, time.time()
+        batches, sums, previous, period_start = None, None, None, time.time()
         try:
             for step in range(start_step, total_steps):
                 epoch = step // steps_per_epoch
                 if batches is None:
                     batches = _train_batches(config, setup.train_ds, epoch)
-                    epoch_start = time.time()
+                if sums is None:
+                    period_start = time.time()
                 state, metrics = parallel.train_step(state, parallel.put_batch(next(batches)))
                 running = {k: metrics[k] for k in ("loss", "accuracy", "rop")}
                 sums = running if sums is None else jax.tree.map(jnp.add, sums, running)
@@ -318,22 +385,27 @@ def train_and_evaluate(config: Config) -> dict[str, Any]:
                 if (step + 1) % steps_per_epoch:
                     continue
 
-                # End of an epoch: evaluate, write the record, checkpoint.
+                # End of an epoch; after every --eval_every epochs and the last: evaluate,
+                # write the record (the means over the epochs since the previous one), checkpoint.
                 progress.train_step(step + 1, _check_finite(parallel, previous, step + 1, ckpt))
                 _close(batches)
                 batches, previous = None, None
+                if (epoch + 1) % config.eval_every and epoch + 1 < config.epochs:
+                    continue
+                epochs = epoch + 1 - (history[-1]["epoch"] if history else 0)
+                period_steps = epochs * steps_per_epoch
                 evaluated = parallel.eval_params(state)
                 test = _evaluate(config, setup, evaluated, progress)
                 host_sums = parallel.to_host(sums)
                 sums = None
                 record = dict(
                     epoch=epoch + 1,
-                    train_loss=float(host_sums["loss"]) / steps_per_epoch,
-                    train_top1=100.0 * float(host_sums["accuracy"]) / steps_per_epoch,
+                    train_loss=float(host_sums["loss"]) / period_steps,
+                    train_top1=100.0 * float(host_sums["accuracy"]) / period_steps,
                     test_top1=test["top1"],
                     test_loss=test["loss"],
-                    rop=float(host_sums["rop"]) / steps_per_epoch if method.has_rop else None,
-                    epoch_time_s=time.time() - epoch_start,
+                    rop=float(host_sums["rop"]) / period_steps if method.has_rop else None,
+                    epoch_time_s=(time.time() - period_start) / epochs,
                 )
                 history.append(record)
                 layers = parallel.to_host(metrics["layers"])  # lo.layer_statistics, last step
@@ -542,7 +614,8 @@ def _summary(config, setup, final, history, total_steps, start_time) -> dict[str
         final_train_loss=history[-1]["train_loss"],
         mean_rop=float(np.mean(rops)) if rops else None,
         params_fingerprint=train_lib.fingerprint(final),
-        epochs=len(history),
+        epochs=history[-1]["epoch"],
+        evaluations=len(history),
         steps=total_steps,
         method_description=setup.method.description.splitlines()[0],
         num_params=_count(setup.model.params),

@@ -71,7 +71,10 @@ class Config:
         "Start from a timm checkpoint (.safetensors, or a torch file read with "
         "weights_only=True) of any geometry: the patch kernel, Swin's relative position tables "
         "and the classifier are adapted to --model and the dataset's classes, each adaptation "
-        "reported in one line (models.init_from_timm).",
+        "reported in one line (models.init_from_timm). Or from a run of this program: its "
+        "--output_dir (the newest checkpoint) or one of its checkpoints/<step> directories "
+        "(orbax; the evaluated weights of PWD/LPWD); the classifier is re-initialized when that "
+        "run was trained on other classes (--classes or the class count), as the log says.",
     )
     dataset: str = _field(
         "cifar10",
@@ -79,6 +82,21 @@ class Config:
         "folder:<path> (class sub-folders with train/ and test/, a directory or a .zip).",
     )
     data_dir: str | None = _field(None, "tensorflow-datasets data_dir (prepared or manual files).")
+    classes: str | None = _field(
+        None,
+        "Train and test on these classes only, relabelled from 0: a range or a list, e.g. 0-4, "
+        "5-9, 0,2,4; default all.",
+    )
+    train_examples: int | None = _field(
+        None,
+        "Train on a class-balanced subset of this many examples (train_examples / classes per "
+        "class, drawn by --subset_seed); default the whole training split.",
+    )
+    subset_seed: int = _field(
+        0,
+        "Seed of the --train_examples draw; independent of --seed, so every seed of a cell "
+        "trains on the same images.",
+    )
 
     # How to train.
     optimizer: str = _field(
@@ -124,6 +142,11 @@ class Config:
         1000, "CPR: steps before each kernel's bound kappa is set to its squared norm."
     )
     epochs: int = _field(100, "Number of epochs.")
+    eval_every: int = _field(
+        1,
+        "Evaluate (and checkpoint) after every this many epochs and after the last; each record "
+        "of metrics.jsonl then covers the epochs since the previous one.",
+    )
     batch_size: int = _field(512, "Global batch size (split over processes and devices).")
     eval_batch_size: int | None = _field(None, "Global evaluation batch size; default batch_size.")
     steps_per_epoch: int | None = _field(
@@ -206,19 +229,30 @@ class Config:
             "keep_checkpoints",
             "log_every_steps",
             "wrs_every",
+            "eval_every",
             "jacobian_examples",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.jacobian_probes < 0:
             raise ValueError(f"--jacobian_probes must be >= 0, got {self.jacobian_probes}")
-        for name in ("steps_per_epoch", "eval_steps", "eval_batch_size", "num_devices"):
+        for name in (
+            "steps_per_epoch",
+            "eval_steps",
+            "eval_batch_size",
+            "num_devices",
+            "train_examples",
+        ):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if not self.learning_rate > 0:
             raise ValueError(f"--lr must be > 0, got {self.learning_rate}")
         if not self.weight_decay >= 0:
             raise ValueError(f"--weight_decay must be >= 0, got {self.weight_decay}")
+        if self.classes is not None:
+            from lpwd_optax.experiments.data.subset import parse_classes
+
+            parse_classes(self.classes)  # a DataError (a ValueError) names what is wrong
         if self.model_overrides:
             try:
                 overrides = json.loads(self.model_overrides)

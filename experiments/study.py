@@ -347,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--protocol",
         default="cpu",
-        choices=sorted([*PROTOCOLS, *_controls_protocols()]),
+        choices=sorted([*PROTOCOLS, *_controls_protocols(), *ENGINE_PROTOCOLS]),
         help="cpu: the LPWD paper's claims (parts a-f); controls: what in LPWD helps, and the "
         "AdaDecay, WRS and AdamP papers' claims (experiments/controls.py; parts p, g1, h, g2, "
         "g3); tiny, controls_tiny: minute-scale versions for tests.",
@@ -406,8 +406,39 @@ def _controls_protocols() -> dict[str, Any]:
     return controls.PROTOCOLS
 
 
+# Protocols run by the study engine (experiments/engine.py), one module each under protocols/.
+ENGINE_PROTOCOLS = ("regimes",)
+
+
+def _main_engine(args: argparse.Namespace) -> int:
+    import importlib
+
+    from lpwd_optax.experiments import engine
+
+    protocol = importlib.import_module(f"lpwd_optax.experiments.protocols.{args.protocol}")
+    dataset = dataset_name(protocol, args.data)
+    runs_dir = os.path.abspath(os.path.expanduser(args.output_dir))
+    parts = args.parts.split(",") if args.parts else None
+    runs = protocol.plan(dataset, runs_dir)
+    todo = engine.pending(runs, runs_dir)
+    print(
+        f"study '{args.protocol}': {len(runs)} runs planned so far, "
+        f"{sum(engine.is_finished(runs_dir, r) for r in runs)} finished, {len(todo)} to run",
+        flush=True,
+    )
+    for run in runs:
+        state = "finished" if engine.is_finished(runs_dir, run) else "to run"
+        print(f"  {run.part:<10} {run.name:<50} {state}", flush=True)
+    if args.dry_run or args.report_only:
+        return 0
+    os.makedirs(runs_dir, exist_ok=True)
+    return 1 if engine.run_all(protocol.plan, dataset, runs_dir, parts) else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.protocol in ENGINE_PROTOCOLS:
+        return _main_engine(args)
     if args.protocol in _controls_protocols():
         return _main_controls(args)
     protocol = PROTOCOLS[args.protocol]

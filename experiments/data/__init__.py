@@ -17,6 +17,9 @@ path, size and modification time, in ``cache_dir`` (default ``$LPWD_OPTAX_CACHE`
 A data path that is missing or malformed raises a :class:`DataError` (a ``ValueError``) whose
 message is one line naming the path and the problem.
 
+``select_classes(ds, parse_classes("5-9"))`` keeps a range of classes (relabelled from 0) and
+``balanced_subset(ds, n, seed)`` draws ``n / num_classes`` examples of every class (`subset`).
+
 ``batches(ds, global_batch_size, seed=..., epoch=...)`` (`pipeline`) yields normalized float32
 batches: ImageNet mean/std normalization, a random horizontal flip with p=0.5 in training, an
 order shuffled deterministically in ``(seed, epoch)`` (so a resumed run sees the same batches),
@@ -53,6 +56,7 @@ from lpwd_optax.experiments.data.pipeline import (
     batches,
     num_batches,
 )
+from lpwd_optax.experiments.data.subset import balanced_subset, parse_classes, select_classes
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -64,9 +68,12 @@ __all__ = [
     "BatchIterator",
     "DataError",
     "DataNotFoundError",
+    "balanced_subset",
     "batches",
     "load_dataset",
     "num_batches",
+    "parse_classes",
+    "select_classes",
 ]
 
 
