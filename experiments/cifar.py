@@ -239,6 +239,8 @@ def warm_start(network: Any, config: Config) -> list[str]:
     its classifier is kept only when it was trained on the same classes of the same dataset.
     """
     path = os.path.expanduser(config.init_from)
+    if not os.path.exists(path):
+        raise ConfigError(f"--init_from: no such file or directory: {path}")
     if not os.path.isdir(path):
         return models.init_from_timm(network, path)
     weights, source, where = checkpointing.read_run_weights(path)

@@ -1,0 +1,277 @@
+"""What the regimes study needs of the training program (class ranges, balanced subsets,
+evaluation every k epochs, warm starts from the program's own checkpoints) and its pilot's rule."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from lpwd_optax.experiments import cifar, data, engine
+from lpwd_optax.experiments.config import parse_config
+from lpwd_optax.experiments.protocols import regimes
+from tests import _cifar_helpers as helpers
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    path = tmp_path_factory.getbasetemp() / "jax_compilation_cache"
+    helpers.enable_compilation_cache(path)
+    return str(path)
+
+
+@pytest.fixture(autouse=True)
+def data_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("LPWD_OPTAX_CACHE", str(tmp_path_factory.getbasetemp() / "data_cache"))
+
+
+def _dataset(labels, num_classes):
+    labels = np.asarray(labels, np.int32)
+    images = np.zeros((len(labels), 32, 32, 3), np.uint8)
+    images[:, 0, 0, 0], images[:, 0, 0, 1] = np.divmod(np.arange(len(labels)), 256)
+    return data.ArrayDataset(images, labels, num_classes, "toy")
+
+
+def _index(ds):
+    return ds.images[:, 0, 0, 0].astype(int) * 256 + ds.images[:, 0, 0, 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Class ranges and balanced subsets
+
+
+@pytest.mark.parametrize(
+    "text, classes",
+    [
+        ("0-4", (0, 1, 2, 3, 4)),
+        ("5-9", (5, 6, 7, 8, 9)),
+        ("0,2,4", (0, 2, 4)),
+        ("7,1-2", (1, 2, 7)),
+    ],
+)
+def test_parse_classes(text, classes):
+    assert data.parse_classes(text) == classes
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("4-2", "the range '4-2' is empty"),
+        ("", "is not a class id or a range"),
+        ("a-b", "is not a class id or a range"),
+        ("1,1", "a class is named twice"),
+        ("-1", "is not a class id or a range"),
+    ],
+)
+def test_parse_classes_names_the_problem(text, message):
+    with pytest.raises(data.DataError, match=message):
+        data.parse_classes(text)
+
+
+def test_select_classes_keeps_those_classes_relabelled_from_zero():
+    ds = _dataset([0, 5, 3, 7, 5, 9, 2], 10)
+    picked = data.select_classes(ds, (5, 7))
+    assert picked.num_classes == 2
+    np.testing.assert_array_equal(picked.labels, [0, 1, 0])
+    np.testing.assert_array_equal(_index(picked), [1, 3, 4])  # stored order kept
+    with pytest.raises(data.DataError, match="toy has classes 0-9; no class 12"):
+        data.select_classes(ds, (5, 12))
+
+
+def test_balanced_subset_is_balanced_and_drawn_by_its_own_seed():
+    rng = np.random.default_rng(1)
+    ds = _dataset(rng.integers(0, 4, 400), 4)
+    a = data.balanced_subset(ds, 40, seed=0)
+    assert np.bincount(a.labels, minlength=4).tolist() == [10, 10, 10, 10]
+    index = _index(a)
+    assert len(set(index)) == 40 and np.all(np.diff(index) > 0)  # distinct, stored order
+    np.testing.assert_array_equal(a.labels, ds.labels[index])
+    again = data.balanced_subset(ds, 40, seed=0)
+    np.testing.assert_array_equal(again.images, a.images)
+    other = data.balanced_subset(ds, 40, seed=1)
+    assert not np.array_equal(other.images, a.images)
+
+
+@pytest.mark.parametrize(
+    "examples, message",
+    [(42, "must be a positive multiple of the 4 classes"), (800, "needs 200 examples of class")],
+)
+def test_balanced_subset_errors(examples, message):
+    ds = _dataset(np.arange(400) % 4, 4)
+    with pytest.raises(data.DataError, match=message):
+        data.balanced_subset(ds, examples, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The training program
+
+
+def _flags(out, cache_dir, *extra):
+    return helpers.run_flags(out, cache_dir, "--method=wd", "--epochs=3", *extra)
+
+
+@pytest.fixture(scope="module")
+def first_half(tmp_path_factory, cache_dir):
+    """A run on digits' classes 0-4, 250 training images, evaluated after epochs 2 and 3."""
+    out = tmp_path_factory.mktemp("first_half") / "run"
+    flags = _flags(out, cache_dir, "--classes=0-4", "--train_examples=250", "--eval_every=2")
+    assert cifar.main(flags) == 0
+    return out
+
+
+def test_classes_subset_and_eval_every_reach_the_run(first_half, cache_dir):
+    with open(first_half / "summary.json") as f:
+        summary = json.load(f)
+    assert [r["epoch"] for r in summary["history"]] == [2, 3]
+    assert summary["epochs"] == 3 and summary["evaluations"] == 2
+    assert summary["steps"] == 3 * 3  # 250 images at batch 64: 3 steps per epoch
+    config = parse_config(_flags(first_half, cache_dir, "--classes=0-4", "--train_examples=250"))
+    train, test = cifar.load_data(config)
+    assert train.num_classes == test.num_classes == 5
+    assert np.bincount(train.labels).tolist() == [50] * 5
+    full = data.load_dataset("digits", split="test")
+    assert len(test) == int(np.sum(full.labels < 5)) and set(test.labels) == set(range(5))
+
+
+def test_a_finished_run_with_eval_every_continues_for_more_epochs(first_half, tmp_path, cache_dir):
+    run = helpers.copy_run(first_half, tmp_path / "run")
+    flags = _flags(run, cache_dir, "--classes=0-4", "--train_examples=250", "--eval_every=2")
+    flags = [f for f in flags if not f.startswith("--epochs")] + ["--epochs=5", "--resume"]
+    assert cifar.main(flags) == 0
+    with open(os.path.join(run, "summary.json")) as f:
+        history = json.load(f)["history"]
+    assert [r["epoch"] for r in history] == [2, 3, 4, 5]  # every 2nd epoch, and the last
+
+
+def test_init_from_a_run_loads_its_weights_and_a_new_classifier(
+    first_half, tmp_path, cache_dir, capsys
+):
+    source = helpers.read_params(first_half)  # the weights it evaluated last
+    flags = _flags(tmp_path / "ft", cache_dir, "--classes=5-9", f"--init_from={first_half}")
+    setup = cifar.build(parse_config(flags))
+    from lpwd_optax.experiments import train_lib
+
+    loaded = train_lib.flat_dict(setup.model.params)
+    fresh = train_lib.flat_dict(
+        cifar.build(parse_config(_flags(tmp_path / "x", cache_dir, "--classes=5-9"))).model.params
+    )
+    assert set(loaded) == set(source)
+    for name, value in loaded.items():
+        if name.startswith("head/fc/"):  # re-initialized: the same as a fresh run's
+            np.testing.assert_array_equal(value, fresh[name])
+        else:
+            np.testing.assert_array_equal(value, source[name], err_msg=name)
+    out = capsys.readouterr().out
+    assert "--init_from: loaded the weights of" in out
+    assert "the classifier (head/fc/bias, head/fc/kernel) is re-initialized" in out
+    assert "classes 0-4, this run trains on digits classes 5-9" in out
+
+
+def test_init_from_a_run_on_the_same_classes_keeps_its_classifier(first_half, tmp_path, cache_dir):
+    flags = _flags(tmp_path / "ft", cache_dir, "--classes=0-4", f"--init_from={first_half}")
+    loaded = cifar.build(parse_config(flags)).model.params
+    from lpwd_optax.experiments import train_lib
+
+    head = train_lib.flat_dict(loaded)["head/fc/kernel"]
+    np.testing.assert_array_equal(head, helpers.read_params(first_half)["head/fc/kernel"])
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--train_examples=100000", "--train_examples=100000 needs 10000 examples of class 0"),
+        ("--classes=4-2", "--classes: the range '4-2' is empty"),
+        ("--classes=8-12", "digits has classes 0-9; no class 10"),
+        ("--init_from={tmp}/nothing_here", "--init_from: no such file or directory"),
+        ("--init_from={source}/checkpoints", "is neither a run directory of this program"),
+        ('--model_overrides={{"dims": [8, 16], "depths": [1, 1], "kernel_size": 3}}', "not of"),
+    ],
+)
+def test_errors_are_one_line_exit_2_and_leave_nothing(
+    first_half, tmp_path, cache_dir, capsys, flag, message
+):
+    out = tmp_path / "run"
+    flag = flag.format(tmp=tmp_path, source=first_half)
+    extra = [flag] if "model_overrides" not in flag else [flag, f"--init_from={first_half}"]
+    code = cifar.main(_flags(out, cache_dir, *extra))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+    assert not os.path.exists(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine and the pilot's rule
+
+
+def _finish(runs_dir, run, best10, epochs=None):
+    os.makedirs(os.path.join(runs_dir, run.name), exist_ok=True)
+    flag = [f for f in run.flags if f.startswith("--epochs=")]
+    epochs = epochs if epochs is not None else int(flag[0].split("=")[1]) if flag else 1
+    summary = dict(best10_mean=best10, best_top1=best10 + 1, epochs=epochs)
+    with open(os.path.join(runs_dir, run.name, "summary.json"), "w") as f:
+        json.dump(summary, f)
+
+
+def test_a_run_is_finished_when_its_summary_covers_its_epochs(tmp_path):
+    run = engine.Run("p", "a/b", ("--epochs=20",))
+    assert not engine.is_finished(str(tmp_path), run)
+    _finish(tmp_path, run, 50.0, epochs=10)
+    assert not engine.is_finished(str(tmp_path), run)  # planned with more epochs: continue
+    _finish(tmp_path, run, 50.0, epochs=20)
+    assert engine.is_finished(str(tmp_path), run)
+    needs = engine.Run("p", "c", ("--epochs=1",), needs=("a/b", "z"))
+    assert engine.pending([needs], str(tmp_path)) == []  # "z" has not finished
+    _finish(tmp_path, engine.Run("p", "z", ()), 1.0)
+    assert engine.pending([needs], str(tmp_path)) == [needs]
+
+
+def _gains(runs_dir, name, lam, diffs, part="pilot"):
+    regime = regimes.REGIMES[name]
+    for seed, diff in zip(regime.seeds, diffs):
+        _finish(runs_dir, regimes.run(part, regime, "baseline", 0.0, seed, "", runs_dir), 50.0)
+        _finish(runs_dir, regimes.run(part, regime, "wd", lam, seed, "", runs_dir), 50.0 + diff)
+
+
+def test_the_rule_takes_the_largest_mean_gain_of_at_least_one_point(tmp_path):
+    runs = str(tmp_path)
+    _gains(runs, "r2", 0.05, [0.5, 0.7])
+    _gains(runs, "r2", 0.5, [1.5, 0.9])  # mean 1.2
+    _gains(runs, "r1", 5.0, [3.0])  # seed 1 missing: not complete, not chosen
+    choice, table = regimes.choose(runs)
+    assert choice == ("r2", 0.5)
+    assert table[("r2", 0.5)]["mean"] == pytest.approx(1.2)
+    assert not table[("r1", 5.0)]["complete"]
+    _gains(runs, "r3", 0.05, [1.3])
+    assert regimes.choose(runs)[0] == ("r3", 0.05)
+
+
+def test_no_candidate_reaching_one_point_adds_sgd_momentum_on_r2(tmp_path):
+    runs = str(tmp_path)
+    dataset = "folder:/data"
+    regimes_done = [("r2", 0.05), ("r2", 0.5), ("r1", 0.5), ("r1", 5.0), ("r3", 0.05)]
+    _finish(runs, regimes.pretrain_run(dataset, runs), 80.0)
+    for name, lam in regimes_done:
+        _gains(runs, name, lam, [0.2, 0.1][: len(regimes.REGIMES[name].seeds)])
+    assert regimes.choose(runs, include_sgdm=False)[0] is None
+    plan = regimes.plan(dataset, runs)
+    sgdm = [r for r in plan if r.part == "pilot_sgdm"]
+    assert len(sgdm) == 6 and all("--optimizer=sgdm" in r.flags for r in sgdm)
+    assert engine.pending(plan, runs) == sgdm
+
+
+def test_r1_waits_for_a_pretraining_that_reached_its_target(tmp_path):
+    runs = str(tmp_path)
+    pretrain = regimes.pretrain_run("folder:/data", runs)
+    assert not any(r.name.startswith("pilot/r1-wd") for r in regimes.plan("folder:/data", runs))
+    _finish(runs, pretrain, 60.0)  # best 61% < 75%: ten more epochs, R1 not yet planned
+    again = regimes.pretrain_run("folder:/data", runs)
+    assert "--epochs=30" in again.flags and not engine.is_finished(runs, again)
+    assert not any(r.name.startswith("pilot/r1-wd") for r in regimes.plan("folder:/data", runs))
+    _finish(runs, again, 76.0)
+    r1 = [r for r in regimes.plan("folder:/data", runs) if r.name.startswith("pilot/r1-")]
+    assert len(r1) == 1 + 6 and all(
+        f"--init_from={runs}/{regimes.PRETRAIN}" in r.flags for r in r1[1:]
+    )
