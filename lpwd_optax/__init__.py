@@ -18,6 +18,7 @@ from lpwd_optax.adaptive import (
     decay_coefficients,
     randomized_weight_decay,
 )
+from lpwd_optax.anchored import decay_to_init
 from lpwd_optax.cautious import cautious_weight_decay
 from lpwd_optax.constrained import constrained_parameter_regularization, cpr
 from lpwd_optax.corrected import adamc, corrected_weight_decay
@@ -66,6 +67,7 @@ __all__ = [
     "corrected_weight_decay",
     "cpr",
     "decay_coefficients",
+    "decay_to_init",
     "default_decay_mask",
     "depth_labels",
     "depth_table",

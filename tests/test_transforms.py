@@ -74,6 +74,12 @@ CASES = {
         "wrap",
         False,
     ),
+    # Decay toward the starting weights keeps them.
+    "decay_to_init": (
+        lambda p, **kw: lo.decay_to_init(0.1, learning_rate=LR, **kw),
+        "last",
+        False,
+    ),
     # CPR keeps one multiplier and one bound per leaf.
     "cpr": (
         lambda p, **kw: lo.constrained_parameter_regularization("uniform", 0.1, **kw),
