@@ -275,3 +275,47 @@ def test_r1_waits_for_a_pretraining_that_reached_its_target(tmp_path):
     assert len(r1) == 1 + 6 and all(
         f"--init_from={runs}/{regimes.PRETRAIN}" in r.flags for r in r1[1:]
     )
+
+
+def _settle_pilot(runs, dataset, gains_by_candidate):
+    _finish(runs, regimes.pretrain_run(dataset, runs), 80.0)
+    for (name, lam), diffs in gains_by_candidate.items():
+        _gains(runs, name, lam, diffs)
+
+
+def test_the_protocol_follows_the_pilots_choice_and_reuses_its_runs(tmp_path):
+    runs, dataset = str(tmp_path), "folder:/data"
+    candidates = {("r2", 0.05): [0.2, 0.4], ("r2", 0.5): [1.4, 1.8], ("r1", 0.5): [0.1, 0.0]}
+    candidates |= {("r1", 5.0): [0.5, 0.3], ("r3", 0.05): [0.2]}
+    assert regimes.protocol(dataset, runs) == []
+    _settle_pilot(runs, dataset, candidates)
+    assert regimes.decision(runs) == ("r2", 0.5, False)
+    plan = regimes.plan(dataset, runs)
+    main = [r for r in plan if r.part == "main"]
+    assert len(main) == 6 * 5 - 4  # baseline and WD seeds 0-1 are the pilot's runs
+    cells = {(r.facts["method"], r.facts["weight_decay"], r.facts["seed"]) for r in main}
+    assert ("lpwd", 0.5, 5) in cells and ("wd", 0.5, 2) in cells and ("wd", 0.5, 1) not in cells
+    assert ("baseline", 0.0, 3) in cells and "decay_to_init" not in {c[0] for c in cells}
+    robust = [r for r in plan if r.part == "robust"]
+    assert {(r.facts["method"], r.facts["weight_decay"]) for r in robust} == {
+        ("wd", 0.125),
+        ("lpwd", 0.125),
+        ("wd", 2.0),
+        ("lpwd", 2.0),
+    }
+    assert len(robust) == 12
+    assert engine.pending(plan, runs)[0].part == "main"
+
+
+def test_r1_adds_decay_to_init_and_no_winner_runs_the_best_with_a_caveat(tmp_path):
+    runs, dataset = str(tmp_path), "folder:/data"
+    candidates = {("r2", 0.05): [0.2, 0.4], ("r2", 0.5): [0.4, 0.3], ("r1", 0.5): [0.1, 0.0]}
+    candidates |= {("r1", 5.0): [0.9, 0.8], ("r3", 0.05): [0.2]}
+    _settle_pilot(runs, dataset, candidates)
+    assert regimes.decision(runs) is None  # SGD-momentum on R2 first
+    _gains(runs, "r2_sgdm", 0.0017, [0.1, 0.2], part="pilot_sgdm")
+    _gains(runs, "r2_sgdm", 0.017, [0.3, 0.2], part="pilot_sgdm")
+    assert regimes.decision(runs) == ("r1", 5.0, True)
+    main = [r for r in regimes.plan(dataset, runs) if r.part == "main"]
+    assert sum(r.facts["method"] == "decay_to_init" for r in main) == 6
+    assert all(f"--init_from={runs}/{regimes.PRETRAIN}" in r.flags for r in main)

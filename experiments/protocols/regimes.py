@@ -183,10 +183,14 @@ def pilot(dataset: str, runs_dir: str) -> list[engine.Run]:
     # R1 is planned once the pretraining has reached its target (or its epoch cap).
     r1 = cells("r1", 0) + cells("r1", 1) if pretrain_ready(runs_dir) else []
     runs += r1[:3] + cells("r2", 1) + r1[3:] + cells("r3", 0)
-    adam_done = bool(r1) and all(engine.is_finished(runs_dir, r) for r in runs)
-    if adam_done and choose(runs_dir, include_sgdm=False)[0] is None:
+    if bool(r1) and _settled(runs, runs_dir) and choose(runs_dir, include_sgdm=False)[0] is None:
         runs += cells("r2_sgdm", 0, "pilot_sgdm") + cells("r2_sgdm", 1, "pilot_sgdm")
     return runs
+
+
+def _settled(runs: list[engine.Run], runs_dir: str) -> bool:
+    """Every run has finished or diverged (a diverged run is not run again)."""
+    return all(engine.is_finished(runs_dir, r) or engine.has_diverged(runs_dir, r) for r in runs)
 
 
 def gains(runs_dir: str, regimes: tuple[str, ...]) -> dict[tuple[str, float], dict[str, Any]]:
@@ -224,5 +228,65 @@ def choose(runs_dir: str, include_sgdm: bool = True) -> tuple[tuple[str, float] 
     return (best if complete[best] >= MIN_GAIN else None), table
 
 
+# ---------------------------------------------------------------------------------------------
+# The protocol, in the regime and (lr, lambda) the pilot chose
+
+MAIN_SEEDS = (0, 1, 2, 3, 4, 5)
+ROBUST_SEEDS = (0, 1, 2)
+MAIN_METHODS = ("baseline", "wd", "lpwd", "lwd", "lpwd_reversed")
+R1_METHODS = ("decay_to_init",)  # the rival explanation when pretrained weights are fine-tuned
+ROBUST_FACTORS = (0.25, 4.0)  # lambda / 4 and 4 lambda
+
+
+def decision(runs_dir: str) -> tuple[str, float, bool] | None:
+    """(regime, lambda, caveat) once the pilot has settled, else None. `caveat` is True when
+    no candidate reached MIN_GAIN and the protocol runs in the one with the largest gain."""
+    pilot_runs = pilot("", runs_dir)
+    if not pretrain_ready(runs_dir) or not _settled(pilot_runs, runs_dir):
+        return None
+    chosen, table = choose(runs_dir)
+    if chosen is not None:
+        return (*chosen, False)
+    complete = {k: v["mean"] for k, v in table.items() if v["complete"]}
+    if not complete:
+        return None
+    return (*max(complete, key=complete.get), True)
+
+
+def protocol(dataset: str, runs_dir: str) -> list[engine.Run]:
+    """The protocol's runs in priority order, once the pilot has decided: the five main cells
+    (and decay-to-init in R1) at six seeds, then WD and LPWD at lambda / 4 and 4 lambda at
+    three seeds. A run the pilot made with the same flags is the pilot's run."""
+    decided = decision(runs_dir)
+    if decided is None:
+        return []
+    name, lam, _ = decided
+    regime = REGIMES[name]
+    methods = MAIN_METHODS + (R1_METHODS if name == "r1" else ())
+    pilot_part = "pilot_sgdm" if name == "r2_sgdm" else "pilot"
+
+    def cell(part, method, rate, seed):
+        rate = 0.0 if method == "baseline" else rate
+        if (
+            method in ("baseline", "wd")
+            and seed in regime.seeds
+            and (method == "baseline" or rate in regime.lambdas)
+        ):
+            part = pilot_part  # the pilot's own run
+        return run(part, regime, method, rate, seed, dataset, runs_dir)
+
+    runs = [cell("main", m, lam, s) for s in MAIN_SEEDS for m in methods]
+    runs += [
+        cell("robust", m, float(f"{lam * f:.4g}"), s)
+        for s in ROBUST_SEEDS
+        for f in ROBUST_FACTORS
+        for m in ("wd", "lpwd")
+    ]
+    return runs
+
+
 def plan(dataset: str, runs_dir: str) -> list[engine.Run]:
-    return pilot(dataset, runs_dir)
+    """The pilot, then the protocol it decides."""
+    runs = pilot(dataset, runs_dir)
+    names = {r.name for r in runs}
+    return runs + [r for r in protocol(dataset, runs_dir) if r.name not in names]
