@@ -1,5 +1,10 @@
 """The method registry: each of the paper's regularizers as (base optimizer, regularizer).
 
+`REGISTRY` maps every `--method` to one small builder, `Context -> Method`, in the manner of
+optax's `alias.py`: a method is a few lines that name its regularizer and where it goes
+(`decoupled`, `coupled`, `replacing`, `predecayed`). A new method is one `@register("name")`
+function here and its name in `config.METHODS`.
+
 A method is applied as two optax stages so the training step sees both the base optimizer's
 update `u` and the regularized one `u'`, and can measure the decay's penalty `P = u - u'`
 (R_op, paper eq. 10-11). The stages are kept in chain order: `Method.tx` is exactly
@@ -185,6 +190,49 @@ def mass_weighted_rate(params: Params, rates: Params, mask: Params) -> float:
     return weighted / total
 
 
+class Context(NamedTuple):
+    """What every method is built from: the run's flags and the model it regularizes."""
+
+    name: str
+    optimizer: str  # adam | sgdm
+    learning_rate: float  # eta, constant
+    weight_decay: float  # lambda
+    params: Params  # theta_0: masks, LPWD's depths and the WRS checks are read off it
+    base: optax.GradientTransformation  # the base optimizer (`base_optimizer`)
+    layers: lo.LayerStructure | None = None
+    apply_fn: Callable[..., Any] | None = None
+    example_batch: Any = None
+    scale_invariant: Params | None = None
+    lpwd_max_scale: float = 2.0
+    lpwd_permutation_seed: int = 0
+    adadecay_alpha: float = 4.0
+    wrs_every: int = 1
+    wrs_mode: str = "output"
+    cpr_warm_start: int = 1000
+
+    @property
+    def description(self) -> str:
+        return (
+            f"{self.name} ({self.optimizer}, lr={self.learning_rate:g}, "
+            f"lambda={self.weight_decay:g})"
+        )
+
+
+Builder = Callable[[Context], Method]
+REGISTRY: dict[str, Builder] = {}  # method name -> its builder; the names are config.METHODS
+
+
+def register(*names: str) -> Callable[[Builder], Builder]:
+    """Adds a builder to `REGISTRY` under each of `names`."""
+
+    def add(builder: Builder) -> Builder:
+        for name in names:
+            REGISTRY[name] = builder
+        return builder
+
+    return add
+
+
 def build_method(
     name: str,
     *,
@@ -192,209 +240,292 @@ def build_method(
     learning_rate: float,
     weight_decay: float,
     params: Params,
-    layers: lo.LayerStructure | None = None,
-    apply_fn: Callable[..., Any] | None = None,
-    example_batch: Any = None,
-    scale_invariant: Params | None = None,
-    lpwd_max_scale: float = 2.0,
-    lpwd_permutation_seed: int = 0,
-    adadecay_alpha: float = 4.0,
-    wrs_every: int = 1,
-    wrs_mode: str = "output",
-    cpr_warm_start: int = 1000,
+    **options: Any,
 ) -> Method:
-    """Builds method `name` (see `config.METHODS`) around the base optimizer.
+    """Builds method `name` (a key of `REGISTRY`, see `config.METHODS`) around the base optimizer.
 
     Args:
       name: baseline | l2 | wd | rwd | pwd | lpwd | lwd | lpwd_reversed | lpwd_shuffled |
-        wd_matched | adadecay | wrs | wrs_ic | adamp | wrs+adamp.
+        wd_matched | adadecay | wrs | wrs_ic | adamp | wrs+adamp | cautious | corrected |
+        adams | cpr.
       optimizer: adam | sgdm.
       learning_rate: the constant learning rate eta.
       weight_decay: lambda.
       params: the initial params theta_0 (used for masks and LPWD's depth labels).
-      layers: LPWD and its controls: the model's `lo.layer_structure`, whose per-slice depths
-        (`layers.depths`, the layers in order of first use in the forward pass) and default
-        decay mask (`layers.decay_mask`) they use.
-      apply_fn, example_batch: without `layers`, LPWD and its controls trace
-        `apply_fn(params, example_batch)` to build it.
-      scale_invariant: WRS methods only: a tree of bools shaped like `params`, True on the
-        kernels the network is scale-invariant to (`lo.scale_invariant_mask`); only those are
-        rescaled.
-      lpwd_max_scale, lpwd_permutation_seed, adadecay_alpha, wrs_every, wrs_mode,
-        cpr_warm_start: method hyperparameters (wrs_ic always uses mode "input").
+      **options: the other fields of `Context`:
+        layers: LPWD and its controls: the model's `lo.layer_structure`, whose per-slice
+          depths (`layers.depths`, the layers in order of first use in the forward pass) and
+          default decay mask (`layers.decay_mask`) they use.
+        apply_fn, example_batch: without `layers`, LPWD and its controls trace
+          `apply_fn(params, example_batch)` to build it.
+        scale_invariant: WRS methods only: a tree of bools shaped like `params`, True on the
+          kernels the network is scale-invariant to (`lo.scale_invariant_mask`); only those
+          are rescaled.
+        lpwd_max_scale, lpwd_permutation_seed, adadecay_alpha, wrs_every, wrs_mode,
+          cpr_warm_start: method hyperparameters (wrs_ic always uses mode "input").
 
     Returns:
       A `Method`.
     """
     base = base_optimizer(optimizer, learning_rate)
-    lr, lam = learning_rate, weight_decay
-    identity = _identity
-    description = f"{name} ({optimizer}, lr={lr:g}, lambda={lam:g})"
-
-    if name in VARIANTS:
-        return _variant(name, base, optimizer, lr, lam, description, cpr_warm_start)
-    if name == "baseline":
-        return Method(name, (base, optax.identity()), "none", identity, identity, description)
-    if name == "l2":
-        return Method(
-            name, (lo.l2_regularization(lam), base), "first", identity, identity, description
-        )
-    if name == "adadecay":
-        reg = lo.adaptive_weight_decay(lam, alpha=adadecay_alpha)
-        return Method(
-            name,
-            (reg, base),
-            "first",
-            identity,
-            identity,
-            f"{description}, alpha={adadecay_alpha:g}",
-        )
-    plain_decays = {"wd": lo.weight_decay, "rwd": lo.real_time_weight_decay}
-    if name in plain_decays:
-        reg = plain_decays[name](lam, learning_rate=lr)
-        return Method(name, (base, reg), "last", identity, identity, description)
-    if name == "adamp":
-        optimizer_name = "AdamP" if optimizer == "adam" else "SGDP"
-        full = base_optimizer(optimizer, lr, projected=True, weight_decay=lam)
-        return Method(
-            name,
-            (full, optax.identity()),
-            "wrap",
-            identity,
-            identity,
-            f"{description}: {optimizer_name}, delta=0.1, wd_ratio=0.1",
-        )
-    if name in RESCALING_METHODS:
-        return _rescaling_method(
-            name, base, optimizer, lr, lam, params, scale_invariant, wrs_every, wrs_mode
-        )
-    if name not in ("pwd", *LAYERWISE_METHODS):
+    if name not in REGISTRY:
         raise ValueError(f"unknown method {name!r}")
+    context = Context(name, optimizer, learning_rate, weight_decay, params, base, **options)
+    return REGISTRY[name](context)
 
-    rate: Any = lam
-    mask: Params = None  # PWD: the library's default decay mask
-    details: dict[str, Any] = {}
-    if name in LAYERWISE_METHODS:
-        if layers is None:
-            if apply_fn is None or example_batch is None:
-                raise ValueError(
-                    f"{name} needs layers (lo.layer_structure) or apply_fn and example_batch "
-                    "to order the layers"
-                )
-            layers = lo.layer_structure(params, apply_fn, example_batch)
-        labels, mask = layers.depths, layers.decay_mask
-        rate = lo.layerwise_schedule(labels, lam, max_scale=lpwd_max_scale)
-        description += f", max_scale={lpwd_max_scale:g}"
-        num_decayed = len(decayed_layers(labels, mask))
-        order: list[int] | None = None
-        if name == "lpwd_reversed":
-            order = list(range(num_decayed))[::-1]
-        elif name == "lpwd_shuffled":
-            order = [
-                int(j)
-                for j in np.random.default_rng(lpwd_permutation_seed).permutation(num_decayed)
-            ]
-            description += f", permutation_seed={lpwd_permutation_seed}"
-            details["permutation_seed"] = lpwd_permutation_seed
-        if order is not None:
-            rate, source = reassign_layer_rates(labels, rate, mask, order)
-            details["rate_taken_from_layer"] = {str(k): v for k, v in source.items()}
-            description += "; decayed layers take LPWD's rates of layers " + ", ".join(
-                f"{k}<-{v}" for k, v in source.items()
-            )
-        mean_rate = mass_weighted_rate(params, rate, mask)
-        details["mass_weighted_rate"] = mean_rate
-        details["mass_weighted_rate_over_lambda"] = mean_rate / lam if lam else None
-        if name == "wd_matched":
-            lpwd_table = lo.depth_table(params, labels, rate)
-            details["matched_rate"] = mean_rate
-            reg = lo.weight_decay(mean_rate, learning_rate=lr, mask=mask)
-            return Method(
-                name,
-                (base, reg),
-                "last",
-                identity,
-                identity,
-                f"wd_matched ({optimizer}, lr={lr:g}, lambda={lam:g}): WD at {mean_rate:.6g}, "
-                f"the parameter-weighted mean of LPWD's rates over the decayed leaves "
-                f"({mean_rate / lam:.4f} lambda)\nLPWD's rates:\n{lpwd_table}"
-                if lam
-                else f"wd_matched ({optimizer}, lr={lr:g}, lambda=0): WD at 0",
-                details=details,
-            )
-        description += (
-            f"; parameter-weighted mean rate over the decayed leaves {mean_rate:.6g}\n"
-            + lo.depth_table(params, labels, rate)
-        )
-        if name == "lwd":
-            reg = lo.weight_decay(rate, learning_rate=lr, mask=mask)
-            return Method(
-                name, (base, reg), "last", identity, identity, description, details=details
-            )
-    reg = lo.pre_weight_decay(rate, learning_rate=lr, mask=mask)
+
+# --------------------------------------------------------------------------------------------
+# Where the regularizer goes: after the base optimizer, before it, or instead of it.
+
+
+def decoupled(
+    c: Context,
+    regularizer: optax.GradientTransformation,
+    note: str = "",
+    details: dict[str, Any] | None = None,
+) -> Method:
+    """`chain(base, regularizer)`: sees the base optimizer's update; R_op is defined."""
+    stages = (c.base, regularizer)
+    description = c.description + note
+    return Method(c.name, stages, "last", _identity, _identity, description, details=details)
+
+
+def coupled(c: Context, regularizer: optax.GradientTransformation, note: str = "") -> Method:
+    """`chain(regularizer, base)`: a gradient-side penalty the base optimizer normalizes."""
     return Method(
-        name,
-        (base, reg),
+        c.name, (regularizer, c.base), "first", _identity, _identity, c.description + note
+    )
+
+
+def replacing(c: Context, optimizer: optax.GradientTransformation, note: str) -> Method:
+    """The whole optimizer with its own decay instead of the base one; R_op is not defined."""
+    return Method(
+        c.name, (optimizer, optax.identity()), "wrap", _identity, _identity, c.description + note
+    )
+
+
+def predecayed(
+    c: Context, rate: Any, mask: Params, note: str = "", details: dict[str, Any] | None = None
+) -> Method:
+    """PWD's pre-decayed weights `phi_t` at `rate`: stored pre-decayed from the start,
+    evaluated (and exported) as the paper's `theta_t`."""
+    lr = c.learning_rate
+    return Method(
+        c.name,
+        (c.base, lo.pre_weight_decay(rate, learning_rate=lr, mask=mask)),
         "last",
         lambda p: lo.pre_decay_params(p, rate, learning_rate=lr, mask=mask),
         lambda p, step: lo.evaluated_params(p, rate, step, learning_rate=lr, mask=mask),
-        description,
+        c.description + note,
         predecayed=True,
         details=details or None,
     )
 
 
-def _is_depthwise(kernel: Any) -> bool:
-    """A depthwise convolution kernel (kh, kw, 1, C): one input entry per output channel."""
-    return np.ndim(kernel) == 4 and np.shape(kernel)[2] == 1
+# --------------------------------------------------------------------------------------------
+# The paper's methods and its baselines
 
 
-def _rescaling_method(
-    name, base, optimizer, lr, lam, params, scale_invariant, wrs_every, wrs_mode
-) -> Method:
-    """WRS: the scale-invariant kernels are rescaled, every other leaf gets plain WD."""
-    if scale_invariant is None:
-        raise ValueError(
-            f"{name} needs the scale_invariant mask (lo.scale_invariant_mask): it rescales only "
-            "the kernels the network is scale-invariant to"
+@register("baseline")
+def baseline(c: Context) -> Method:
+    """No regularizer: the base optimizer alone."""
+    return Method(c.name, (c.base, optax.identity()), "none", _identity, _identity, c.description)
+
+
+@register("l2")
+def l2(c: Context) -> Method:
+    """L2 regularization: lambda * theta added to the gradient."""
+    return coupled(c, lo.l2_regularization(c.weight_decay))
+
+
+@register("wd")
+def wd(c: Context) -> Method:
+    """Decoupled weight decay, d_t = lambda * eta."""
+    return decoupled(c, lo.weight_decay(c.weight_decay, learning_rate=c.learning_rate))
+
+
+@register("rwd")
+def rwd(c: Context) -> Method:
+    """Real-time weight decay: the decay scaled to the step actually taken."""
+    return decoupled(c, lo.real_time_weight_decay(c.weight_decay, learning_rate=c.learning_rate))
+
+
+@register("pwd")
+def pwd(c: Context) -> Method:
+    """Pre-decay weight decay at one rate on the library's default decay mask."""
+    return predecayed(c, c.weight_decay, None)
+
+
+@register("lpwd")
+def lpwd(c: Context) -> Method:
+    """PWD with LPWD's rates, growing with depth."""
+    rates = layer_rates(c)
+    return predecayed(c, rates.rate, rates.mask, rates.note, rates.details)
+
+
+@register("adadecay")
+def adadecay(c: Context) -> Method:
+    """AdaDecay: a per-parameter penalty on the gradient, steepness alpha."""
+    regularizer = lo.adaptive_weight_decay(c.weight_decay, alpha=c.adadecay_alpha)
+    return coupled(c, regularizer, f", alpha={c.adadecay_alpha:g}")
+
+
+@register("adamp")
+def adamp(c: Context) -> Method:
+    """AdamP (SGDP with sgdm): projected updates and their own decoupled decay."""
+    full = base_optimizer(c.optimizer, c.learning_rate, projected=True, weight_decay=c.weight_decay)
+    name = "AdamP" if c.optimizer == "adam" else "SGDP"
+    return replacing(c, full, f": {name}, delta=0.1, wd_ratio=0.1")
+
+
+# --------------------------------------------------------------------------------------------
+# LPWD's controls: its per-layer rates without the pre-decay, moved, or averaged
+
+
+class LayerRates(NamedTuple):
+    labels: Params  # LPWD's depth labels
+    mask: Params  # the default decay mask of the traced layer structure
+    rate: Params  # each leaf's rate (an array over a stacked leaf's slices)
+    mean_rate: float  # parameter-weighted over the decayed leaves
+    table: str  # lo.depth_table of the rates
+    note: str  # for the method's description
+    details: dict[str, Any]  # for config.json
+
+
+def layer_rates(
+    c: Context,
+    order: Callable[[int], list[int]] | None = None,
+    note: str = "",
+    details: dict[str, Any] | None = None,
+) -> LayerRates:
+    """LPWD's rates `lambda * max_scale * i / n`; with `order` (number of decayed layers ->
+    permutation), moved between the decayed layers by `reassign_layer_rates`."""
+    layers = c.layers
+    if layers is None:
+        if c.apply_fn is None or c.example_batch is None:
+            raise ValueError(
+                f"{c.name} needs layers (lo.layer_structure) or apply_fn and example_batch "
+                "to order the layers"
+            )
+        layers = lo.layer_structure(c.params, c.apply_fn, c.example_batch)
+    labels, mask = layers.depths, layers.decay_mask
+    rate = lo.layerwise_schedule(labels, c.weight_decay, max_scale=c.lpwd_max_scale)
+    note = f", max_scale={c.lpwd_max_scale:g}{note}"
+    details = dict(details or {})
+    if order is not None:
+        rate, source = reassign_layer_rates(
+            labels, rate, mask, order(len(decayed_layers(labels, mask)))
         )
-    invariant = jax.tree.map(bool, scale_invariant)
-    if jax.tree.structure(invariant) != jax.tree.structure(params):
-        raise ValueError(f"{name}: scale_invariant must have the structure of params")
-    for (path, theta), m in zip(leaves_with_paths(params), jax.tree.leaves(invariant)):
+        details["rate_taken_from_layer"] = {str(k): v for k, v in source.items()}
+        note += "; decayed layers take LPWD's rates of layers " + ", ".join(
+            f"{k}<-{v}" for k, v in source.items()
+        )
+    mean_rate = mass_weighted_rate(c.params, rate, mask)
+    details["mass_weighted_rate"] = mean_rate
+    details["mass_weighted_rate_over_lambda"] = (
+        mean_rate / c.weight_decay if c.weight_decay else None
+    )
+    table = lo.depth_table(c.params, labels, rate)
+    note += f"; parameter-weighted mean rate over the decayed leaves {mean_rate:.6g}\n{table}"
+    return LayerRates(labels, mask, rate, mean_rate, table, note, details)
+
+
+@register("lwd")
+def lwd(c: Context) -> Method:
+    """WD with LPWD's per-layer rates, no pre-decay."""
+    rates = layer_rates(c)
+    regularizer = lo.weight_decay(rates.rate, learning_rate=c.learning_rate, mask=rates.mask)
+    return decoupled(c, regularizer, rates.note, rates.details)
+
+
+@register("lpwd_reversed")
+def lpwd_reversed(c: Context) -> Method:
+    """LPWD whose decayed layers take its rates in reverse depth order."""
+    rates = layer_rates(c, lambda n: list(range(n))[::-1])
+    return predecayed(c, rates.rate, rates.mask, rates.note, rates.details)
+
+
+@register("lpwd_shuffled")
+def lpwd_shuffled(c: Context) -> Method:
+    """LPWD whose decayed layers take its rates in a fixed random order."""
+    seed = c.lpwd_permutation_seed
+    rates = layer_rates(
+        c,
+        lambda n: [int(j) for j in np.random.default_rng(seed).permutation(n)],
+        f", permutation_seed={seed}",
+        {"permutation_seed": seed},
+    )
+    return predecayed(c, rates.rate, rates.mask, rates.note, rates.details)
+
+
+@register("wd_matched")
+def wd_matched(c: Context) -> Method:
+    """WD at one rate: the parameter-weighted mean of LPWD's rates over the decayed leaves."""
+    rates = layer_rates(c)
+    mean, lam = rates.mean_rate, c.weight_decay
+    rates.details["matched_rate"] = mean
+    regularizer = lo.weight_decay(mean, learning_rate=c.learning_rate, mask=rates.mask)
+    note = (
+        f": WD at {mean:.6g}, the parameter-weighted mean of LPWD's rates over the decayed "
+        f"leaves ({mean / lam:.4f} lambda)\nLPWD's rates:\n{rates.table}"
+        if lam
+        else ": WD at 0"
+    )
+    return decoupled(c, regularizer, note, rates.details)
+
+
+# --------------------------------------------------------------------------------------------
+# Weight rescaling (WRS) of the scale-invariant kernels
+
+
+@register("wrs", "wrs_ic", "wrs+adamp")
+def wrs(c: Context) -> Method:
+    """The scale-invariant kernels are rescaled (per input channel for wrs_ic, on AdamP's
+    projected update for wrs+adamp); every other leaf gets plain WD."""
+    if c.scale_invariant is None:
+        raise ValueError(
+            f"{c.name} needs the scale_invariant mask (lo.scale_invariant_mask): it rescales "
+            "only the kernels the network is scale-invariant to"
+        )
+    invariant = jax.tree.map(bool, c.scale_invariant)
+    if jax.tree.structure(invariant) != jax.tree.structure(c.params):
+        raise ValueError(f"{c.name}: scale_invariant must have the structure of params")
+    for (path, theta), m in zip(leaves_with_paths(c.params), jax.tree.leaves(invariant)):
         if m and np.ndim(theta) < 2:
-            raise ValueError(f"{name}: scale_invariant marks '{path}', which is not a kernel")
-    if name == "wrs+adamp":
-        base = base_optimizer(optimizer, lr, projected=True)
-    mode = "input" if name == "wrs_ic" else wrs_mode
+            raise ValueError(f"{c.name}: scale_invariant marks '{path}', which is not a kernel")
+    if c.name == "wrs+adamp":
+        c = c._replace(base=base_optimizer(c.optimizer, c.learning_rate, projected=True))
+    mode = "input" if c.name == "wrs_ic" else c.wrs_mode
     rescalings = []
     if mode == "input":
         # Per input channel (WRS(IC)), except depthwise kernels (kh, kw, 1, C): with one input
         # entry per output channel, the input-channel norm is one entry and would set every
         # weight to +-1; their input and output channel are the same channel, rescaled as one.
-        depthwise = jax.tree.map(lambda m, t: m and _is_depthwise(t), invariant, params)
+        depthwise = jax.tree.map(lambda m, t: m and _is_depthwise(t), invariant, c.params)
         regular = jax.tree.map(lambda m, d: m and not d, invariant, depthwise)
         if any(jax.tree.leaves(regular)):
-            rescalings.append(lo.weight_rescaling(wrs_every, mode="input", mask=regular))
+            rescalings.append(lo.weight_rescaling(c.wrs_every, mode="input", mask=regular))
         if any(jax.tree.leaves(depthwise)):
-            rescalings.append(lo.weight_rescaling(wrs_every, mode="output", mask=depthwise))
+            rescalings.append(lo.weight_rescaling(c.wrs_every, mode="output", mask=depthwise))
     elif any(jax.tree.leaves(invariant)):
-        rescalings.append(lo.weight_rescaling(wrs_every, mode=mode, mask=invariant))
-    reg = optax.chain(lo.weight_decay(lam, learning_rate=lr, mask=_not(invariant)), *rescalings)
-    rescaled = [
-        path for (path, _), m in zip(leaves_with_paths(params), jax.tree.leaves(invariant)) if m
-    ]
-    return Method(
-        name,
-        (base, reg),
-        "last",
-        _identity,
-        _identity,
-        f"{name} ({optimizer}, lr={lr:g}, lambda={lam:g}), every={wrs_every}, mode={mode}: "
-        f"rescales the {len(rescaled)} scale-invariant kernels (layers.txt), plain WD on every "
-        f"other leaf\nrescaled: " + ", ".join(rescaled),
-        details={"rescaled": rescaled, "mode": mode},
+        rescalings.append(lo.weight_rescaling(c.wrs_every, mode=mode, mask=invariant))
+    regularizer = optax.chain(
+        lo.weight_decay(c.weight_decay, learning_rate=c.learning_rate, mask=_not(invariant)),
+        *rescalings,
     )
+    rescaled = [
+        path for (path, _), m in zip(leaves_with_paths(c.params), jax.tree.leaves(invariant)) if m
+    ]
+    note = (
+        f", every={c.wrs_every}, mode={mode}: rescales the {len(rescaled)} scale-invariant "
+        "kernels (layers.txt), plain WD on every other leaf\nrescaled: " + ", ".join(rescaled)
+    )
+    return decoupled(c, regularizer, note, {"rescaled": rescaled, "mode": mode})
+
+
+def _is_depthwise(kernel: Any) -> bool:
+    """A depthwise convolution kernel (kh, kw, 1, C): one input entry per output channel."""
+    return np.ndim(kernel) == 4 and np.shape(kernel)[2] == 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -403,39 +534,37 @@ def _rescaling_method(
 VARIANTS = ("cautious", "corrected", "adams", "cpr")
 
 
-def _variant(
-    name: str,
-    base: optax.GradientTransformation,
-    optimizer: str,
-    lr: float,
-    lam: float,
-    description: str,
-    cpr_warm_start: int,
-) -> Method:
-    """Cautious WD, corrected WD (AdamC) and CPR go LAST, after the base optimizer; AdamS
-    reads Adam's second moment, so it replaces the base optimizer (R_op is not defined)."""
-    identity = _identity
-    if name == "cautious":
-        reg = lo.cautious_weight_decay(lam, learning_rate=lr)
-        return Method(name, (base, reg), "last", identity, identity, description)
-    if name == "corrected":
-        # The program's learning rate is constant, so eta_t^2 / eta_max = eta: d_t = lambda eta.
-        reg = lo.corrected_weight_decay(lam, learning_rate=lr, max_learning_rate=lr)
-        note = ", decay lambda * lr^2 / lr_max (= lambda * lr at a constant lr)"
-        return Method(name, (base, reg), "last", identity, identity, description + note)
-    if name == "adams":
-        if optimizer != "adam":
-            raise ValueError(
-                "adams needs --optimizer=adam (AdamS reads Adam's second moment), "
-                f"got {optimizer!r}"
-            )
-        full = lo.adams(lr, 0.9, 0.999, 1e-8, weight_decay=lam)
-        note = ": AdamS, decay over sqrt(mean v_hat)"
-        return Method(
-            name, (full, optax.identity()), "wrap", identity, identity, description + note
+@register("cautious")
+def cautious(c: Context) -> Method:
+    """Cautious WD: decays only where the update and the weight agree in sign."""
+    return decoupled(c, lo.cautious_weight_decay(c.weight_decay, learning_rate=c.learning_rate))
+
+
+@register("corrected")
+def corrected(c: Context) -> Method:
+    """AdamC's corrected WD. The program's learning rate is constant, so eta_t^2 / eta_max =
+    eta: d_t = lambda * eta, as WD."""
+    lr = c.learning_rate
+    regularizer = lo.corrected_weight_decay(c.weight_decay, learning_rate=lr, max_learning_rate=lr)
+    return decoupled(
+        c, regularizer, ", decay lambda * lr^2 / lr_max (= lambda * lr at a constant lr)"
+    )
+
+
+@register("adams")
+def adams(c: Context) -> Method:
+    """AdamS: reads Adam's second moment, so it replaces the base optimizer."""
+    if c.optimizer != "adam":
+        raise ValueError(
+            f"adams needs --optimizer=adam (AdamS reads Adam's second moment), got {c.optimizer!r}"
         )
-    if name == "cpr":
-        reg = lo.constrained_parameter_regularization("warm_start", cpr_warm_start)
-        note = f": CPR, kappa warm start after {cpr_warm_start} steps, mu_lr=1 (lambda unused)"
-        return Method(name, (base, reg), "last", identity, identity, description + note)
-    raise ValueError(f"unknown method {name!r}")
+    full = lo.adams(c.learning_rate, 0.9, 0.999, 1e-8, weight_decay=c.weight_decay)
+    return replacing(c, full, ": AdamS, decay over sqrt(mean v_hat)")
+
+
+@register("cpr")
+def cpr(c: Context) -> Method:
+    """Constrained parameter regularization; lambda is not used."""
+    regularizer = lo.constrained_parameter_regularization("warm_start", c.cpr_warm_start)
+    note = f": CPR, kappa warm start after {c.cpr_warm_start} steps, mu_lr=1 (lambda unused)"
+    return decoupled(c, regularizer, note)

@@ -68,3 +68,9 @@ def test_the_program_accepts_each_variant_and_the_cpr_flag():
     for name in methods.VARIANTS:
         cfg = config.Config(method=name, cpr_warm_start=10)
         assert cfg.method == name and cfg.cpr_warm_start == 10
+
+
+def test_every_method_flag_has_one_builder_in_the_registry():
+    assert set(methods.REGISTRY) == set(config.METHODS)
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        build("nope")
