@@ -74,9 +74,27 @@ def is_function(x: Any) -> bool:
     """A schedule or a mask function: callable AND a pytree leaf.
 
     A callable pytree (an Equinox Module, an `nnx.Variable`) given as a rate, mask, label or
-    group tree is a tree, not a function: its leaves are what count.
+    group tree is a tree, not a function: its leaves are what count. That holds for a node
+    with no leaves too (`eqx.nn.Identity`, a module with only static fields), which a tree
+    built from the params keeps where the params have it: it is a node, as in the params,
+    not one leaf.
+
+    Args:
+      x: anything given as a rate, mask, label or group.
+
+    Returns:
+      True when `x` is to be called (a schedule or a mask function), False for a tree.
+
+    Example:
+      >>> import optax
+      >>> is_function(optax.constant_schedule(0.1)), is_function({"w": 0.1})
+      (True, False)
     """
-    return callable(x) and jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(x))
+    if not callable(x):
+        return False
+    treedef = jax.tree_util.tree_structure(x)
+    # A leaf is one node holding one leaf; a childless pytree node is one node holding none.
+    return treedef.num_nodes == 1 and treedef.num_leaves == 1
 
 
 def _is_scalar_or_schedule(x: Any) -> bool:
