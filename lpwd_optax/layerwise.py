@@ -306,16 +306,24 @@ def layerwise_schedule(depths: Any, rate: float | Schedule, *, max_scale: float 
     `s_max * rate / n`, the deepest `s_max * rate`; with `max_scale = 2` the mean over evenly
     spread layers is about `rate`, so the rate keeps its usual meaning.
 
+    The rate may be traced: build the rates inside the factory that
+    `optax.inject_hyperparams` wraps, and a new `rate` takes effect at the next update
+    without recompiling (the depths stay fixed; only `rate` is a hyperparameter; see the
+    last example).
+
     Args:
       depths: a pytree of ints >= 1, typically `depth_labels(params, ...)`.
-      rate: lambda, a float >= 0 or a schedule `step -> float` (a schedule's values are not
-        checked here; the transform that uses the rates checks them).
+      rate: lambda, a float >= 0, a scalar array (traced under `optax.inject_hyperparams`)
+        or a schedule `step -> float` (a traced rate's or a schedule's values are not
+        checked here; the transform that uses the rates checks them where they are
+        concrete).
       max_scale: the ratio of the deepest layer's rate to `rate`, > 0.
 
     Returns:
-      A pytree shaped like `depths`: float leaves if `rate` is a float, else schedule leaves
-      `step -> rate(step) * max_scale * i / n`. Pass it as the `rate` of `pre_weight_decay`
-      (or of any transform here that takes a per-leaf rate tree).
+      A pytree shaped like `depths`: float leaves if `rate` is a float (traced scalars if it
+      is traced), else schedule leaves `step -> rate(step) * max_scale * i / n`. Pass it as
+      the `rate` of `pre_weight_decay` (or of any transform here that takes a per-leaf rate
+      tree).
 
     Example:
       >>> from lpwd_optax.layerwise import layerwise_schedule
@@ -324,6 +332,17 @@ def layerwise_schedule(depths: Any, rate: float | Schedule, *, max_scale: float 
       >>> rates = layerwise_schedule({"a": 1, "b": 2}, lambda step: 0.1 / (1 + step))
       >>> round(rates["b"](1), 6)
       0.1
+      >>> import jax, jax.numpy as jnp, optax, lpwd_optax
+      >>> depths = {"a": 1, "b": 2}
+      >>> opt = optax.inject_hyperparams(
+      ...     lambda rate: lpwd_optax.weight_decay(layerwise_schedule(depths, rate))
+      ... )(rate=0.1)
+      >>> params = {"a": jnp.ones((2, 2)), "b": jnp.ones((2, 2))}
+      >>> state = opt.init(params)
+      >>> state.hyperparams["rate"] = jnp.full_like(state.hyperparams["rate"], 0.2)
+      >>> updates, state = jax.jit(opt.update)(jax.tree.map(jnp.zeros_like, params), state, params)
+      >>> [round(float(updates[k][0, 0]), 6) for k in "ab"]  # -0.2 * 2 * i / 2 * theta
+      [-0.2, -0.4]
 
     References:
       "Layer-wise Pre-Weight Decay", ICLR 2024 submission (LPWD), eq. 9.
@@ -338,9 +357,12 @@ def layerwise_schedule(depths: Any, rate: float | Schedule, *, max_scale: float 
             isinstance(rate, numbers.Real) or (hasattr(rate, "dtype") and np.ndim(rate) == 0)
         ):
             raise TypeError(f"rate must be a float >= 0 or a schedule, got {rate!r}.")
-        rate = float(rate)
-        if not (math.isfinite(rate) and rate >= 0):
-            raise ValueError(f"rate must be a finite number >= 0, got {rate}.")
+        # A traced rate (optax.inject_hyperparams under jit) stays traced: the transform
+        # that uses the rates checks their values where they are concrete.
+        if not isinstance(rate, jax.core.Tracer):
+            rate = float(rate)
+            if not (math.isfinite(rate) and rate >= 0):
+                raise ValueError(f"rate must be a finite number >= 0, got {rate}.")
     n = max(int(np.max(i)) for i in flat)
     scales = [max_scale * i / n for i in flat]  # an array for a stacked leaf's slices
     if callable(rate):
