@@ -92,7 +92,7 @@ def project_scale_invariant(
     views: Sequence[str] = VIEWS,
     mask: MaskOrFn = None,
     layers: LayerStructure | None = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     """AdamP's projection around an optimizer, with its decoupled weight decay.
 
     For each masked kernel `theta` with raw gradient `g` and inner update `u`, the views are
@@ -115,6 +115,8 @@ def project_scale_invariant(
     get `u` unchanged. Use this as the whole optimizer: it must see the raw gradient, so
     gradient transforms meant to act on the gradient (clipping) go inside `inner` or before it.
     Per-leaf `weight_decay` trees (from `layerwise_schedule`) decay each layer at its own rate.
+    Extra arguments of `update` (`value=` for `optax.contrib.reduce_on_plateau`, `obj_fn=`
+    for `optax.contrib.sophia`) go to `inner`, as optax's own wrappers pass them.
 
     Args:
       inner: the optimizer whose update is projected, with its learning rate applied
@@ -134,8 +136,8 @@ def project_scale_invariant(
         only the traced kernels (and embeddings) are projected.
 
     Returns:
-      An `optax.GradientTransformation` whose state holds `inner`'s state and a step count
-      when the decay depends on the step.
+      An `optax.GradientTransformationExtraArgs` whose state holds `inner`'s state and a
+      step count when the decay depends on the step.
 
     Example:
       >>> import jax.numpy as jnp, optax, lpwd_optax
@@ -151,6 +153,7 @@ def project_scale_invariant(
       Scale-invariant Weights", ICLR 2021 (arXiv:2006.08217).
     """
     name = "project_scale_invariant"
+    inner = optax.with_extra_args_support(inner)
     views = tuple(views)
     if not views or any(v not in VIEWS for v in views) or len(set(views)) < len(views):
         raise ValueError(f"{name}: views must be distinct names from {VIEWS}, got {views!r}.")
@@ -179,9 +182,9 @@ def project_scale_invariant(
             resolved_for(params)
         return ProjectionState(inner.init(params), _common.init_step_state(counted))
 
-    def update_fn(grads, state, params=None):
+    def update_fn(grads, state, params=None, **extra_args):
         resolved = resolved_for(params)
-        updates, inner_state = inner.update(grads, state.inner_state, params)
+        updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
         step, decay_state = _common.step_and_advance(state.decay_state)
         decay = jax.tree.map(lambda r: _common.decay_at(r, learning_rate, step), resolved.rate)
         layouts = jax.tree.structure(params).unflatten(structure.layouts(layers, params, name))
@@ -196,7 +199,7 @@ def project_scale_invariant(
         updates = _common.map_masked(rule, updates, params, resolved.mask, decay, grads, layouts)
         return updates, ProjectionState(inner_state, decay_state)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _scale_by_adam_heo(
@@ -243,7 +246,7 @@ def adamp(
     mu_dtype: Any | None = None,
     mask: MaskOrFn = None,
     layers: LayerStructure | None = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     """AdamP: Adam with the scale-invariant projection and decoupled weight decay.
 
     `project_scale_invariant(adam, weight_decay=weight_decay, learning_rate=learning_rate)`,
@@ -265,7 +268,7 @@ def adamp(
       layers: optional `LayerStructure`, see `project_scale_invariant`.
 
     Returns:
-      An `optax.GradientTransformation`.
+      An `optax.GradientTransformationExtraArgs`.
 
     Example:
       >>> import jax.numpy as jnp, lpwd_optax
@@ -303,7 +306,7 @@ def sgdp(
     eps: float = 1e-8,
     mask: MaskOrFn = None,
     layers: LayerStructure | None = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     """SGDP: SGD with momentum, the scale-invariant projection and decoupled weight decay.
 
     The reference implementation divides the decay by `1 - momentum`, the factor by which
@@ -320,7 +323,7 @@ def sgdp(
       layers: optional `LayerStructure`, see `project_scale_invariant`.
 
     Returns:
-      An `optax.GradientTransformation`.
+      An `optax.GradientTransformationExtraArgs`.
 
     Example:
       >>> import jax.numpy as jnp, lpwd_optax

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from lpwd_optax import _common
@@ -31,28 +32,71 @@ class StableDecayState(NamedTuple):
     decay_state: _common.CountState | optax.EmptyState
 
 
-def _is_second_moment_state(x: Any) -> bool:
-    return isinstance(x, tuple) and hasattr(x, "nu") and hasattr(x, "count")
+def _is_record(x: Any) -> bool:
+    # An optimizer state record: a NamedTuple, i.e. a tuple whose type declares its fields.
+    return isinstance(x, tuple) and isinstance(getattr(type(x), "_fields", None), tuple)
+
+
+def _records(tree: Any) -> list[Any]:
+    """Every NamedTuple inside an optimizer state, outermost first."""
+    found = []
+
+    def visit(node):
+        if _is_record(node):
+            found.append(node)
+        for child in jax.tree.leaves(node, is_leaf=lambda x: x is not node and _is_record(x)):
+            if _is_record(child):
+                visit(child)
+
+    visit(tree)
+    return found
+
+
+def _describe(record: Any) -> str:
+    return f"{type(record).__name__}({', '.join(record._fields)})"
+
+
+def _not_a_second_moment(record: Any, params: Any) -> str | None:
+    """Why a record with `count` and `nu` fields holds no second moment of `params`, or None
+    when it holds one: `nu` has the params' paths and, leaf for leaf, their shapes."""
+    if isinstance(record, optax.contrib.SophiaState):
+        return f"{_describe(record)}, whose nu estimates the Hessian diagonal"
+    want = [(path, np.shape(p)) for path, p in _common.leaves_with_paths(params)]
+    got = [(path, np.shape(v)) for path, v in _common.leaves_with_paths(record.nu)]
+    for (path, shape), (nu_path, nu_shape) in zip(want, got):
+        if (nu_path, nu_shape) != (path, shape):
+            return (
+                f"{_describe(record)}, whose nu holds '{nu_path}' of shape {nu_shape} where the "
+                f"params hold '{path}' of shape {shape}"
+            )
+    if len(got) != len(want):
+        return f"{_describe(record)}, whose nu has {len(got)} leaves for {len(want)} params"
+    return None
 
 
 def _second_moment(inner_state: Any, params: Any, transform: str) -> tuple[chex.Array, Any]:
-    """(count, nu) of the one Adam-like state inside `inner_state`; a ValueError otherwise."""
-    found = [
-        x
-        for x in jax.tree.leaves(inner_state, is_leaf=_is_second_moment_state)
-        if _is_second_moment_state(x)
-    ]
-    if len(found) != 1:
-        raise ValueError(
-            f"{transform} needs an inner optimizer whose state holds exactly one Adam-like "
-            "second moment: a NamedTuple with a step `count` and a tree `nu` of "
-            "exponential moving averages of squared gradients shaped like the params (as "
-            f"optax.scale_by_adam's ScaleByAdamState, inside optax.adam); found {len(found)}."
-        )
-    (state,) = found
-    if params is not None and jax.tree.leaves(params):
-        _common.flatten_like_params(state.nu, params, f"{transform}: the inner state's nu")
-    return state.count, state.nu
+    """(count, nu) of the one second moment inside `inner_state`; a ValueError otherwise."""
+    records = _records(inner_state)
+    accepted, rejected = [], []
+    for record in records:
+        if {"count", "nu"} <= set(record._fields):
+            why = _not_a_second_moment(record, params)
+            if why is None:
+                accepted.append(record)
+            else:
+                rejected.append(why)
+    if len(accepted) == 1:
+        return accepted[0].count, accepted[0].nu
+    if len(accepted) > 1:
+        found = [_describe(x) for x in accepted]
+    else:
+        found = rejected or list(dict.fromkeys(_describe(x) for x in records)) or ["no NamedTuple"]
+    raise ValueError(
+        f"{transform} needs an inner optimizer whose state holds exactly one second moment: "
+        "a NamedTuple with a step `count` and a tree `nu` of moving averages of squared "
+        "gradients shaped leaf for leaf like the params (optax.scale_by_adam's "
+        f"ScaleByAdamState, as in optax.adam); found {len(accepted)} ({'; '.join(found)})."
+    )
 
 
 def _mean_second_moment(count: chex.Array, nu: Any, b2: float) -> chex.Array:
@@ -73,7 +117,7 @@ def stable_weight_decay(
     learning_rate: ScalarOrSchedule | None = None,
     eps: float = 1e-8,
     mask: MaskOrFn = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     """Stable weight decay around an Adam-like optimizer: decay over `sqrt(mean(v_hat))`.
 
     With `u_t` the inner optimizer's update and `v_hat_t = nu_t / (1 - b2^t)` its
@@ -86,11 +130,19 @@ def stable_weight_decay(
     The mean runs over every entry of every param (decayed or not), as in the paper and its
     reference implementation; only masked leaves are decayed.
 
-    Requirements on `inner`: its state must hold exactly one NamedTuple with the fields
-    `count` (the step count) and `nu` (a tree shaped like the params), which is what
-    `optax.scale_by_adam` keeps (so `optax.adam`, `optax.nadam`, `optax.adamw` with
-    `weight_decay=0`, or a chain holding `scale_by_adam`), and `b2` must be the decay rate
-    with which it updates `nu`. Anything else is a ValueError at `init`.
+    Requirements on `inner`: its state must hold exactly one second moment, a NamedTuple
+    with the fields `count` (the step count) and `nu` (moving averages of squared gradients
+    shaped leaf for leaf like the params), which is what `optax.scale_by_adam` keeps (so
+    `optax.adam`, `optax.nadam`, `optax.adamw` with `weight_decay=0`, or a chain holding
+    `scale_by_adam`), and `b2` must be the decay rate with which it updates `nu`. Anything
+    else is one ValueError at `init` naming what the state holds instead: no `count`
+    (`optax.rmsprop`, `optax.sm3`), a `nu` of another shape (`optax.novograd`'s one scalar
+    per leaf), or two second moments. A Hessian estimate is not a second moment: the `nu`
+    that `optax.contrib.sophia` keeps is a moving average of the Hessian's diagonal, and
+    sophia is refused too.
+
+    Extra arguments of `update` (`value=` for `optax.contrib.reduce_on_plateau`, as
+    `optax.chain` and `optax.MultiSteps` pass them) go to `inner`.
 
     Args:
       inner: the Adam-like optimizer, with its learning rate applied (e.g. `optax.adam(lr)`).
@@ -102,8 +154,8 @@ def stable_weight_decay(
       mask: which leaves are decayed; defaults to `default_decay_mask`.
 
     Returns:
-      An `optax.GradientTransformation` whose state holds `inner`'s state and a step count
-      when the decay depends on the step.
+      An `optax.GradientTransformationExtraArgs` whose state holds `inner`'s state and a
+      step count when the decay depends on the step.
 
     Example:
       >>> import jax.numpy as jnp, optax, lpwd_optax
@@ -119,6 +171,7 @@ def stable_weight_decay(
       Gradient-Norm Perspective", NeurIPS 2023 (arXiv:2011.11152).
     """
     name = "stable_weight_decay"
+    inner = optax.with_extra_args_support(inner)
     _common.check_scalar_rate(eps, f"{name} eps")
     _common.check_scalar_rate(b2, f"{name} b2", upper=1.0)
     _common.check_rate(weight_decay, learning_rate, name, max_decay=None, strict=False)
@@ -138,10 +191,10 @@ def stable_weight_decay(
             _second_moment(inner_state, params, name)
         return StableDecayState(inner_state, _common.init_step_state(counted))
 
-    def update_fn(grads, state, params=None):
+    def update_fn(grads, state, params=None, **extra_args):
         resolved = resolved_for(params)
-        updates, inner_state = inner.update(grads, state.inner_state, params)
-        count, nu = _second_moment(inner_state, None, name)
+        updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
+        count, nu = _second_moment(inner_state, params, name)
         scale = 1.0 / (jnp.sqrt(_mean_second_moment(count, nu, b2)) + eps)
         step, decay_state = _common.step_and_advance(state.decay_state)
         decay = jax.tree.map(lambda r: _common.decay_at(r, learning_rate, step), resolved.rate)
@@ -152,7 +205,7 @@ def stable_weight_decay(
         updates = _common.map_masked(rule, updates, params, resolved.mask, decay)
         return updates, StableDecayState(inner_state, decay_state)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def adams(
@@ -164,7 +217,7 @@ def adams(
     *,
     mu_dtype: Any | None = None,
     mask: MaskOrFn = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     """AdamS: Adam with stable weight decay, shaped like `optax.adamw`.
 
     `stable_weight_decay(optax.adam(learning_rate, b1, b2, eps), weight_decay, b2=b2,
@@ -180,7 +233,7 @@ def adams(
       mask: which leaves are decayed; defaults to `default_decay_mask`.
 
     Returns:
-      An `optax.GradientTransformation`.
+      An `optax.GradientTransformationExtraArgs`.
 
     Example:
       >>> import jax.numpy as jnp, lpwd_optax
