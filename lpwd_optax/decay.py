@@ -72,7 +72,11 @@ def weight_decay(
       \\qquad d_t = \\lambda_t \\eta_t
 
     Place it LAST in a chain, after the base optimizer. `chain(optax.adam(lr),
-    weight_decay(wd, learning_rate=lr))` is `optax.adamw(lr, weight_decay=wd)`.
+    weight_decay(wd, learning_rate=lr))` is `optax.adamw(lr, weight_decay=wd)`. With
+    `optax.contrib.schedule_free`, place it last in the chain the wrapper wraps (after its
+    `scale_by_learning_rate`): it is then `schedule_free_adamw`'s weight decay, acting on the
+    wrapper's iterate z; placed after the wrapper, it decays the interpolated params instead
+    (the guide "Inside optax's wrappers and aliases" shows both).
 
     Args:
       rate: lambda; a float, a schedule, or a pytree of per-leaf floats or schedules.
