@@ -10,6 +10,9 @@ The weight-decay variants of 2023-2025 follow the same rules: `cautious_weight_d
 `corrected_weight_decay` (AdamC) and `constrained_parameter_regularization` (CPR) go LAST;
 `stable_weight_decay` (AdamS) wraps an Adam-like optimizer, whose second moment it reads.
 `rate_from_timescale` turns an averaging timescale into a decay rate.
+
+`layerwise_lr_decay` scales each layer's update by `decay ** (n - depth)` (layer-wise
+learning-rate decay for fine-tuning); it goes after the optimizer.
 """
 
 from lpwd_optax._common import default_decay_mask, path_str
@@ -46,6 +49,7 @@ from lpwd_optax.layerwise import (
     layerwise_schedule,
     swin_rules,
 )
+from lpwd_optax.lr_decay import layerwise_lr_decay, layerwise_lr_scales
 from lpwd_optax.projection import adamp, project_scale_invariant, sgdp
 from lpwd_optax.rescaling import rescale_kernel, rescale_params, weight_rescaling
 from lpwd_optax.stable import adams, stable_weight_decay
@@ -76,6 +80,8 @@ __all__ = [
     "l2_regularization",
     "layer_statistics",
     "layer_structure",
+    "layerwise_lr_decay",
+    "layerwise_lr_scales",
     "layerwise_schedule",
     "lpwd_adam",
     "opposing_penalty_rate",
