@@ -17,6 +17,11 @@ actions (finite check, progress, metric lines every --log_every_steps, and at th
 epoch evaluation and a checkpoint). Everything it reports goes through one writer: JSON lines,
 TensorBoard events and the console.
 
+A run reads from its flags to its checkpoint in four files: config.py (every flag, `Config`),
+this one (`build`: data, model, method; then the loop), methods.py (`--method` -> one builder of
+`methods.REGISTRY`) and train_lib.py (the train state, the step, the devices, `Checkpointer`).
+The data (`data/`) and the metric writers (`writers.py`) are called by name.
+
 Outputs in --output_dir: config.json, metrics.jsonl (per epoch: train loss, test top-1 (%),
 mean R_op, per-layer norms and effective steps, the effective learning rate eta / ||theta||^2
 of the scale-invariant layers and, with --jacobian_probes, the input-output Jacobian norm; per
@@ -64,7 +69,7 @@ import lpwd_optax as lo
 from lpwd_optax import models
 from lpwd_optax._common import leaves_with_paths
 from lpwd_optax.diagnostics import SCALE_INVARIANCE_TOL, module_path
-from lpwd_optax.experiments import checkpointing, data, methods, train_lib, writers
+from lpwd_optax.experiments import data, methods, train_lib, writers
 from lpwd_optax.experiments.config import Config, ConfigError, parse_config, to_dict
 
 SUMMARY_FORMAT = "mean +- std of the best 10 test top-1: {mean:.2f} +- {std:.2f}"
@@ -235,7 +240,7 @@ def warm_start(network: Any, config: Config) -> list[str]:
     """Loads --init_from into `network` in place; returns what was adapted, a line each.
 
     A file is a timm checkpoint (`models.init_from_timm`). A directory is a run of this program
-    (`checkpointing.read_run_weights`): it must be of the same --model and --model_overrides;
+    (`train_lib.read_run_weights`): it must be of the same --model and --model_overrides;
     its classifier is kept only when it was trained on the same classes of the same dataset.
     """
     path = os.path.expanduser(config.init_from)
@@ -243,7 +248,7 @@ def warm_start(network: Any, config: Config) -> list[str]:
         raise ConfigError(f"--init_from: no such file or directory: {path}")
     if not os.path.isdir(path):
         return models.init_from_timm(network, path)
-    weights, source, where = checkpointing.read_run_weights(path)
+    weights, source, where = train_lib.read_run_weights(path)
     theirs = (source.get("model"), source.get("model_overrides", ""))
     if theirs != (config.model, config.model_overrides):
         raise ConfigError(
@@ -336,8 +341,8 @@ def train_and_evaluate(config: Config) -> dict[str, Any]:
     method, parallel, out = setup.method, setup.parallel, config.output_dir
     steps_per_epoch, total_steps = setup.steps_per_epoch, setup.steps_per_epoch * config.epochs
 
-    with checkpointing.OutputLock(out, enabled=is_main):
-        ckpt = checkpointing.Checkpointer(
+    with train_lib.OutputLock(out, enabled=is_main):
+        ckpt = train_lib.Checkpointer(
             os.path.join(out, "checkpoints"), max_to_keep=config.keep_checkpoints
         )
         start_step, host_state, history = _initial_state(config, setup, ckpt)
@@ -455,7 +460,7 @@ def train_and_evaluate(config: Config) -> dict[str, Any]:
     return summary
 
 
-def _initial_state(config: Config, setup: Setup, ckpt: checkpointing.Checkpointer):
+def _initial_state(config: Config, setup: Setup, ckpt: train_lib.Checkpointer):
     """(step, host state, metric history): restored with --resume, else fresh."""
     host_state = train_lib.create_train_state(setup.model.params, setup.method)
     restored = _restore(ckpt, setup.parallel, host_state) if config.resume else None
@@ -631,7 +636,7 @@ def _summary(config, setup, final, history, total_steps, start_time) -> dict[str
 
 
 def _restore(
-    ckpt: checkpointing.Checkpointer, parallel: train_lib.Parallel, host_state: Any
+    ckpt: train_lib.Checkpointer, parallel: train_lib.Parallel, host_state: Any
 ) -> tuple[int, Any, list[dict[str, Any]]] | None:
     """(step, state, metric history) from the newest good checkpoint, or None."""
 
@@ -660,7 +665,7 @@ def _close(iterator: Any) -> None:
         close()
 
 
-def _check_finite(parallel, metrics, step: int, ckpt: checkpointing.Checkpointer) -> float:
+def _check_finite(parallel, metrics, step: int, ckpt: train_lib.Checkpointer) -> float:
     """The step's loss; NonFiniteError when its loss or gradients are not finite."""
     host = parallel.to_host({k: metrics[k] for k in ("finite", "loss")})
     loss = float(host["loss"])

@@ -13,8 +13,6 @@ ConvNeXt `checkpoint_filter_fn`, and `timm.layers.resample_patch_embed` (what ti
 calls) on the stem.
 """
 
-import logging
-
 import jax
 import numpy as np
 import pytest
@@ -164,7 +162,7 @@ def test_timm_itself_cannot_load_convnext_at_patch_2(checkpoint):
         )
 
 
-def test_training_program_starts_from_the_checkpoint(tmp_path, caplog):
+def test_training_program_starts_from_the_checkpoint(tmp_path, capsys):
     """--init_from loads (and adapts) the checkpoint into the model before the method is built."""
     safetensors_numpy = pytest.importorskip("safetensors.numpy")
     from lpwd_optax.experiments import cifar
@@ -174,8 +172,7 @@ def test_training_program_starts_from_the_checkpoint(tmp_path, caplog):
     path = tmp_path / "source.safetensors"
     safetensors_numpy.save_file(models.to_timm(source), str(path))
     flags = run_flags(tmp_path / "run", tmp_path / "cache", "--method=pwd", f"--init_from={path}")
-    with caplog.at_level(logging.INFO):
-        setup = cifar.build(parse_config(flags))
+    setup = cifar.build(parse_config(flags))
     template = models.create_model("convnext_atto_cifar", num_classes=10, **TINY_OVERRIDES)
     got, want, initial = (
         models.to_timm(template, setup.model.params),
@@ -188,7 +185,8 @@ def test_training_program_starts_from_the_checkpoint(tmp_path, caplog):
     np.testing.assert_array_equal(got["head.norm.weight"], want["head.norm.weight"])
     np.testing.assert_array_equal(got["head.fc.weight"], initial["head.fc.weight"])  # 10 classes
     assert got["stem.0.weight"].shape == (8, 3, 2, 2)
-    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("--init_from")]
+    out = capsys.readouterr().out.splitlines()
+    logged = [line for line in out if line.startswith("--init_from")]
     assert logged == [
         "--init_from: stem.0.weight: 4x4 patch kernel resampled to 2x2 (pseudo-inverse of a "
         "bicubic resize)",
@@ -197,5 +195,5 @@ def test_training_program_starts_from_the_checkpoint(tmp_path, caplog):
         "--init_from: head.fc: the checkpoint has 1000 classes, the model 10: classifier left "
         "at the model's initialization",
     ]
-    with pytest.raises(cifar.ConfigError, match="no checkpoint file"):
+    with pytest.raises(cifar.ConfigError, match="--init_from: no such file or directory"):
         cifar.build(parse_config([*flags[:-1], f"--init_from={tmp_path / 'absent.pth'}"]))

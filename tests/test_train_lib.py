@@ -17,7 +17,7 @@ import pytest
 
 import lpwd_optax as lo
 from lpwd_optax import models
-from lpwd_optax.experiments import checkpointing, config, methods, train_lib, writers
+from lpwd_optax.experiments import config, methods, train_lib, writers
 from tests import _cifar_helpers as helpers
 
 # ----------------------------------------------------------------------------------------------
@@ -325,7 +325,7 @@ def test_flat_and_nested_dicts_round_trip(tiny_model):
 
 
 def _save_two(directory):
-    ckpt = checkpointing.Checkpointer(directory, max_to_keep=3)
+    ckpt = train_lib.Checkpointer(directory, max_to_keep=3)
     params = toy_params()
     for step in (1, 2):
         state = jax.tree.map(lambda x, s=step: x * s, params)
@@ -342,9 +342,7 @@ def _verify(state, meta):
 
 def test_checkpointer_restores_latest(tmp_path):
     params, abstract = _save_two(tmp_path / "ck")
-    step, state, meta = checkpointing.Checkpointer(tmp_path / "ck").restore_latest(
-        abstract, _verify
-    )
+    step, state, meta = train_lib.Checkpointer(tmp_path / "ck").restore_latest(abstract, _verify)
     assert step == 2 and meta["step"] == 2
     chex.assert_trees_all_close(state, jax.tree.map(lambda x: 2 * x, params))
 
@@ -368,7 +366,7 @@ def test_checkpointer_falls_back_from_a_corrupted_latest(tmp_path, capsys, damag
         record = json.loads(meta.read_text())
         record["fingerprint"] += 1.0
         meta.write_text(json.dumps(record))
-    ckpt = checkpointing.Checkpointer(tmp_path / "ck")
+    ckpt = train_lib.Checkpointer(tmp_path / "ck")
     step, state, _ = ckpt.restore_latest(abstract, _verify)
     assert step == 1
     chex.assert_trees_all_close(state, params)
