@@ -41,13 +41,12 @@ import os
 import queue
 import re
 import shlex
-import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from lpwd_optax.experiments import engine
 from lpwd_optax.experiments.config import METHODS, OPTIMIZERS
 
 # The paper's Table 2.
@@ -152,7 +151,13 @@ def build_grid(
 
 
 def cell_done(run_dir: str) -> bool:
-    return os.path.exists(os.path.join(run_dir, "summary.json"))
+    return engine.is_finished(os.path.dirname(run_dir), os.path.basename(run_dir))
+
+
+def cell_run(cell: Cell, extra_flags: Sequence[str] = ()) -> engine.Run:
+    """The cell as one run of the study engine. The cell's own flags come after the shared
+    ones, so the grid always wins."""
+    return engine.Run("", cell.name, (*extra_flags, *cell.flags(), "--no-progress"))
 
 
 def cell_command(
@@ -160,35 +165,18 @@ def cell_command(
     output_dir: str,
     extra_flags: Sequence[str] = (),
     *,
-    program: Sequence[str] = (sys.executable, "-m", "lpwd_optax.experiments.cifar"),
+    program: Sequence[str] | None = None,
 ) -> list[str]:
     """The training program's command line for one cell (resuming when it has checkpoints)."""
-    run_dir = os.path.abspath(os.path.join(output_dir, cell.name))
-    resume = os.path.isdir(os.path.join(run_dir, "checkpoints"))
-    return [
-        # The cell's own flags come after the shared ones, so the grid always wins.
-        *program,
-        *extra_flags,
-        *cell.flags(),
-        f"--output_dir={run_dir}",
-        "--no-progress",
-        *(["--resume"] if resume else []),
-    ]
+    return engine.command(cell_run(cell, extra_flags), os.path.abspath(output_dir), program)
 
 
 def run_cell(
     cell: Cell, output_dir: str, extra_flags: Sequence[str], env: dict[str, str]
 ) -> tuple[Cell, int, float]:
     """Runs (or resumes) one cell in a subprocess; its output goes to <run_dir>/log.txt."""
-    run_dir = os.path.abspath(os.path.join(output_dir, cell.name))
-    os.makedirs(run_dir, exist_ok=True)
-    command = cell_command(cell, output_dir, extra_flags)
-    start = time.time()
-    with open(os.path.join(run_dir, "log.txt"), "a") as log:
-        log.write(f"$ {' '.join(command)}\n")
-        log.flush()
-        code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    return cell, code, time.time() - start
+    code, seconds = engine.launch(cell_run(cell, extra_flags), os.path.abspath(output_dir), env)
+    return cell, code, seconds
 
 
 def run_sweep(

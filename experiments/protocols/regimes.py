@@ -34,7 +34,7 @@ import dataclasses
 import statistics
 from typing import Any
 
-from lpwd_optax.experiments import engine
+from lpwd_optax.experiments import engine, report
 
 name = "regimes"
 MODEL = "convnext_atto_cifar"
@@ -290,3 +290,132 @@ def plan(dataset: str, runs_dir: str) -> list[engine.Run]:
     runs = pilot(dataset, runs_dir)
     names = {r.name for r in runs}
     return runs + [r for r in protocol(dataset, runs_dir) if r.name not in names]
+
+
+# ---------------------------------------------------------------------------------------------
+# The report: cells are (regime, optimizer, method, lr, lambda); the verdict rules of the README
+
+
+def pilot_rows(results: report.Results) -> list[dict[str, Any]]:
+    """The rule's table: WD - baseline best-10 per candidate (regime, lambda), paired by seed."""
+    chosen, table = choose(results.runs_dir)
+    return [
+        dict(
+            regime=name,
+            weight_decay=lam,
+            differences=", ".join(f"{d:+.2f}" for d in row["diffs"]) or "-",
+            mean=row["mean"],
+            complete=row["complete"],
+            chosen=(name, lam) == chosen,
+        )
+        for (name, lam), row in table.items()
+    ]
+
+
+def cell(regime: Regime, method: str, lam: float) -> tuple:
+    return (regime.name, regime.optimizer, method, regime.lr, 0.0 if method == "baseline" else lam)
+
+
+def comparisons(runs_dir: str) -> list[report.Comparison]:
+    """The named comparisons (Holm-adjusted together) in the regime the pilot chose."""
+    decided = decision(runs_dir)
+    if decided is None:
+        return []
+    name, lam, _ = decided
+    regime = REGIMES[name]
+    low, high = (float(f"{lam * f:.4g}") for f in ROBUST_FACTORS)
+    pairs = [("WD - baseline", "wd", "baseline"), ("LPWD - WD", "lpwd", "wd")]
+    pairs += [("LPWD - lwd", "lpwd", "lwd"), ("LPWD - lpwd_reversed", "lpwd", "lpwd_reversed")]
+    pairs += [("LPWD - decay_to_init", "lpwd", "decay_to_init")] if name == "r1" else []
+    out = [
+        report.Comparison(
+            cell(regime, a, lam),
+            cell(regime, b, lam),
+            dict(comparison=c, claim="> 0"),
+            "> 0",
+            len(MAIN_SEEDS),
+        )
+        for c, a, b in pairs
+    ]
+    for other in (high, low):  # LPWD's drop from lambda to `other` minus WD's
+        drop = [(cell(regime, m, lam), cell(regime, m, other)) for m in ("lpwd", "wd")]
+        what = f"LPWD's drop to lambda {other:g} - WD's"
+        columns = dict(comparison=what, claim="< 0")
+        out.append(report.Comparison(*drop, columns, "< 0", len(ROBUST_SEEDS)))
+    return out
+
+
+def notes(runs_dir: str) -> list[str]:
+    decided = decision(runs_dir)
+    if decided is None:
+        return ["the pilot has not settled: the protocol is planned once it has"]
+    name, lam, caveat = decided
+    mean = gains(runs_dir, (name,))[(name, lam)]["mean"]
+    line = f"the pilot chose {name} at lambda {lam:g} (WD - baseline {mean:+.2f} best-10)"
+    if caveat:
+        line += f"; no candidate reached +{MIN_GAIN:g}: every verdict carries that caveat"
+    return [line]
+
+
+def figures(runs_dir: str) -> list[Any]:
+    decided = decision(runs_dir)
+    if decided is None:
+        return []
+    name, lam, _ = decided
+    regime = REGIMES[name]
+    methods = MAIN_METHODS + (R1_METHODS if name == "r1" else ())
+    lambdas = sorted([lam, *(float(f"{lam * f:.4g}") for f in ROBUST_FACTORS)])
+    return [
+        report.Bars(
+            "fig_main.png",
+            f"{name}: lr {regime.lr:g}, lambda {lam:g}",
+            (("", tuple((m, cell(regime, m, lam)) for m in methods)),),
+        ),
+        report.Curves(
+            "fig_curves.png",
+            f"{name}: lr {regime.lr:g}, lambda {lam:g} (band: min-max over seeds)",
+            (("", tuple((m, cell(regime, m, lam)) for m in ("baseline", "wd", "lpwd"))),),
+        ),
+        report.Lines(
+            "fig_robust.png",
+            f"{name}: WD and LPWD against lambda",
+            "lambda",
+            tuple((m, tuple((x, cell(regime, m, x)) for x in lambdas)) for m in ("wd", "lpwd")),
+            ("baseline (no decay)", cell(regime, "baseline", 0.0)),
+        ),
+    ]
+
+
+RULE_COLUMNS = ("comparison", "claim", "best10_mean", "p", "p_holm", "outcome", "final_top1", "n")
+PROTOCOL = engine.Protocol(
+    name=name,
+    plan=plan,
+    parts=("pilot", "pilot_sgdm", "main", "robust"),
+    summary=f"{MODEL}, batch {BATCH_SIZE}, the regimes of the README",
+    cell=("regime", "optimizer", "method", "lr", "weight_decay"),
+    cell_columns=(
+        *("regime", "optimizer", "method", "lr", "weight_decay", "d_T", "n"),
+        *("best10_mean", "best10_mean_std", "final_top1", "final_top1_std"),
+        *("final_train_loss", "final_train_loss_std"),
+    ),
+    in_cells=lambda r: r["regime"] != "r1_pretrain",
+    tables=(
+        report.Table(
+            "pilot",
+            "Pilot: WD - baseline best-10 per candidate, paired by seed",
+            pilot_rows,
+            ("regime", "weight_decay", "differences", "mean", "complete", "chosen"),
+            f"The rule takes the candidate with the largest mean, if it is at least +{MIN_GAIN:.1f}"
+            "; only candidates whose every pilot seed has finished count.",
+        ),
+        report.Table(
+            "comparisons",
+            "Named comparisons (Holm-adjusted together; a reading is final once its seeds are in)",
+            report.compare(lambda results: comparisons(results.runs_dir), True, final="seeds"),
+            RULE_COLUMNS,
+        ),
+    ),
+    figures=figures,
+    notes=notes,
+)
+PROTOCOLS = {name: PROTOCOL}
