@@ -263,11 +263,12 @@ def test_casts_and_reshapes_are_not_uses():
     }
 
 
-def test_ties_are_broken_by_natural_path_order():
+def test_layers_read_side_by_side_share_a_depth():
+    # Depth is the dataflow's: b_9 and b_10 are read together, `a` reads what they make.
     params = {"b_10": {"w": jnp.ones(2)}, "b_9": {"w": jnp.ones(2)}, "a": {"w": jnp.ones(2)}}
     apply_fn = lambda p, x: jnp.concatenate([p["b_10"]["w"], p["b_9"]["w"]]).sum() * p["a"]["w"]
     labels = depth_labels(params, apply_fn, jnp.ones(2))
-    assert labels == {"b_9": {"w": 1}, "b_10": {"w": 2}, "a": {"w": 3}}
+    assert labels == {"b_9": {"w": 1}, "b_10": {"w": 1}, "a": {"w": 2}}
 
 
 def test_unused_params_get_the_last_label_with_a_warning():

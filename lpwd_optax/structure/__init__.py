@@ -1,0 +1,55 @@
+"""The layer structure of a model, read from one trace of its forward pass.
+
+The rule. Tracing `apply_fn(params, *example_args)` gives a jaxpr. Walking it once, every
+value computed from a param leaf `w` without arithmetic is a view of `w`: its entry at index
+`i` is `w`'s entry at flat (row-major) index
+
+    leaf_index = offset + strides @ i,
+
+one affine map, whatever the view: a transpose permutes the strides, a broadcast adds zero
+strides, a squeeze drops size-1 axes, a slice moves the offset and multiplies a stride by its
+step, a reversal negates a stride, a reshape follows numpy's no-copy rule, and an entry taken
+at a loop's counter (`w[i]`, a scan's step) moves the offset with the steps. A join
+(`concatenate`, `stack`) is a list of such views, one per piece. Casts, masks by constants and
+elementwise arithmetic with constants (`1 + scale`) keep the map. Where a gather by constant
+indices or a copying reshape leaves an axis with no affine order, only the leaf axes it spans
+are known; reading one entry of it, an index whose steps the trace does not count (over 1024,
+or an input), or a group of slices per step is the one exit: the leaf is read whole, as one
+layer, and one warning names it and the primitive.
+
+What the rule gives. A primitive that reads a view without being one is a use: a product
+that contracts some of the leaf's axes makes it a kernel (those axes its fan-in, the rest its
+output units), a product or multiplication that contracts none a scale, rows read at an
+index the inputs give an embedding, an addition a bias. A leaf axis no use spans, read at
+different entries by different steps or uses, holds one layer per slice (`stacked_axes`),
+unless single entries are multiplied one after another (a shifted-sum convolution's taps).
+Depth is a fact of the dataflow: each layer is one more than the deepest layer its input
+depends on, so parallel projections (q, k, v) share a depth and sequential ones do not, in one
+module or several; a bias or scale takes its layer's depth.
+
+Modules: `views` (the rule), `counters` (loop counters), `walker` (the jaxpr walk), `roles`
+(uses to roles and axes), `depth` (dataflow depth), `trace` (the one trace), `api` (the public
+`LayerStructure`, `layer_structure` and the helpers for `layers=`).
+"""
+
+# The public names, and the helpers the transforms that take `layers=` share.
+from lpwd_optax.structure.api import (  # noqa: F401
+    LayerStructure,
+    analyse,
+    analyse_jaxpr,
+    axes_str,
+    check_layers,
+    default_mask,
+    depth_str,
+    layer_structure,
+    layouts,
+    params_check,
+    slice_axes,
+)
+from lpwd_optax.structure.depth import natural_path_key  # noqa: F401
+from lpwd_optax.structure.roles import ROLES, LeafLayout
+
+__all__ = ["ROLES", "LayerStructure", "LeafLayout", "layer_structure"]
+
+# The examples that live in the modules of this package run with the package's doctests.
+__test__ = {"layer_structure": layer_structure, "LayerStructure": LayerStructure}
