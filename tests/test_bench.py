@@ -248,6 +248,8 @@ def test_bench_structure_writes_json(tmp_path, capsys):
             str(out),
         ]
     )
-    assert json.loads(out.read_text())["layers"] == report["layers"] == 19
+    # Per block: norm, q/k/v (one depth: they read one input), out, norm, two Dense.
+    assert json.loads(out.read_text())["layers"] == report["layers"] == 15
+    assert set(report["structure"]) == {"stacked", "unrolled"}
     assert report["xla_costs"]["lpwd"]["flops"] > 0
     assert "2 scanned blocks" in capsys.readouterr().out

@@ -1,15 +1,16 @@
-"""What reading the layer structure costs: the trace of a scanned transformer, and its train step.
+"""What reading the layer structure costs, and what its per-slice rates cost a train step.
 
-A transformer of `--blocks` pre-norm blocks (width `--width`, 4 heads, MLP 4x), stacked with
-linen's `nn.scan`, on token inputs. Measured:
+A transformer of `--blocks` pre-norm blocks (width `--width`, 4 heads, MLP 4x) on token inputs,
+once with its blocks stacked by linen's `nn.scan` and once unrolled. Measured:
 
 - `lo.layer_structure` on the model's abstract params (`jax.eval_shape`, nothing is
-  initialized): seconds per call, median over `--repeats` (the target is under 5 s for 24
-  blocks of width 256);
-- one jitted train step with LPWD's per-slice rates and the structure's decay mask, against the
-  same step with PWD (the same rule and mask, one rate for every leaf): the paired ratio of
-  their times, and XLA's flop and byte counts of both compiled steps (noise-free: equal counts
-  mean the per-slice rates cost nothing inside the step).
+  initialized), in its two parts: the trace of the model (`jax.make_jaxpr`, the model's own
+  Python) and the walk over the trace (views, roles, depths), each the median over
+  `--repeats` calls, for the stacked and the unrolled model;
+- one jitted train step of the stacked model with LPWD's per-slice rates and the structure's
+  decay mask, against the same step with PWD (the same rule and mask, one rate for every
+  leaf): the paired ratio of their times, and XLA's flop and byte counts of both compiled
+  steps (noise-free: equal counts mean the per-slice rates cost nothing inside the step).
 
     python -m lpwd_optax.experiments.benchmarks.bench_structure --out structure.json
 """
@@ -27,6 +28,8 @@ import jax.numpy as jnp
 import optax
 
 import lpwd_optax as lo
+from lpwd_optax import structure
+from lpwd_optax._common import leaves_with_paths
 from lpwd_optax.experiments.benchmarks import bench_common
 
 LR = 1e-3
@@ -47,18 +50,42 @@ class Transformer(nn.Module):
     blocks: int
     width: int
     vocab: int = 512
+    stacked: bool = True
 
     @nn.compact
     def __call__(self, tokens):
         x = nn.Embed(self.vocab, self.width)(tokens)
-        stack = nn.scan(
-            nn.remat(Block),
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            length=self.blocks,
-        )
-        x, _ = stack(self.width, name="blocks")(x, None)
+        if self.stacked:
+            stack = nn.scan(
+                nn.remat(Block),
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                length=self.blocks,
+            )
+            x, _ = stack(self.width, name="blocks")(x, None)
+        else:
+            for i in range(self.blocks):
+                x, _ = Block(self.width, name=f"block_{i}")(x, None)
         return nn.Dense(self.vocab)(nn.LayerNorm()(x))
+
+
+def time_structure(model: nn.Module, tokens: jax.Array, repeats: int) -> dict[str, Any]:
+    """Seconds per trace and per walk (lists over `repeats`), the equations the trace has (a
+    scan's body counted once), and the structure."""
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens)["params"])
+    flat = leaves_with_paths(abstract)
+    trace_s, walk_s = [], []
+    for _ in range(repeats):
+        # A new function each time: jax caches the trace of one it has seen.
+        apply_fn = lambda p, x: model.apply({"params": p}, x)
+        start = time.perf_counter()
+        closed = structure.trace.trace_forward(abstract, apply_fn, (tokens,), {}, "bench")
+        trace_s.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        layouts = structure.analyse_jaxpr(closed, flat, caller="bench")
+        walk_s.append(time.perf_counter() - start)
+    layers = structure.LayerStructure(tuple(layouts), jax.tree.structure(abstract))
+    return {"trace_s": trace_s, "walk_s": walk_s, "eqns": len(closed.jaxpr.eqns), "layers": layers}
 
 
 def _compiled_costs(compiled: Any) -> dict[str, float]:
@@ -81,13 +108,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = Transformer(args.blocks, args.width)
     tokens = jnp.zeros((args.batch, args.tokens), jnp.int32)
     apply_fn = lambda p, x: model.apply({"params": p}, x)
-    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens)["params"])
-
-    trace_s = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        layers = lo.layer_structure(abstract, apply_fn, tokens)
-        trace_s.append(time.perf_counter() - start)
+    forms = {
+        name: time_structure(
+            Transformer(args.blocks, args.width, stacked=stacked), tokens, args.repeats
+        )
+        for name, stacked in (("stacked", True), ("unrolled", False))
+    }
+    layers = forms["stacked"]["layers"]
     print(layers)
 
     params = model.init(jax.random.key(0), tokens)["params"]
@@ -130,8 +157,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pwd, lpwd = times["pwd"]["wall_s"], times["lpwd"]["wall_s"]
     paired = statistics.median(b / a for a, b in zip(pwd, lpwd))
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    rows = [
-        ["layer_structure (s)", statistics.median(trace_s), None],
+    median = statistics.median
+    rows = []
+    for name, form in forms.items():
+        trace, walk = median(form["trace_s"]), median(form["walk_s"])
+        rows += [
+            [f"{name}: trace, {form['eqns']} top-level eqns (s)", trace, None],
+            [f"{name}: walk (s); walk / trace", walk, walk / trace],
+        ]
+    rows += [
         ["step, PWD one rate (s)", statistics.median(pwd), None],
         ["step, LPWD per slice (s)", statistics.median(lpwd), paired],
         ["XLA flops LPWD / PWD", costs["lpwd"]["flops"] / costs["pwd"]["flops"], None],
@@ -145,13 +179,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"\n{args.blocks} scanned blocks, width {args.width}, {n_params / 1e6:.1f}M params, "
         f"{layers.num_layers} layers, batch {args.batch} x {args.tokens} tokens"
     )
-    print(bench_common.format_table(["measure", "median", "paired ratio"], rows))
+    print(bench_common.format_table(["measure", "median", "ratio"], rows))
     report = {
         "machine": bench_common.machine_info(),
         "config": vars(args),
         "params": n_params,
         "layers": layers.num_layers,
-        "layer_structure_s": bench_common.summarize(trace_s),
+        "structure": {
+            name: {
+                "eqns": form["eqns"],
+                "trace_s": bench_common.summarize(form["trace_s"]),
+                "walk_s": bench_common.summarize(form["walk_s"]),
+                "walk_over_trace": median(form["walk_s"]) / median(form["trace_s"]),
+            }
+            for name, form in forms.items()
+        },
         "step_s": {n: bench_common.summarize(t["wall_s"]) for n, t in times.items()},
         "lpwd_over_pwd_paired": paired,
         "xla_costs": costs,

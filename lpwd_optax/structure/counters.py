@@ -74,14 +74,16 @@ def _is_index(dtype: Any) -> bool:
 
 
 def evaluate(eqn: Any, values: Sequence[Any]) -> list[Any] | None:
-    """The outputs of an equation whose inputs are all constants, step by step where some
-    move with loops (index arithmetic only); None where they are not evaluated."""
+    """The outputs of an equation of index arithmetic whose inputs are all constants, step by
+    step where some move with loops; None where they are not evaluated."""
     if any(v is UNKNOWN or v is LOOP for v in values):
         return None
+    if not all(_is_index(v.aval.dtype) for v in eqn.outvars):
+        return None  # only indices are ever read off a constant
     levels, columns = on_grid([v for v in values if isinstance(v, Steps)])
     if levels:
         grid = columns[0].shape[: len(levels)]
-        if not all(_is_index(v.aval.dtype) for v in eqn.outvars) or math.prod(grid) > MAX_STEPS:
+        if math.prod(grid) > MAX_STEPS:
             return None
         points = []
         for point in np.ndindex(grid):
@@ -108,8 +110,13 @@ def evaluate(eqn: Any, values: Sequence[Any]) -> list[Any] | None:
         return None
 
 
+_CALLS: dict[str, bool] = {}  # primitive -> whether it calls jaxprs
+
+
 def sub_jaxprs(eqn: Any) -> list[jex_core.Jaxpr]:
     """The jaxprs an equation calls (a jit's, a remat's, cond's branches, a scan's body)."""
+    if _CALLS.get(eqn.primitive.name) is False:
+        return []
     found = []
     for value in eqn.params.values():
         for x in value if isinstance(value, (tuple, list)) else (value,):
@@ -117,6 +124,7 @@ def sub_jaxprs(eqn: Any) -> list[jex_core.Jaxpr]:
                 found.append(x.jaxpr)
             elif isinstance(x, jex_core.Jaxpr):
                 found.append(x)
+    _CALLS[eqn.primitive.name] = _CALLS.get(eqn.primitive.name) or bool(found)
     return found
 
 

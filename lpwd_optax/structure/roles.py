@@ -138,7 +138,7 @@ def leaf_layout(path: str, shape: tuple[int, ...], uses: Sequence[tuple[int, Use
         return LeafLayout(path, shape, role, (), (), (), (), 0, decays_by_default(path, shape))
     spanned = frozenset().union(*(u.view.spanned() for _, u in uses))
     free = [a for a, n in enumerate(shape) if n > 1 and a not in spanned]
-    entries = [u.view.entries() for _, u in uses]
+    entries = [u.view.entries() for _, u in uses] if free else []
     read = [(order, u, e) for (order, u), e in zip(uses, entries) if len(e)]
     scanned = {a for a in free for _, _, e in read if _varies(e[:, a])}
     indexed = {a for a in free if a not in scanned and _varies([e[0, a] for _, _, e in read])}

@@ -13,6 +13,7 @@ is `Pieces`: a list of views.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,18 +25,20 @@ from lpwd_optax.structure.counters import Steps, on_grid, steps_of
 NOT_READ = -1  # the offset of a piece of a join at a step that reads another piece
 
 
-def row_major(shape: Sequence[int]) -> tuple[int, ...]:
+@functools.cache
+def row_major(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(math.prod(shape[a + 1 :]) for a in range(len(shape)))
 
 
-def _digit_spans(leaf_shape: Sequence[int], size: int, stride: int) -> set[int]:
+@functools.cache
+def _digit_spans(leaf_shape: tuple[int, ...], size: int, stride: int) -> frozenset[int]:
     """The leaf axes whose entry changes as a digit walks its `size` steps of `stride`."""
     step, reach = abs(stride), abs(stride) * (size - 1)
-    return {
+    return frozenset(
         a
         for a, (m, s) in enumerate(zip(leaf_shape, row_major(leaf_shape)))
         if m > 1 and step and s * m > step and reach >= s
-    }
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +71,8 @@ class View:
 
     def entries(self) -> np.ndarray:
         """The leaf index of value index 0 at each step that reads the view (one row each)."""
+        if self.leaf_shape and not isinstance(self.offset, Steps) and self.offset >= 0:
+            return np.array([np.unravel_index(self.offset, self.leaf_shape)], np.int64)
         offsets = np.ravel(self.offset.values if isinstance(self.offset, Steps) else self.offset)
         read = offsets[offsets >= 0]
         if not read.size or not self.leaf_shape:
@@ -92,7 +97,7 @@ def _moved(offset: Any, index: Any, digits: Sequence[tuple[int, int]]) -> Any:
 
 def _with(view: View, shape: Sequence[int], axes: Sequence[Any], offset: Any = None) -> View:
     offset = view.offset if offset is None else offset
-    return dataclasses.replace(view, shape=tuple(shape), axes=tuple(axes), offset=offset)
+    return View(view.leaf, view.leaf_shape, tuple(shape), tuple(axes), offset)
 
 
 def transpose(view: View, perm: Sequence[int]) -> View:

@@ -108,8 +108,10 @@ class Walker:
         return [read(v) for v in jaxpr.outvars]
 
     def equation(self, eqn: Any, values: list[Any], program: list) -> list[Any]:
-        name, n_out = eqn.primitive.name, len(eqn.outvars)
-        if all(_is_constant(v) for v in values):
+        name, n_out, kinds = eqn.primitive.name, len(eqn.outvars), set(map(type, values))
+        if Pieces not in kinds:  # no param flows in, none can be read inside
+            if Data in kinds:
+                return self.flow(values, n_out, program)
             outs = counters.evaluate(eqn, values)
             moving = any(counters.moves(v) for v in values)
             return outs if outs is not None else [LOOP if moving else UNKNOWN] * n_out
@@ -119,8 +121,6 @@ class Walker:
             return self.while_loop(eqn, values, program)
         if counters.sub_jaxprs(eqn):
             return self.call(eqn, values, program)
-        if not any(isinstance(v, Pieces) for v in values):
-            return self.flow(values, n_out, program)
         out = self.view(eqn, values)
         if out is EXIT:
             return self.read(eqn, values, program, whole=True)
@@ -131,9 +131,10 @@ class Walker:
     # --- data and uses
 
     def flow(self, values: Sequence[Any], n_out: int, program: list) -> list[Any]:
-        ins = tuple(dict.fromkeys(v.slot for v in values if isinstance(v, Data)))
+        data = [v for v in values if type(v) is Data]
+        ins = tuple({v.slot for v in data})
         if len(ins) == 1:
-            return [Data(ins[0])] * n_out  # one input: its depth
+            return [data[0]] * n_out  # one input: its depth
         out = self.data()
         program.append(Flow(out.slot, ins))
         return [out] * n_out
