@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lpwd_optax import _common
+from lpwd_optax import _common, _ordering
 from lpwd_optax._common import MaskOrFn, ScalarOrSchedule
 
 KAPPA_INITS = ("uniform", "warm_start", "dependent")
@@ -177,7 +177,7 @@ def constrained_parameter_regularization(
         leaves_u, treedef = jax.tree.flatten(updates)
         leaves_p = treedef.flatten_up_to(params)
         masks = treedef.flatten_up_to(resolved.mask)
-        out, mus, kappas = [], [], []
+        out, mus, kappas, token = [], [], [], None
         for i, (u, p, m) in enumerate(zip(leaves_u, leaves_p, masks)):
             mu, kappa = state.multiplier[i], state.bound[i]
             if not m:
@@ -185,6 +185,9 @@ def constrained_parameter_regularization(
                 mus.append(mu)
                 kappas.append(kappa)
                 continue
+            # Leaf by leaf (see `_ordering`): XLA keeps one leaf's `theta + u` in memory at a
+            # time instead of every leaf's.
+            u = _ordering.after(u, token)
             acc = jnp.promote_types(p.dtype, jnp.float32)
             theta = p.astype(acc) + u.astype(acc)
             r = _statistic(theta, regularization)
@@ -192,12 +195,14 @@ def constrained_parameter_regularization(
             new_mu = jnp.where(active, jnp.maximum(0.0, mu + step_size * (r - kappa)), mu)
             a, b = _gradient_coefficients(theta, r, regularization)
             k = jnp.where(active, c * new_mu, 0.0)
-            # u - k grad R(theta') with theta' = p + u, written so that the pass reads p and u
-            # and theta' is only reduced, never stored (XLA would write it: 3 more trees).
+            # theta' - k grad R(theta') - p, with grad R(theta') = a theta' + b. XLA writes
+            # theta' to memory once for the reduction (it never recomputes the optimizer's
+            # divide in two passes), and the last pass reads it with p.
             ka = (k * a).astype(acc)
-            pulled = u.astype(acc) * (1 - ka) - ka * p.astype(acc) - (k * b).astype(acc)
+            pulled = theta * (1 - ka) - (k * b).astype(acc) - p.astype(acc)
             out.append(pulled.astype(u.dtype))
             mus.append(new_mu)
+            token = new_mu
             if kappa_init == "warm_start":
                 kappa = jnp.where(step == warm_start, r, kappa)
             kappas.append(kappa)

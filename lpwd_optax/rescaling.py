@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lpwd_optax import _common, structure
+from lpwd_optax import _common, _ordering, structure
 from lpwd_optax._common import MaskOrFn
 from lpwd_optax.structure import LayerStructure, LeafLayout
 
@@ -48,9 +48,16 @@ def _rescaled(
     kernel: chex.Array, mode: str, eps: float = 1e-12, layout: LeafLayout | None = None
 ) -> chex.Array:
     w = kernel.astype(jnp.float32)
+    return w * _inverse_norms(w, mode, eps, layout)
+
+
+def _inverse_norms(
+    w: chex.Array, mode: str, eps: float = 1e-12, layout: LeafLayout | None = None
+) -> chex.Array:
+    """`1 / max(||w||, eps)` per channel, shaped to broadcast against `w`: one division per
+    channel, not per entry."""
     axes = _norm_axes(w.ndim, mode, layout)
-    norm = jnp.sqrt(jnp.sum(jnp.square(w), axis=axes, keepdims=True))
-    return w * (1.0 / jnp.maximum(norm, eps))  # one division per channel, not per entry
+    return 1.0 / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(w), axis=axes, keepdims=True)), eps)
 
 
 def _check_mode(mode: str, name: str) -> None:
@@ -98,9 +105,9 @@ def rescale_params(
     sequence of weights as `chain(opt, weight_rescaling(every))`:
     `theta_{t+1} = rescale(theta_t + u_t)` when `(t + 1) % every == 0`, `theta_t + u_t`
     otherwise. The transform has to return an update, so its conditional sits between the
-    optimizer's update and the params, and on XLA:CPU it keeps the update out of the
-    optimizer's fused pass: even a skipped step costs about twice an `optax.adamw` step. Here
-    the conditional takes the new params, which the step writes anyway, so a skipped step
+    optimizer's update and the params: XLA must write the update to memory for it and read it
+    back, even on a step that skips the rescale (about 1.2x an `optax.adamw` step's bytes).
+    Here the conditional takes the new params, which the step writes anyway, so a skipped step
     costs what the plain optimizer step does (experiments/bench_regularizers.py measures the
     three forms).
 
@@ -160,7 +167,7 @@ def weight_rescaling(
     resets the effective learning rate that a growing weight norm would shrink. Parameters
     outside the mask (norm scales, biases) are meant to get ordinary weight decay: chain a
     `weight_decay` with the complementary mask. Place it LAST in a chain. `rescale_params`
-    after `optax.apply_updates` gives the same weights at a fraction of this transform's cost.
+    after `optax.apply_updates` gives the same weights, and its skipped steps cost nothing.
 
     BatchNorm in eval mode: the function is unchanged only in train mode, where BatchNorm
     normalizes with the batch's statistics. Its running statistics were gathered at the old
@@ -197,17 +204,80 @@ def weight_rescaling(
       Liu et al., "Weight Rescaling: Effective and Robust Regularization for Deep Neural
       Networks with Batch Normalization" (arXiv:2102.03497).
     """
+    name = "weight_rescaling"
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ValueError(f"weight_rescaling: every must be an int >= 1, got {every!r}.")
-    _check_mode(mode, "weight_rescaling")
-    structure.check_layers(layers, "weight_rescaling")
-    return _common.leafwise_transform(
-        "weight_rescaling",
-        lambda u, theta, _, layout: _rescaled(theta + u, mode, layout=layout) - theta,
-        mask=structure.default_mask(layers, mask, roles=("kernel",)),
-        leaf_inputs=lambda u, params, _: _layout_tree(layers, params, "weight_rescaling"),
-        # every=1: no conditional, which XLA could not fuse across.
-        applies_at=None if every == 1 else lambda step: (step + 1) % every == 0,
-        check_leaf=_kernels_only("weight_rescaling", layers),
-        check_params=structure.params_check(layers, "weight_rescaling"),
-    )
+        raise ValueError(f"{name}: every must be an int >= 1, got {every!r}.")
+    _check_mode(mode, name)
+    structure.check_layers(layers, name)
+    mask = structure.default_mask(layers, mask, roles=("kernel",))
+    check_params = structure.params_check(layers, name)
+
+    def resolved_for(params):
+        resolved = _common.checked_resolution(
+            params, name, mask=mask, check_leaf=_kernels_only(name, layers)
+        )
+        if check_params is not None:
+            check_params(params)
+        return resolved
+
+    def init_fn(params):
+        # optax.tree_utils.tree_map_params inits with a placeholder that has no leaves.
+        if params is None or jax.tree.leaves(params):
+            resolved_for(params)
+        return _common.init_step_state(every > 1)
+
+    def rescaled_update(u, theta, layout):
+        """`(rescale(theta + u) - theta, the channels' inverse norms)`, in float32."""
+        w = theta.astype(jnp.float32) + u.astype(jnp.float32)
+        inverse_norms = _inverse_norms(w, mode, layout=layout)
+        return w * inverse_norms - theta, inverse_norms
+
+    def update_fn(updates, state, params=None):
+        resolved = resolved_for(params)
+        step, state = _common.step_and_advance(state)
+        leaves, treedef = jax.tree.flatten(updates)
+        thetas = treedef.flatten_up_to(params)
+        kernels = [
+            (i, layout)
+            for i, (m, layout) in enumerate(
+                zip(treedef.flatten_up_to(resolved.mask), structure.layouts(layers, params, name))
+            )
+            if m
+        ]
+
+        # Kernel by kernel (see `_ordering`): each kernel's pass waits for the previous one's
+        # norms, so XLA keeps a few kernels' `theta + u` in memory at a time, not all.
+        def rescale_all(leaves, thetas):
+            out, token = list(leaves), None
+            for i, layout in kernels:
+                u = _ordering.after(leaves[i], token)
+                new, inverse_norms = rescaled_update(u, thetas[i], layout)
+                out[i], token = new.astype(u.dtype), _ordering.first_entry(inverse_norms)
+            return out
+
+        if every == 1:  # no conditional, which XLA could not fuse across
+            return treedef.unflatten(rescale_all(leaves, thetas)), state
+        due = (step + 1) % every == 0
+
+        # A skipped step computes no norm; the update passes through the conditional, which
+        # needs it in memory. On CPU one conditional per kernel, in turn, so that one or two
+        # kernels' updates are in memory at a time; elsewhere one for all kernels (a GPU
+        # conditional reads its predicate back to the host).
+        def per_kernel(leaves, thetas, due):
+            out, token = list(leaves), None
+            for i, layout in kernels:
+                u = _ordering.after(leaves[i], token)
+                rescale = lambda u, theta, layout=layout: rescaled_update(u, theta, layout)[
+                    0
+                ].astype(u.dtype)
+                out[i] = jax.lax.cond(due, rescale, lambda u, theta: u, u, thetas[i])
+                token = _ordering.first_entry(out[i])
+            return out
+
+        def together(leaves, thetas, due):
+            return jax.lax.cond(due, rescale_all, lambda leaves, thetas: leaves, leaves, thetas)
+
+        out = jax.lax.platform_dependent(leaves, thetas, due, cpu=per_kernel, default=together)
+        return treedef.unflatten(out), state
+
+    return optax.GradientTransformation(init_fn, update_fn)

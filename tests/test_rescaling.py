@@ -175,3 +175,22 @@ def test_rescale_params_rejects_bad_input():
     everything = jax.tree.map(lambda _: True, params)
     with pytest.raises(ValueError, match=r"rescale_params: 'conv/bias' has shape \(5,\)"):
         lo.rescale_params(params, mask=everything)
+
+
+@pytest.mark.parametrize("every", [1, 1000])
+def test_wrs_step_keeps_a_few_kernels_in_memory(every):
+    """XLA writes `theta + u` (a rescale step) or `u` (a skipped one) to memory; the kernels are
+    computed one after another, so those temporaries take at most three kernels' bytes, however
+    many kernels there are (XLA:CPU's buffer assignment; computed side by side, all ten)."""
+    if jax.default_backend() != "cpu":
+        return
+    params = {f"k{i}": jax.ShapeDtypeStruct((256, 512), jnp.float32) for i in range(10)}
+    opt = optax.chain(optax.adam(1e-3), lo.weight_rescaling(every))
+
+    def step(p, s, g):
+        u, s = opt.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    state = jax.eval_shape(opt.init, params)
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes <= 3 * 256 * 512 * 4 + 2**16

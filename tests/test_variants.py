@@ -458,3 +458,21 @@ def test_cpr_matches_pytorch_cpr(case, scale_by_lr, scalars, monkeypatch):
     _assert_close(got, want, rtol=1e-6, atol=1e-7)
     plain, _ = _train_both(torch, make, optax.adam(schedule), schedule)
     assert _max_diff(plain, want) > 1e-4  # the bound acted
+
+
+def test_cpr_step_keeps_a_few_kernels_in_memory():
+    """XLA writes each kernel's `theta + u` to memory for its norm; the kernels are computed one
+    after another, so those temporaries take at most two kernels' bytes, however many kernels
+    there are (XLA:CPU's buffer assignment; computed side by side, all ten)."""
+    if jax.default_backend() != "cpu":
+        return
+    params = {f"k{i}": jax.ShapeDtypeStruct((256, 512), jnp.float32) for i in range(10)}
+    opt = optax.chain(optax.adam(1e-3), lo.constrained_parameter_regularization("uniform", 1.0))
+
+    def step(p, s, g):
+        u, s = opt.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    state = jax.eval_shape(opt.init, params)
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes <= 2 * 256 * 512 * 4 + 2**16
