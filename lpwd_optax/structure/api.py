@@ -200,26 +200,16 @@ def layer_structure(
     """The layer structure of a model, from one trace of `apply_fn(params, *example_args)`.
 
     `jax.make_jaxpr` traces the forward pass (nothing is computed; example arrays may be
-    `jax.ShapeDtypeStruct`s, other example values are passed as they are), and one walk over
-    it reads, for every param leaf (see the `lpwd_optax.structure` package for the rule):
-
-    - its role: "kernel" (a product contracts some of its axes: `dot_general`, a
-      convolution, a shifted sum of its taps), "embedding" (rows read at indices the inputs
-      give), "bias" (added), "scale" (multiplied, also as `x * (1 + scale)` or through a
-      product that contracts none of its axes), "other", or "unused";
-    - its stacked axes: the axes a `scan` (linen `nn.scan`, `nnx.scan`, Equinox's
-      `jax.lax.scan` over `eqx.filter_vmap`-built layers, `hk.layer_stack`) or a loop
-      (Python, `fori_loop`, `while_loop` with a counted trip, a scan over `jnp.arange(L)`)
-      reads one slice at a time, through any view (`w[L - 1 - i]`, `w[2:5]`, `w[::2]`,
-      `w.reshape(G, B, ...)`, a `concatenate` or `stack` of leaves); each slice is a layer.
-      A leaf read in a way no affine index map describes is one layer, with a warning;
-    - a kernel's axes as the product contracts them: `input_axes` and `spatial_axes` (its
-      fan-in) and `output_axes`, for any library's layout;
-    - its depth: the number of layers on the longest path from the input to it, so parallel
-      layers share a depth; a bias or scale has its layer's depth; a stacked slice the depth
-      its unrolled twin would have;
-    - its default decay: more than one axis of size > 1 in one slice, not a relative position
-      bias table, and not a bias or scale by its role.
+    `jax.ShapeDtypeStruct`s, other example values are passed as they are), and one walk reads
+    for every param leaf, by the rule the `lpwd_optax.structure` package states: its role
+    ("kernel", "embedding", "bias", "scale", "other" or "unused"); its stacked axes, one layer
+    per slice, where a scan (linen `nn.scan`, `nnx.scan`, `jax.lax.scan`, `hk.layer_stack`) or
+    a loop (Python, `fori_loop`, a counted `while_loop`) reads it slice by slice through any
+    view; a kernel's fan-in and output axes, as the product contracts them, in any library's
+    layout; its depth, the number of layers on the longest path from the input (parallel
+    layers share one, a slice has its unrolled twin's); and whether it decays by default
+    (more than one axis of size > 1 in a slice, not a position bias table, not a bias or a
+    scale). A leaf read in a way no affine index map describes is one layer, with a warning.
 
     Args:
       params: a pytree of arrays or `jax.ShapeDtypeStruct`s: a linen params dict, an

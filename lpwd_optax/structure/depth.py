@@ -185,6 +185,6 @@ def depths(
         warnings.warn(
             f"{caller}: apply_fn never used {len(names)} params (e.g. "
             f"{', '.join(names[:3])}); they get the last label {last}.",
-            stacklevel=4,
+            stacklevel=5,
         )
     return out
