@@ -4,18 +4,20 @@ The rule. Tracing `apply_fn(params, *example_args)` gives a jaxpr. Walking it on
 value computed from a param leaf `w` without arithmetic is a view of `w`: its entry at index
 `i` is `w`'s entry at flat (row-major) index
 
-    leaf_index = offset + strides @ i,
+    leaf_index = offset + sum over the digits d of i: stride_d * d,
 
-one affine map, whatever the view: a transpose permutes the strides, a broadcast adds zero
-strides, a squeeze drops size-1 axes, a slice moves the offset and multiplies a stride by its
-step, a reversal negates a stride, a reshape follows numpy's no-copy rule, and an entry taken
-at a loop's counter (`w[i]`, a scan's step) moves the offset with the steps. A join
-(`concatenate`, `stack`) is a list of such views, one per piece. Casts, masks by constants and
-elementwise arithmetic with constants (`1 + scale`) keep the map. Where a gather by constant
-indices or a copying reshape leaves an axis with no affine order, only the leaf axes it spans
-are known; reading one entry of it, an index whose steps the trace does not count (over 1024,
-or an input), or a group of slices per step is the one exit: the leaf is read whole, as one
-layer, and one warning names it and the primitive.
+one affine map of the digits of the value's index (an axis is one digit, or several where a
+reshape merged axes whose strides numpy's no-copy rule cannot fuse). Every view is a change of
+strides and offset: a transpose permutes them, a broadcast adds zero strides, a squeeze drops
+size-1 axes, a slice moves the offset and multiplies a stride by its step, a reversal negates
+the strides, a reshape regroups the digits (numpy's rule fusing those it can), and an entry
+taken at a loop's counter (`w[i]`, a scan's step) moves the offset with the steps. Casts,
+masks by constants and elementwise arithmetic with constants (`1 + scale`) keep the map. A
+join (`concatenate`, `stack`) is a list of such views, one per piece. A gather by constant
+indices leaves opaque axes, of which only the leaf axes they span are known. Reading one entry
+of an opaque axis, an index whose steps the trace does not count (over 1024, or an input), or
+a group of slices per step is the one exit: the leaf is read whole, as one layer, and one
+warning names it and the primitive.
 
 What the rule gives. A primitive that reads a view without being one is a use: a product
 that contracts some of the leaf's axes makes it a kernel (those axes its fan-in, the rest its
