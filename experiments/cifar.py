@@ -171,6 +171,7 @@ def build(config: Config) -> Setup:
             wrs_every=config.wrs_every,
             wrs_mode=config.wrs_mode,
             cpr_warm_start=config.cpr_warm_start,
+            layer_decay=config.layer_decay,
         )
         # The optimizer checks its rates against the params (e.g. d_t < 1 on decayed leaves).
         jax.eval_shape(lambda p: train_lib.create_train_state(p, method), model.params)

@@ -37,6 +37,8 @@ METHODS = (
 )
 # The weight-decay variants of 2023-2025 (the last block of experiments/methods.py).
 METHODS += ("cautious", "corrected", "adams", "cpr")
+# Fine-tuning: decoupled decay toward the weights the run starts from (decoupled L2-SP).
+METHODS += ("decay_to_init",)
 PARALLEL = ("jit", "pmap")
 # The paper's base learning rates (Table 2), used when --lr is not given.
 DEFAULT_LR = {"adam": 1e-4, "sgdm": 1e-2}
@@ -116,7 +118,9 @@ class Config:
         "channel, WRS(IC); depthwise kernels per channel) | adamp (AdamP, or SGDP with sgdm: "
         "projected updates and decoupled decay) | wrs+adamp (wrs on AdamP's projected update) | "
         "cautious (cautious WD) | corrected (AdamC's lambda * lr^2 / lr_max; equal to wd at a "
-        "constant lr) | adams (AdamS, adam only) | cpr (constrained parameter regularization).",
+        "constant lr) | adams (AdamS, adam only) | cpr (constrained parameter regularization) | "
+        "decay_to_init (decoupled decay toward the weights the run starts from, e.g. "
+        "--init_from's: decoupled L2-SP).",
         choices=METHODS,
     )
     lr: float | None = _field(None, "Constant learning rate; default 1e-4 (adam) / 1e-2 (sgdm).")
@@ -137,6 +141,13 @@ class Config:
         "output",
         "WRS: output (per output channel) | input (WRS(IC)); wrs_ic is wrs with input.",
         choices=("output", "input"),
+    )
+    layer_decay: float | None = _field(
+        None,
+        "Layer-wise learning-rate decay (BEiT/ConvNeXt fine-tuning, timm's layer_decay): the "
+        "optimizer's update of a layer at depth i of n (from the forward pass, "
+        "lo.layerwise_lr_decay) is scaled by layer_decay ** (n - i); the regularizer's decay "
+        "is not (timm's AdamW also scales it). Default off.",
     )
     cpr_warm_start: int = _field(
         1000, "CPR: steps before each kernel's bound kappa is set to its squared norm."
@@ -247,6 +258,8 @@ class Config:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if not self.learning_rate > 0:
             raise ValueError(f"--lr must be > 0, got {self.learning_rate}")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ValueError(f"--layer_decay must be in (0, 1], got {self.layer_decay}")
         if not self.weight_decay >= 0:
             raise ValueError(f"--weight_decay must be >= 0, got {self.weight_decay}")
         if self.classes is not None:

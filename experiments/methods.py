@@ -263,6 +263,8 @@ def build_method(
           are rescaled.
         lpwd_max_scale, lpwd_permutation_seed, adadecay_alpha, wrs_every, wrs_mode,
           cpr_warm_start: method hyperparameters (wrs_ic always uses mode "input").
+        layer_decay: None, or layer-wise learning-rate decay of the optimizer's update
+          (`with_layer_decay`).
 
     Returns:
       A `Method`.
@@ -270,8 +272,28 @@ def build_method(
     base = base_optimizer(optimizer, learning_rate)
     if name not in REGISTRY:
         raise ValueError(f"unknown method {name!r}")
+    layer_decay = options.pop("layer_decay", None)
     context = Context(name, optimizer, learning_rate, weight_decay, params, base, **options)
-    return REGISTRY[name](context)
+    method = REGISTRY[name](context)
+    return method if layer_decay is None else with_layer_decay(method, context, layer_decay)
+
+
+def with_layer_decay(method: Method, c: Context, decay: float) -> Method:
+    """The method with its optimizer stage's update scaled per layer by `decay ** (n - depth)`
+    (`lo.layerwise_lr_decay`, depths from the model's layer structure). The regularizer stage
+    is not scaled: a decoupled decay keeps `d_t = lambda * eta` at the base learning rate."""
+    layers = c.layers
+    if layers is None:
+        layers = lo.layer_structure(c.params, c.apply_fn, c.example_batch)
+    index = 1 if method.placement == "first" else 0  # the stage that holds the optimizer
+    stages = list(method.stages)
+    stages[index] = optax.chain(stages[index], lo.layerwise_lr_decay(decay, layers))
+    n = int(max(np.max(np.asarray(d)) for d in jax.tree.leaves(layers.depths)))
+    stem = decay ** (n - 1)
+    note = f"; layer-wise lr decay {decay:g} over {n} layers (the first layer's update x{stem:.3g})"
+    first, *rest = method.description.split("\n", 1)
+    description = "\n".join([first + note, *rest])
+    return method._replace(stages=tuple(stages), description=description)
 
 
 # --------------------------------------------------------------------------------------------
@@ -568,3 +590,14 @@ def cpr(c: Context) -> Method:
     regularizer = lo.constrained_parameter_regularization("warm_start", c.cpr_warm_start)
     note = f": CPR, kappa warm start after {c.cpr_warm_start} steps, mu_lr=1 (lambda unused)"
     return decoupled(c, regularizer, note)
+
+
+# --------------------------------------------------------------------------------------------
+# Fine-tuning
+
+
+@register("decay_to_init")
+def decay_to_init(c: Context) -> Method:
+    """Decoupled decay toward the starting weights (decoupled L2-SP), d_t = lambda * eta."""
+    regularizer = lo.decay_to_init(c.weight_decay, learning_rate=c.learning_rate)
+    return decoupled(c, regularizer, ": toward theta_0, the weights the run starts from")

@@ -319,3 +319,77 @@ def test_r1_adds_decay_to_init_and_no_winner_runs_the_best_with_a_caveat(tmp_pat
     main = [r for r in regimes.plan(dataset, runs) if r.part == "main"]
     assert sum(r.facts["method"] == "decay_to_init" for r in main) == 6
     assert all(f"--init_from={runs}/{regimes.PRETRAIN}" in r.flags for r in main)
+
+
+# ---------------------------------------------------------------------------------------------
+# The methods fine-tuning adds: decay_to_init and --layer_decay
+
+
+def _mlp():
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3)(nn.relu(nn.Dense(4)(nn.relu(nn.Dense(5)(x)))))
+
+    x = jnp.ones((2, 6))
+    model = MLP()
+    params = model.init(jax.random.key(0), x)["params"]
+    return params, lambda p, x: model.apply({"params": p}, x), x
+
+
+def _one_update(tx, params, seed=1):
+    import jax
+
+    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(seed), p.shape), params)
+    return tx.update(grads, tx.init(params), params)[0]
+
+
+def test_decay_to_init_method_and_layer_decay_scale_the_optimizer_stage():
+    import jax
+    import optax
+
+    import lpwd_optax as lo
+    from lpwd_optax.experiments import methods
+
+    params, apply, x = _mlp()
+    layers = lo.layer_structure(params, apply, x)
+    lr, lam = 1e-2, 0.5
+
+    def build(name, **kw):
+        return methods.build_method(
+            name,
+            optimizer="adam",
+            learning_rate=lr,
+            weight_decay=lam,
+            params=params,
+            layers=layers,
+            **kw,
+        )
+
+    # decay_to_init: the optimizer's update, then lo.decay_to_init anchored at the start.
+    moved = jax.tree.map(lambda p: p + 1.0, params)
+    method = build("decay_to_init")
+    state = method.tx.init(params)
+    grads = jax.tree.map(jax.numpy.ones_like, params)
+    got = method.tx.update(grads, state, moved)[0]
+    adam = optax.adam(lr).update(grads, optax.adam(lr).init(params), moved)[0]
+    mask = lo.default_decay_mask(params)
+    want = jax.tree.map(lambda u, m: u - lr * lam * 1.0 if m else u, adam, mask)
+    chex_close = lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+    jax.tree.map(chex_close, got, want)
+
+    # --layer_decay 0.5: each layer's Adam update scaled by 0.5 ** (n - depth), then WD.
+    got = _one_update(build("wd", layer_decay=0.5).tx, params)
+    n = max(int(np.max(d)) for d in jax.tree.leaves(layers.depths))
+    scaled = jax.tree.map(
+        lambda u, d: u * 0.5 ** (n - np.asarray(d)),
+        _one_update(optax.adam(lr), params),
+        layers.depths,
+    )
+    want = jax.tree.map(lambda u, p, m: u - lr * lam * p if m else u, scaled, params, mask)
+    jax.tree.map(chex_close, got, want)
+    assert "layer-wise lr decay 0.5" in build("wd", layer_decay=0.5).description
