@@ -68,7 +68,7 @@ from flax import nnx
 import lpwd_optax as lo
 from lpwd_optax import models
 from lpwd_optax._common import leaves_with_paths
-from lpwd_optax.diagnostics import SCALE_INVARIANCE_TOL, module_path
+from lpwd_optax.diagnostics import SCALE_INVARIANCE_TOL, module_key
 from lpwd_optax.experiments import data, methods, train_lib, writers
 from lpwd_optax.experiments.config import Config, ConfigError, parse_config, to_dict
 
@@ -178,7 +178,7 @@ def build(config: Config) -> Setup:
     except (ValueError, TypeError, FileNotFoundError, NotADirectoryError) as e:
         raise ConfigError(str(e)) from e
     kernels = {  # a module's kernel and bias share its sensitivity
-        module_path(path): s
+        module_key(path): s
         for (path, s), x in zip(leaves_with_paths(sensitivity), layers.leaves)
         if x.role == "kernel"
     }

@@ -42,13 +42,7 @@ from lpwd_optax.diagnostics import (
     scale_invariant_mask,
     scale_sensitivity,
 )
-from lpwd_optax.layerwise import (
-    convnext_rules,
-    depth_labels,
-    depth_table,
-    layerwise_schedule,
-    swin_rules,
-)
+from lpwd_optax.layerwise import depth_labels, depth_table, layerwise_schedule
 from lpwd_optax.lr_decay import layerwise_lr_decay, layerwise_lr_scales
 from lpwd_optax.projection import adamp, project_scale_invariant, sgdp
 from lpwd_optax.rescaling import rescale_kernel, rescale_params, weight_rescaling
@@ -67,7 +61,6 @@ __all__ = [
     "adaptive_weight_decay",
     "cautious_weight_decay",
     "constrained_parameter_regularization",
-    "convnext_rules",
     "corrected_weight_decay",
     "cpr",
     "decay_coefficients",
@@ -99,7 +92,6 @@ __all__ = [
     "scale_sensitivity",
     "sgdp",
     "stable_weight_decay",
-    "swin_rules",
     "weight_decay",
     "weight_rescaling",
 ]

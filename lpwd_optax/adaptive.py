@@ -70,54 +70,47 @@ def _exp_of_nonpositive(x: chex.Array) -> chex.Array:
 class MagnitudeStatistics(NamedTuple):
     """Mean and reciprocal population std of `|g|` over a group of entries."""
 
-    mean: chex.Array  # shape=()
-    inv_std: chex.Array  # shape=(); 0 for a group with zero spread, so that ghat = 0
+    mean: chex.Array  # shape=() or, per slice of a stacked leaf, 1 on the other axes
+    inv_std: chex.Array  # like mean; 0 for a group with zero spread, so that ghat = 0
 
 
-def _group_statistics(grads: list[chex.Array]) -> MagnitudeStatistics:
-    """One read of each gradient for `sum |g|` and `sum g^2`; `std^2 = E[g^2] - mean^2`."""
-    count = sum(g.size for g in grads)
-    # `maximum(g, -g)` rather than `abs(g)`: XLA would merge an `abs` here with the one in the
-    # penalty pass and write |g| to memory for both.
-    total = sum(jnp.sum(jnp.maximum(g, -g), dtype=jnp.float32) for g in grads)
-    total_sq = sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in grads)
+def _statistics(total: chex.Array, total_sq: chex.Array, count: int) -> MagnitudeStatistics:
+    """From `sum |g|` and `sum g^2` over `count` entries: `std^2 = E[g^2] - mean^2`."""
     mean = total / count
     std = jnp.sqrt(jnp.maximum(total_sq / count - jnp.square(mean), 0.0))
     return MagnitudeStatistics(mean, jnp.where(std > 0, 1.0 / jnp.where(std > 0, std, 1.0), 0.0))
 
 
-def _slice_statistics(
+def _layer_statistics(
     grads: list[chex.Array], layouts: list[Any], labels: list[Any] | None
 ) -> list[MagnitudeStatistics]:
-    """Statistics per layer of a `LayerStructure`: every slice of a stacked leaf is a layer of
-    its own, or, with `labels` (a label per leaf, or an array of labels over its slices), the
-    slices sharing a label are one group."""
+    """Statistics per layer, one read of each gradient: every leaf, and every slice of a
+    stacked leaf, is a layer of its own, or, with `labels` (a label per leaf, or an array of
+    labels over its slices), the slices sharing a label are one group."""
     sums = []
     for g, layout in zip(grads, layouts):
         axes = layout.slice_axes
         count = math.prod(g.shape[a] for a in axes)
+        # `maximum(g, -g)` rather than `abs(g)`: XLA would merge an `abs` here with the one in
+        # the penalty pass and write |g| to memory for both.
         abs_sum = jnp.sum(jnp.maximum(g, -g), axis=axes, keepdims=True, dtype=jnp.float32)
         sq_sum = jnp.sum(jnp.square(g.astype(jnp.float32)), axis=axes, keepdims=True)
         sums.append((count, abs_sum, sq_sum))
 
-    def stats(total, total_sq, count):
-        mean = total / count
-        std = jnp.sqrt(jnp.maximum(total_sq / count - jnp.square(mean), 0.0))
-        inv = jnp.where(std > 0, 1.0 / jnp.where(std > 0, std, 1.0), 0.0)
-        return mean, inv
-
     if labels is None:
-        return [MagnitudeStatistics(*stats(s1, s2, n)) for n, s1, s2 in sums]
+        return [_statistics(s1, s2, n) for n, s1, s2 in sums]
     slice_labels = [
         np.broadcast_to(np.asarray(label), s1.shape) for label, (_, s1, _) in zip(labels, sums)
     ]
     values = sorted({v.item() for lab in slice_labels for v in lab.ravel()}, key=repr)
     totals = []
     for v in values:
-        n = sum(c * int(np.sum(lab == v)) for lab, (c, _, _) in zip(slice_labels, sums))
-        s1 = sum(jnp.sum(jnp.where(lab == v, a, 0.0)) for lab, (_, a, _) in zip(slice_labels, sums))
-        s2 = sum(jnp.sum(jnp.where(lab == v, b, 0.0)) for lab, (_, _, b) in zip(slice_labels, sums))
-        totals.append(stats(s1, s2, n))
+        # The leaves with a slice in group v, in leaf order; the others add nothing.
+        members = [(lab == v, *s) for lab, s in zip(slice_labels, sums) if np.any(lab == v)]
+        n = sum(c * int(np.sum(m)) for m, c, _, _ in members)
+        s1 = sum(jnp.sum(jnp.where(m, a, 0.0)) for m, _, a, _ in members)
+        s2 = sum(jnp.sum(jnp.where(m, b, 0.0)) for m, _, _, b in members)
+        totals.append(_statistics(s1, s2, n))
     means, invs = jnp.stack([m for m, _ in totals]), jnp.stack([i for _, i in totals])
     index = {v: k for k, v in enumerate(values)}
     out = []
@@ -184,38 +177,23 @@ def adaptive_weight_decay(
       Nakamura & Hong, "Adaptive Weight Decay for Deep Neural Networks" (arXiv:1907.08931).
     """
     _check_alpha(alpha)
-    structure.check_layers(layers, "adaptive_weight_decay")
+    name = "adaptive_weight_decay"
+    per_layer = structure.resolve_layers(layers, mask, name)
 
     def magnitude_statistics(grads, params, resolved):
-        # Mean and std of |g| per masked leaf, or over the masked leaves sharing a label.
+        # Mean and std of |g| per layer of the masked leaves, or over those sharing a label.
         leaves, treedef = jax.tree.flatten(grads)
-        masks = treedef.flatten_up_to(resolved.mask)
-        labels = (
-            range(len(leaves))
-            if groups is None
-            else treedef.flatten_up_to(resolved.extra["groups"])
+        layouts = per_layer.layouts(params)
+        chosen = [i for i, m in enumerate(treedef.flatten_up_to(resolved.mask)) if m]
+        labels = None
+        if groups is not None:
+            labels = [treedef.flatten_up_to(resolved.extra["groups"])[i] for i in chosen]
+        per_leaf = _layer_statistics(
+            [leaves[i] for i in chosen], [layouts[i] for i in chosen], labels
         )
-        if layers is not None:
-            layouts = structure.layouts(layers, params, "adaptive_weight_decay")
-            chosen = [i for i, m in enumerate(masks) if m]
-            per_leaf = _slice_statistics(
-                [leaves[i] for i in chosen],
-                [layouts[i] for i in chosen],
-                None if groups is None else [labels[i] for i in chosen],
-            )
-            stats: list[MagnitudeStatistics | None] = [None] * len(leaves)
-            for i, st in zip(chosen, per_leaf):
-                stats[i] = st
-            return treedef.unflatten(stats)
-        members: dict[Any, list[int]] = {}
-        for i, (label, m) in enumerate(zip(labels, masks)):
-            if m:
-                members.setdefault(label, []).append(i)
         stats: list[MagnitudeStatistics | None] = [None] * len(leaves)
-        for group in members.values():
-            group_stats = _group_statistics([leaves[i] for i in group])
-            for i in group:
-                stats[i] = group_stats
+        for i, st in zip(chosen, per_leaf):
+            stats[i] = st
         return treedef.unflatten(stats)
 
     def penalty(g, theta, d, stats):
@@ -225,13 +203,13 @@ def adaptive_weight_decay(
         return g + d * c * theta
 
     return _common.leafwise_transform(
-        "adaptive_weight_decay",
+        name,
         penalty,
-        mask=structure.default_mask(layers, mask),
+        mask=per_layer.mask,
         rate=rate,
         extra={"groups": groups},
         leaf_inputs=magnitude_statistics,
-        check_params=structure.params_check(layers, "adaptive_weight_decay"),
+        check_params=per_layer.layouts,
     )
 
 
@@ -277,8 +255,7 @@ def randomized_weight_decay(
     transform = "randomized_weight_decay"
     _common.check_rate(rate, None, transform, max_decay=None, strict=True)
     _check_alpha(alpha)
-    structure.check_layers(layers, transform)
-    mask = structure.default_mask(layers, mask)
+    mask = structure.resolve_layers(layers, mask, transform).mask
 
     def penalty(g, theta, d, ghat):
         return g + d * decay_coefficients(ghat, alpha) * theta

@@ -76,9 +76,10 @@ def opposing_penalty_rate(
     return jnp.where(total > 0, opposing / jnp.where(total > 0, total, 1.0), 0.0)
 
 
-def module_path(path: str) -> str:
-    """The module a leaf belongs to: its path without the leaf name (`a/b/kernel` -> `a/b`)."""
-    return path.rsplit("/", 1)[0] if "/" in path else path
+def module_key(path: str) -> str:
+    """The module a leaf is reported under: its module (`a/b/kernel` -> `a/b`), or a leaf at
+    the root under its own path (`w` -> `w`: a flat tree of kernels is not one module)."""
+    return structure.module_path(path) or path
 
 
 def layer_statistics(
@@ -117,7 +118,7 @@ def layer_statistics(
         unrolled twin's module `i` reports.
 
     Returns:
-      `{module_path: {"weight_norm", "update_norm", "effective_step"}}`, float32 scalars (or
+      `{module_key(path): {"weight_norm", "update_norm", "effective_step"}}`, float32 scalars (or
       arrays over a stacked module's slices), plus
       `"effective_lr"` (float32; 0 for an all-zero module, like `effective_step`) and
       `"scale_invariant"` (a Python bool) when asked for.
@@ -147,9 +148,9 @@ def layer_statistics(
     stacking: dict[str, tuple] = {}
     invariant: dict[str, bool] = {}
     for (path, theta), u, flag, layout in zip(leaves, jax.tree.leaves(updates), flags, layouts):
-        key = module_path(path)
-        axes = structure.slice_axes(layout, np.ndim(theta))
-        slices = tuple(np.shape(theta)[a] for a in range(np.ndim(theta)) if a not in axes)
+        key = module_key(path)
+        axes = layout.slice_axes
+        slices = tuple(layout.shape[a] for a in layout.stacked_axes)
         if stacking.setdefault(key, slices) != slices:
             raise ValueError(
                 f"layer_statistics: '{path}' has {slices or 'no'} stacked slices, other leaves "
@@ -256,9 +257,9 @@ def scale_sensitivity(
     """
     key = jax.random.key(0) if key is None else key
     leaves, treedef = jax.tree.flatten(params)
-    modules = [module_path(path) for path, _ in _common.leaves_with_paths(params)]
+    modules = [module_key(path) for path, _ in _common.leaves_with_paths(params)]
     layouts = structure.layouts(layers, params, "scale_sensitivity")
-    axes = [structure.slice_axes(x, np.ndim(leaf)) for x, leaf in zip(layouts, leaves)]
+    axes = [x.slice_axes for x in layouts]
 
     @jax.jit
     def radial_and_squared(params, inputs, key):
@@ -285,11 +286,10 @@ def scale_sensitivity(
 
     def sensitivity(m: str, theta: Any, layout: Any) -> Any:
         denominator = theta2[m] * squared[m]
-        kernel = np.ndim(theta) >= 2 if layout is None else layout.role == "kernel"
-        ok = (denominator > 0) & kernel
+        ok = (denominator > 0) & (layout.role == "kernel")
         safe = np.where(ok, denominator, 1.0)
         s = np.where(ok, np.sqrt(size[m] * np.sum(np.square(radial[m]), axis=0) / safe), np.nan)
-        if layout is None or not layout.stacked_axes:
+        if not layout.stacked_axes:
             return float(s)
         return s.reshape([n if i in layout.stacked_axes else 1 for i, n in enumerate(theta.shape)])
 

@@ -2,14 +2,12 @@
 
 LPWD gives the leaves of layer `i` (of `n`, counted from the input) the rate
 `lambda_i = rate * max_scale * i / n`, so shallow layers are decayed little and deep layers much.
-A "layer" is one parameterized module: the leaves whose paths differ only in their last key
-(`.../Dense_0/kernel` and `.../Dense_0/bias`) share a label.
 
 `depth_labels` finds the labels once, outside the training step, either from the forward pass
-(the order in which `apply_fn` first uses each module's params; works for any model) or from the
-param paths alone (natural sort, optionally grouped by regex rules). `layerwise_schedule` turns
-the labels into per-leaf rates for `pre_weight_decay` (or any transform taking a rate tree), and
-`depth_table` prints what LPWD will do.
+(`layer_structure(...).depths`, the dataflow's depths; works for any model) or from the param
+paths alone (one layer per module, in the natural order of their paths, optionally grouped by
+regex rules). `layerwise_schedule` turns the labels into per-leaf rates for `pre_weight_decay`
+(or any transform taking a rate tree), and `depth_table` prints what LPWD will do.
 """
 
 from __future__ import annotations
@@ -24,58 +22,29 @@ import jax
 import numpy as np
 
 from lpwd_optax import structure
-from lpwd_optax._common import Schedule, flatten_like_params, is_function, path_str
+from lpwd_optax._common import (
+    Schedule,
+    flatten_like_params,
+    is_function,
+    leaves_with_paths,
+    path_str,
+)
 
 # A rule maps a "/"-joined leaf path to a group: a number, a tuple of numbers, None (the regex's
 # groups read as ints) or a callable `re.Match -> number | tuple`.
 GroupSpec: TypeAlias = float | tuple[float, ...] | Callable[[re.Match], Any] | None
 Rules: TypeAlias = Sequence[tuple[str | re.Pattern, GroupSpec]]
 
-__all__ = [
-    "convnext_rules",
-    "depth_labels",
-    "depth_table",
-    "layerwise_schedule",
-    "path_str",
-    "swin_rules",
-]
+__all__ = ["depth_labels", "depth_table", "layerwise_schedule", "path_str"]
 
 
-# --------------------------------------------------------------------------------------------
-# Paths
-
-
-def _natural_key(name: str) -> tuple[Any, ...]:
-    # "blocks_10" -> ("blocks_", 10, ""): digit runs compare as numbers, so 9 < 10.
-    parts = re.split(r"(\d+)", name)
-    return tuple(int(p) if i % 2 else p for i, p in enumerate(parts))
-
-
-def _natural_path_key(path: tuple[str, ...]) -> tuple[Any, ...]:
-    # Per component, so a module's children stay together ("a/x" < "a_b/y").
-    return tuple(_natural_key(name) for name in path)
-
-
-class _Leaf:
-    """One param leaf: its position, its path names, and the module it belongs to."""
-
-    __slots__ = ("index", "leaf", "module", "names", "path")
-
-    def __init__(self, index: int, path: Sequence[Any], leaf: Any):
-        self.index = index
-        self.leaf = leaf
-        self.path = path_str(path)
-        self.names = tuple(self.path.split("/"))
-        self.module = self.names[:-1]
-
-
-def _leaves(tree: Any, what: str) -> tuple[list[_Leaf], Any]:
-    if tree is None:
-        raise ValueError(f"{what} is None; pass the model's params (a pytree of arrays).")
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+def _flat_params(params: Any) -> list[tuple[str, Any]]:
+    if params is None:
+        raise ValueError("params is None; pass the model's params (a pytree of arrays).")
+    flat = leaves_with_paths(params)
     if not flat:
-        raise ValueError(f"{what} has no leaves.")
-    return [_Leaf(i, p, x) for i, (p, x) in enumerate(flat)], treedef
+        raise ValueError("params has no leaves.")
+    return flat
 
 
 def _match_structure(tree: Any, params: Any, what: str, *, allow_scalar: bool = False) -> list:
@@ -87,28 +56,6 @@ def _match_structure(tree: Any, params: Any, what: str, *, allow_scalar: bool = 
 
 # --------------------------------------------------------------------------------------------
 # Rules (path mode, and grouping in forward mode)
-
-# Group keys of the presets: the stem first, then (stage, position in stage), then the head.
-_LAST = 1_000_000
-_ROOT = r"^(?:params/)?"  # linen's {"params": ...} collection, if present
-
-convnext_rules: tuple[tuple[str, GroupSpec], ...] = (
-    (_ROOT + r"stem/", 0),
-    (_ROOT + r"stages/(\d+)/downsample/", lambda m: (int(m[1]) + 1, 0)),
-    (_ROOT + r"stages/(\d+)/blocks/(\d+)/", lambda m: (int(m[1]) + 1, int(m[2]) + 1)),
-    (_ROOT + r"norm_pre/", (_LAST, 0)),
-    (_ROOT + r"head/", (_LAST, 1)),
-)
-"""ConvNeXt: `stem` -> 1, each stage's downsample then each block consecutive, `head` last."""
-
-swin_rules: tuple[tuple[str, GroupSpec], ...] = (
-    (_ROOT + r"(?:patch_embed|absolute_pos_embed)(?:/|$)", 0),
-    (_ROOT + r"layers/(\d+)/downsample/", lambda m: (int(m[1]) + 1, 0)),
-    (_ROOT + r"layers/(\d+)/blocks/(\d+)/", lambda m: (int(m[1]) + 1, int(m[2]) + 1)),
-    (_ROOT + r"norm/", (_LAST, 0)),
-    (_ROOT + r"head/", (_LAST, 1)),
-)
-"""Swin: `patch_embed` -> 1, each stage's downsample then each block consecutive, `norm`, `head`."""
 
 
 def _as_group_key(value: Any, where: str) -> tuple[float, ...]:
@@ -169,30 +116,29 @@ def depth_labels(
 ) -> Any:
     """Depth label `i in {1..n}` of every param leaf: 1 for the first layer, n for the last.
 
-    A layer is one parameterized module, i.e. all leaves whose paths differ only in the last
-    key; they share a label. Two ways to order the layers:
+    Two ways to find the layers:
 
-    - Forward pass (`apply_fn` given): `apply_fn(params, *example_args, **example_kwargs)` is
-      traced with `jax.make_jaxpr` (nothing is computed) and each leaf gets the index
-      `u(leaf)` of the first equation, in execution order, that consumes it. Calls, `remat`,
-      `scan`, `cond`, `while` and custom-derivative bodies are followed inside; pure views of a
-      param (dtype casts, reshapes, transposes, broadcasts) do not count as uses, their first
-      use does. Layers are ranked by `min u` over their leaves, ties by natural path order.
-      A leaf that a `scan` slices (linen `nn.scan`, `nnx.scan`, `jax.lax.scan` over stacked
-      arrays) holds one layer per slice, at the depth its unrolled twin's layer would have:
-      its label is an int array over its stacked axes, of the leaf's ndim (size 1 on the other
-      axes, so that rates built from it broadcast). `layer_structure` gives the same depths
-      with each leaf's role and kernel axes. Layers whose params are never used (e.g. a head
-      that `apply_fn` skips) all get the last label `n` and a warning.
-    - Paths (`apply_fn=None`): layers in natural sort order of their "/"-joined paths
-      (`blocks_9` < `blocks_10`, `stages/1` < `stages/10`).
+    - Forward pass (`apply_fn` given): `layer_structure(params, apply_fn, *example_args,
+      **example_kwargs).depths`, from one trace with `jax.make_jaxpr` (nothing is computed).
+      Each layer's label is one more than the deepest layer its input depends on; parallel
+      layers (q, k, v) share a label, two kernels in sequence get two even in one module; a
+      bias or scale takes its layer's label; with `rules`, each group is one layer. A leaf
+      that a scan or a loop reads slice by slice (linen `nn.scan`, `nnx.scan`, `jax.lax.scan`
+      over stacked arrays) holds one layer per slice, at the depth its unrolled twin's layer
+      would have: its label is an int array over its stacked axes, of the leaf's ndim (size 1
+      on the other axes, so that rates built from it broadcast). Params that `apply_fn` never
+      uses (e.g. a head it skips) all get the last label `n`, and a warning.
+    - Paths (`apply_fn=None`): `LayerStructure.from_shapes(params).depths`. A layer is one
+      module, i.e. all leaves whose paths differ only in the last key share a label, and the
+      layers are numbered in natural sort order of their "/"-joined paths (`blocks_9` <
+      `blocks_10`, `stages/1` < `stages/10`); with `rules`, each group is one layer, numbered
+      in the order of the group values.
 
-    `rules` replace the per-module grouping: a list of `(regex, group)` pairs; each leaf takes
-    the group of the first regex found (`re.search`) in its "/"-joined path. `group` is a number,
-    a tuple of numbers, `None` (the regex's groups read as ints) or a callable
-    `re.Match -> number | tuple`. Groups are labelled 1..n in order of their group value
-    (path mode) or of their first use (forward mode); all leaves of one group share a label.
-    A leaf no rule matches is an error. `convnext_rules` and `swin_rules` are presets.
+    `rules` is a list of `(regex, group)` pairs; each leaf takes the group of the first regex
+    found (`re.search`) in its "/"-joined path. `group` is a number, a tuple of numbers,
+    `None` (the regex's groups read as ints) or a callable `re.Match -> number | tuple`. A
+    leaf no rule matches is an error. `lpwd_optax.models` has presets for its models,
+    `convnext_rules` and `swin_rules` (timm's `group_matcher` grouping).
 
     Example arrays in `example_args` / `example_kwargs` may be `jax.ShapeDtypeStruct`; other
     values (`train=False`, `rng=None`) are passed to `apply_fn` unchanged.
@@ -231,60 +177,21 @@ def depth_labels(
     References:
       "Layer-wise Pre-Weight Decay", ICLR 2024 submission (LPWD).
     """
-    leaves, treedef = _leaves(params, "params")
-    compiled = None if rules is None else _compile_rules(rules)
-
+    flat = _flat_params(params)
+    group_of = None
+    if rules is not None:
+        compiled = _compile_rules(rules)
+        group_of = lambda path: _rule_key(path, compiled)
     if apply_fn is not None:
-        group_of = None if compiled is None else (lambda path: _rule_key(path, compiled))
-        layouts = structure.analyse(
-            params,
-            apply_fn,
-            example_args,
-            example_kwargs,
-            caller="depth_labels",
-            group_of=group_of,
-        )
-        return jax.tree_util.tree_unflatten(treedef, [x.depth for x in layouts])
+        return structure.analyse(
+            params, apply_fn, example_args, example_kwargs, caller="depth_labels", group_of=group_of
+        ).depths
     if example_args or example_kwargs:
         raise TypeError("example inputs were given without an apply_fn.")
-
-    def group_of(leaf: _Leaf) -> tuple:
-        if compiled is None:
-            return ("module", _natural_path_key(leaf.module))
-        return ("rule", _rule_key(leaf.path, compiled))
-
-    groups: dict[tuple, list[_Leaf]] = {}
-    for leaf in leaves:
-        groups.setdefault(group_of(leaf), []).append(leaf)
-    rank = {g: i + 1 for i, g in enumerate(sorted(groups))}
-    labels = [0] * len(leaves)
-    for g, members in groups.items():
-        for leaf in members:
-            labels[leaf.index] = rank[g]
-    return jax.tree_util.tree_unflatten(treedef, labels)
-
-
-def _check_depths(depths: Any) -> tuple[list[Any], Any]:
-    flat, treedef = jax.tree_util.tree_flatten_with_path(depths)
-    if not flat:
-        raise ValueError("depths has no leaves; pass the output of depth_labels.")
-    out = []
-    for path, d in flat:
-        where = f"depth at '{path_str(path)}'"
-        if isinstance(d, (np.ndarray, jax.Array)) and np.ndim(d):  # a stacked leaf's slices
-            d = np.asarray(d)
-            if not np.issubdtype(d.dtype, np.integer):
-                raise TypeError(f"{where} must hold ints (from depth_labels), got {d.dtype}.")
-            if d.min() < 1:
-                raise ValueError(f"{where} must be >= 1, got {int(d.min())}.")
-            out.append(d.astype(np.int64))
-            continue
-        if isinstance(d, bool) or not isinstance(d, numbers.Integral):
-            raise TypeError(f"{where} must be an int (from depth_labels), got {d!r}.")
-        if d < 1:
-            raise ValueError(f"{where} must be >= 1, got {d}.")
-        out.append(int(d))
-    return out, treedef
+    if group_of is None:
+        return structure.LayerStructure.from_shapes(params).depths
+    labels = structure.path_depths([path for path, _ in flat], group_of)
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), labels)
 
 
 def _scaled(schedule: Schedule, scale: float) -> Schedule:
@@ -347,7 +254,7 @@ def layerwise_schedule(depths: Any, rate: float | Schedule, *, max_scale: float 
     References:
       "Layer-wise Pre-Weight Decay", ICLR 2024 submission (LPWD), eq. 9.
     """
-    flat, treedef = _check_depths(depths)
+    flat, treedef = structure.check_depths(depths)
     if isinstance(max_scale, bool) or not isinstance(max_scale, numbers.Real):
         raise TypeError(f"max_scale must be a number, got {max_scale!r}.")
     if not (math.isfinite(max_scale) and max_scale > 0):
@@ -438,16 +345,15 @@ def depth_table(
     References:
       "Layer-wise Pre-Weight Decay", ICLR 2024 submission (LPWD).
     """
-    leaves, _ = _leaves(params, "params")
+    flat = _flat_params(params)
     label_list = _match_structure(labels, params, "labels")
     rate_list = _match_structure(rates, params, "rates", allow_scalar=True)
     layouts = structure.layouts(layers, params, "depth_table")
     rows = []
-    for leaf, label, r, layout in zip(leaves, label_list, rate_list, layouts):
-        shape = tuple(int(d) for d in np.shape(leaf.leaf))
-        extra = () if layout is None else (layout.role, structure.axes_str(layout.stacked_axes))
-        low = int(np.min(label))
-        rows.append((low, _natural_path_key(leaf.names), leaf.path, str(shape), r, label, extra))
+    for (path, _), label, r, layout in zip(flat, label_list, rate_list, layouts):
+        extra = () if layers is None else (layout.role, structure.axes_str(layout.stacked_axes))
+        key = structure.natural_path_key(path)
+        rows.append((int(np.min(label)), key, path, str(layout.shape), r, label, extra))
     rows.sort(key=lambda row: (row[0], row[1]))
     header = ("label", "path", "shape")
     header += ("role", "stacked") if layers is not None else ()

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lpwd_optax import _common, layerwise
+from lpwd_optax import _common, structure
 from lpwd_optax.structure import LayerStructure
 
 __all__ = ["layerwise_lr_decay", "layerwise_lr_scales"]
@@ -35,7 +35,7 @@ def _depth_leaves(layers: Any, where: str) -> tuple[list[Any], Any]:
             f"{where}: layers must be a LayerStructure (from layer_structure) or a tree of "
             f"depth labels (from depth_labels), got {type(layers).__name__}."
         )
-    return layerwise._check_depths(layers)
+    return structure.check_depths(layers)
 
 
 def _exponents(depths: list[Any]) -> list[np.ndarray]:

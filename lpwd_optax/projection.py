@@ -38,11 +38,9 @@ class ProjectionState(NamedTuple):
     decay_state: _common.CountState | optax.EmptyState
 
 
-def _view_axes(shape: tuple[int, ...], view: str, layout: LeafLayout | None) -> tuple[int, ...]:
+def _view_axes(view: str, layout: LeafLayout) -> tuple[int, ...]:
     """The axes one vector of the view spans: "channel", one vector per output unit; "layer",
     the whole kernel (one slice of a stacked kernel)."""
-    if layout is None:  # Flax's layout: the output channel last
-        return tuple(range(len(shape) - 1)) if view == "channel" else tuple(range(len(shape)))
     return layout.fan_in_axes if view == "channel" else layout.slice_axes
 
 
@@ -53,15 +51,15 @@ def _project_leaf(
     views: Sequence[str],
     delta: float,
     eps: float,
-    layout: LeafLayout | None = None,
+    layout: LeafLayout,
 ) -> tuple[chex.Array, chex.Array]:
     """(`u` with its radial component removed in the first view that passes the test, whether
     any view passed); each slice of a stacked kernel is tested and projected on its own."""
     u, theta, g = (x.astype(jnp.float32) for x in (u, theta, g))
-    layer_axes = structure.slice_axes(layout, theta.ndim)
+    layer_axes = layout.slice_axes
     out, done = u, jnp.zeros([1] * theta.ndim, bool)
     for view in views:
-        axes = _view_axes(theta.shape, view, layout)
+        axes = _view_axes(view, layout)
         norm = lambda x, axes=axes: jnp.sqrt(jnp.sum(jnp.square(x), axes, keepdims=True))
         theta_norm = norm(theta)
         cosine = jnp.abs(jnp.sum(g * theta, axes, keepdims=True)) / (
@@ -74,11 +72,6 @@ def _project_leaf(
         out = jnp.where(passes & ~done, projected, out)
         done = done | passes
     return out, done
-
-
-def _projects(theta: chex.Array, layout: LeafLayout | None) -> bool:
-    # Without a layer structure every kernel-shaped leaf; with one, the traced kernels.
-    return theta.ndim >= 2 if layout is None else layout.has_units
 
 
 def project_scale_invariant(
@@ -111,9 +104,11 @@ def project_scale_invariant(
       \\theta_{t+1} = \\theta_t + P(u_t) - r \\, d_t \\, \\theta_t,
       \\qquad r = \\text{wd\\_ratio if projected, else } 1,\\quad d_t = \\lambda_t \\eta_t
 
-    Masked leaves with ndim < 2 are decayed with `r = 1` and never projected; unmasked leaves
-    get `u` unchanged. Use this as the whole optimizer: it must see the raw gradient, so
-    gradient transforms meant to act on the gradient (clipping) go inside `inner` or before it.
+    Masked leaves that are not kernels (by their shapes, those with ndim < 2; with `layers`,
+    those the forward pass does not use as kernels) are decayed with `r = 1` and never
+    projected; unmasked leaves get `u` unchanged. Use this as the whole optimizer: it must see
+    the raw gradient, so gradient transforms meant to act on the gradient (clipping) go inside
+    `inner` or before it.
     Per-leaf `weight_decay` trees (from `layerwise_schedule`) decay each layer at its own rate.
     Extra arguments of `update` (`value=` for `optax.contrib.reduce_on_plateau`, `obj_fn=`
     for `optax.contrib.sophia`) go to `inner`, as optax's own wrappers pass them.
@@ -133,7 +128,8 @@ def project_scale_invariant(
       layers: optional `LayerStructure` (from `layer_structure`): the "channel" view is each
         output unit over the kernel's traced fan-in axes (any layout), the "layer" view one
         slice of a stacked kernel, and each slice is tested, projected and decayed on its own;
-        only the traced kernels (and embeddings) are projected.
+        only the traced kernels (and embeddings) are projected. Without it,
+        `LayerStructure.from_shapes(params)`: Flax's layout, the output channel last.
 
     Returns:
       An `optax.GradientTransformationExtraArgs` whose state holds `inner`'s state and a
@@ -161,21 +157,19 @@ def project_scale_invariant(
         _common.check_scalar_rate(value, f"{name} {what}")
     _common.check_rate(weight_decay, learning_rate, name, max_decay=1.0, strict=False)
     counted = _common.is_scheduled(weight_decay, learning_rate)
-    structure.check_layers(layers, name)
-    mask = structure.default_mask(layers, mask)
+    per_layer = structure.resolve_layers(layers, mask, name)
 
     def resolved_for(params):
         resolved = _common.checked_resolution(
             params,
             name,
-            mask=mask,
+            mask=per_layer.mask,
             rate=weight_decay,
             learning_rate=learning_rate,
             max_decay=1.0,
             strict=False,
         )
-        structure.layouts(layers, params, name)
-        return resolved
+        return resolved, jax.tree.structure(params).unflatten(per_layer.layouts(params))
 
     def init_fn(params):
         if params is None or jax.tree.leaves(params):
@@ -183,15 +177,14 @@ def project_scale_invariant(
         return ProjectionState(inner.init(params), _common.init_step_state(counted))
 
     def update_fn(grads, state, params=None, **extra_args):
-        resolved = resolved_for(params)
+        resolved, layouts = resolved_for(params)
         updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
         step, decay_state = _common.step_and_advance(state.decay_state)
         decay = jax.tree.map(lambda r: _common.decay_at(r, learning_rate, step), resolved.rate)
-        layouts = jax.tree.structure(params).unflatten(structure.layouts(layers, params, name))
 
         def rule(u, theta, d, g, layout):
             ratio = 1.0
-            if _projects(theta, layout):
+            if layout.has_units:
                 u, projected = _project_leaf(u, theta, g, views, delta, eps, layout)
                 ratio = jnp.where(projected, wd_ratio, 1.0)
             return u - ratio * d * theta.astype(jnp.float32)
@@ -380,14 +373,16 @@ def _projected_trace(
     def init_fn(params):
         return optax.TraceState(trace=otu.tree_zeros_like(params))
 
+    per_layer = structure.resolve_layers(layers, mask, "sgdp")
+
     def update_fn(grads, state, params=None):
         _common.require_params(params, "sgdp")
-        resolved = _common.resolve(params, "sgdp", mask=structure.default_mask(layers, mask))
-        layouts = jax.tree.structure(params).unflatten(structure.layouts(layers, params, "sgdp"))
+        resolved = _common.resolve(params, "sgdp", mask=per_layer.mask)
+        layouts = jax.tree.structure(params).unflatten(per_layer.layouts(params))
 
         def leaf(g, buf, theta, m, layout):
             buf = momentum * buf + g
-            if m and _projects(theta, layout):
+            if m and layout.has_units:
                 buf = _project_leaf(buf, theta, g, views, delta, eps, layout)[0].astype(g.dtype)
             return buf
 

@@ -16,14 +16,9 @@ from lpwd_optax.structure import LayerStructure, LeafLayout
 _MODES = ("output", "input")
 
 
-def _norm_axes(ndim: int, mode: str, layout: LeafLayout | None = None) -> tuple[int, ...]:
-    if layout is not None:  # the axes the forward pass contracts, whatever the layout
-        return layout.fan_in_axes if mode == "output" else layout.input_axes
-    # Without a layer structure, Flax's layout: the output channel last and the input channel
-    # second to last: conv (kh, kw, in, out), depthwise (kh, kw, 1, C), dense (in, out).
-    if mode == "output":
-        return tuple(range(ndim - 1))
-    return (ndim - 2,)
+def _norm_axes(mode: str, layout: LeafLayout) -> tuple[int, ...]:
+    # The axes the product contracts: all of them per output unit, or the input features alone.
+    return layout.fan_in_axes if mode == "output" else layout.input_axes
 
 
 def rescale_kernel(kernel: chex.Array, mode: str = "output", eps: float = 1e-12) -> chex.Array:
@@ -39,24 +34,21 @@ def rescale_kernel(kernel: chex.Array, mode: str = "output", eps: float = 1e-12)
       The rescaled kernel, in the kernel's dtype.
     """
     _check_mode(mode, "rescale_kernel")
-    if kernel.ndim < 2:
-        raise ValueError(f"rescale_kernel needs ndim >= 2, got shape {kernel.shape}.")
-    return _rescaled(kernel, mode, eps).astype(kernel.dtype)
+    (layout,) = LayerStructure.from_shapes(kernel).leaves
+    if not layout.has_units:
+        raise ValueError(f"rescale_kernel needs a kernel (ndim >= 2), got shape {kernel.shape}.")
+    return _rescaled(kernel, mode, layout, eps).astype(kernel.dtype)
 
 
-def _rescaled(
-    kernel: chex.Array, mode: str, eps: float = 1e-12, layout: LeafLayout | None = None
-) -> chex.Array:
+def _rescaled(kernel: chex.Array, mode: str, layout: LeafLayout, eps: float = 1e-12) -> chex.Array:
     w = kernel.astype(jnp.float32)
-    return w * _inverse_norms(w, mode, eps, layout)
+    return w * _inverse_norms(w, mode, layout, eps)
 
 
-def _inverse_norms(
-    w: chex.Array, mode: str, eps: float = 1e-12, layout: LeafLayout | None = None
-) -> chex.Array:
+def _inverse_norms(w: chex.Array, mode: str, layout: LeafLayout, eps: float = 1e-12) -> chex.Array:
     """`1 / max(||w||, eps)` per channel, shaped to broadcast against `w`: one division per
     channel, not per entry."""
-    axes = _norm_axes(w.ndim, mode, layout)
+    axes = _norm_axes(mode, layout)
     return 1.0 / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(w), axis=axes, keepdims=True)), eps)
 
 
@@ -65,24 +57,22 @@ def _check_mode(mode: str, name: str) -> None:
         raise ValueError(f"{name}: mode must be one of {_MODES}, got {mode!r}.")
 
 
-def _kernels_only(name: str, layers: LayerStructure | None = None):
-    roles = {} if layers is None else {x.path: x for x in layers.leaves}
-
-    def check(path: str, leaf: chex.Array) -> None:
-        layout = roles.get(path)
-        if layout is not None and not layout.has_units:
+def _check_kernels(name: str, mask: Any, layouts: list[LeafLayout], given: bool) -> None:
+    """A ValueError names the first masked leaf that is not a kernel with known fan-in axes
+    (by its role in the `layers` given, or else by its shape)."""
+    for m, layout in zip(jax.tree.leaves(mask), layouts):
+        if not m or layout.has_units:
+            continue
+        if given:
             raise ValueError(
-                f"{name}: '{path}' is not a kernel whose fan-in axes the forward pass shows "
-                f"(layer_structure: role {layout.role!r}); only kernels can be rescaled per "
-                "output unit. Exclude it with `mask`."
+                f"{name}: '{layout.path}' is not a kernel whose fan-in axes the layer "
+                f"structure shows (it has role {layout.role!r}); only kernels can be rescaled "
+                "per output unit. Exclude it with `mask`."
             )
-        if jnp.ndim(leaf) < 2:
-            raise ValueError(
-                f"{name}: '{path}' has shape {jnp.shape(leaf)}; only kernels "
-                "(ndim >= 2) can be rescaled per channel. Exclude it with `mask`."
-            )
-
-    return check
+        raise ValueError(
+            f"{name}: '{layout.path}' has shape {layout.shape}; only kernels (ndim >= 2) can "
+            "be rescaled per channel. Exclude it with `mask`."
+        )
 
 
 def rescale_params(
@@ -118,6 +108,7 @@ def rescale_params(
         with `layers` to its decayed kernels.
       layers: optional `LayerStructure`: each output unit is normalized over the axes the
         forward pass contracts (any layout: Equinox's `(out, in)`, stacked `(L, in, out)`).
+        Without it, `LayerStructure.from_shapes(params)`: Flax's layout, the output channel last.
 
     Returns:
       A tree like `params`: the selected kernels rescaled, every other leaf unchanged.
@@ -129,22 +120,15 @@ def rescale_params(
       >>> round(float(jnp.linalg.norm(new["kernel"][:, 0])), 6), float(new["bias"][0])
       (1.0, 1.0)
     """
-    _check_mode(mode, "rescale_params")
-    structure.check_layers(layers, "rescale_params")
-    mask = structure.default_mask(layers, mask, roles=("kernel",))
-    resolved = _common.resolve(params, "rescale_params", mask=mask)
-    check = _kernels_only("rescale_params", layers)
-    for (path, leaf), m in zip(_common.leaves_with_paths(params), jax.tree.leaves(resolved.mask)):
-        if m:
-            check(path, leaf)
-    per_leaf = _layout_tree(layers, params, "rescale_params")
-    rule = lambda p, _, layout: _rescaled(p, mode, layout=layout)
+    name = "rescale_params"
+    _check_mode(mode, name)
+    per_layer = structure.resolve_layers(layers, mask, name, roles=("kernel",))
+    resolved = _common.resolve(params, name, mask=per_layer.mask)
+    layouts = per_layer.layouts(params)
+    _check_kernels(name, resolved.mask, layouts, given=layers is not None)
+    rule = lambda p, _, layout: _rescaled(p, mode, layout)
+    per_leaf = jax.tree.structure(params).unflatten(layouts)
     return _common.map_masked(rule, params, params, resolved.mask, per_leaf)
-
-
-def _layout_tree(layers: LayerStructure | None, params: Any, where: str) -> Any:
-    treedef = jax.tree.structure(params)
-    return treedef.unflatten(structure.layouts(layers, params, where))
 
 
 def weight_rescaling(
@@ -186,7 +170,8 @@ def weight_rescaling(
       layers: optional `LayerStructure` (from `layer_structure`): each output unit is
         normalized over the axes the forward pass contracts, whatever the layout (an Equinox
         `Linear`'s rows over `in`, a `Conv2d`'s output channels over `(in, kh, kw)`, each slice
-        of a stacked kernel on its own); "input" mode over the input-feature axes.
+        of a stacked kernel on its own); "input" mode over the input-feature axes. Without it,
+        `LayerStructure.from_shapes(params)`: Flax's layout, the output channel last.
 
     Returns:
       An `optax.GradientTransformation` whose state is the step count, or empty for
@@ -208,17 +193,13 @@ def weight_rescaling(
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f"{name}: every must be an int >= 1, got {every!r}.")
     _check_mode(mode, name)
-    structure.check_layers(layers, name)
-    mask = structure.default_mask(layers, mask, roles=("kernel",))
-    check_params = structure.params_check(layers, name)
+    per_layer = structure.resolve_layers(layers, mask, name, roles=("kernel",))
 
     def resolved_for(params):
-        resolved = _common.checked_resolution(
-            params, name, mask=mask, check_leaf=_kernels_only(name, layers)
-        )
-        if check_params is not None:
-            check_params(params)
-        return resolved
+        resolved = _common.checked_resolution(params, name, mask=per_layer.mask)
+        layouts = per_layer.layouts(params)
+        _check_kernels(name, resolved.mask, layouts, given=layers is not None)
+        return resolved, layouts
 
     def init_fn(params):
         # optax.tree_utils.tree_map_params inits with a placeholder that has no leaves.
@@ -229,21 +210,16 @@ def weight_rescaling(
     def rescaled_update(u, theta, layout):
         """`(rescale(theta + u) - theta, the channels' inverse norms)`, in float32."""
         w = theta.astype(jnp.float32) + u.astype(jnp.float32)
-        inverse_norms = _inverse_norms(w, mode, layout=layout)
+        inverse_norms = _inverse_norms(w, mode, layout)
         return w * inverse_norms - theta, inverse_norms
 
     def update_fn(updates, state, params=None):
-        resolved = resolved_for(params)
+        resolved, layouts = resolved_for(params)
         step, state = _common.step_and_advance(state)
         leaves, treedef = jax.tree.flatten(updates)
         thetas = treedef.flatten_up_to(params)
-        kernels = [
-            (i, layout)
-            for i, (m, layout) in enumerate(
-                zip(treedef.flatten_up_to(resolved.mask), structure.layouts(layers, params, name))
-            )
-            if m
-        ]
+        masks = treedef.flatten_up_to(resolved.mask)
+        kernels = [(i, layout) for i, (m, layout) in enumerate(zip(masks, layouts)) if m]
 
         # Kernel by kernel (see `_ordering`): each kernel's pass waits for the previous one's
         # norms, so XLA keeps a few kernels' `theta + u` in memory at a time, not all.

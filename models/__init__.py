@@ -32,8 +32,8 @@ from lpwd_optax.models.convert import (
     timm_layout,
     to_timm,
 )
-from lpwd_optax.models.convnext import CONVNEXT_VARIANTS, ConvNeXt
-from lpwd_optax.models.swin import SWIN_VARIANTS, SwinTransformer
+from lpwd_optax.models.convnext import CONVNEXT_VARIANTS, ConvNeXt, convnext_rules
+from lpwd_optax.models.swin import SWIN_VARIANTS, SwinTransformer, swin_rules
 
 __all__ = [
     "Adapted",
@@ -41,6 +41,7 @@ __all__ = [
     "FunctionalModel",
     "SwinTransformer",
     "adapt_timm_checkpoint",
+    "convnext_rules",
     "create_model",
     "from_timm",
     "functional_model",
@@ -48,6 +49,7 @@ __all__ = [
     "list_models",
     "load_timm_weights",
     "read_state_dict",
+    "swin_rules",
     "timm_layout",
     "to_timm",
 ]

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lpwd_optax.layerwise import GroupSpec
 from lpwd_optax.models.convert import (
     Adapted,
     TimmEntry,
@@ -70,6 +71,20 @@ CONVNEXT_VARIANTS: dict[str, dict] = {
     "convnext_base": dict(depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024)),
     "convnext_large": dict(depths=(3, 3, 27, 3), dims=(192, 384, 768, 1536)),
 }
+
+_ROOT = r"^(?:params/)?"  # linen's {"params": ...} collection, if present
+_LAST = 1_000_000  # after every stage
+
+# Group keys: the stem first, then (stage, position in the stage), then the head.
+convnext_rules: tuple[tuple[str, GroupSpec], ...] = (
+    (_ROOT + r"stem/", 0),
+    (_ROOT + r"stages/(\d+)/downsample/", lambda m: (int(m[1]) + 1, 0)),
+    (_ROOT + r"stages/(\d+)/blocks/(\d+)/", lambda m: (int(m[1]) + 1, int(m[2]) + 1)),
+    (_ROOT + r"norm_pre/", (_LAST, 0)),
+    (_ROOT + r"head/", (_LAST, 1)),
+)
+"""`depth_labels` rules for ConvNeXt, timm's `group_matcher` grouping: `stem` -> 1, each
+stage's downsample then each block consecutive, `head` last."""
 
 
 def _conv(in_features: int, out_features: int, size: int, *, rngs: nnx.Rngs) -> nnx.Conv:

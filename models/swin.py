@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lpwd_optax.layerwise import GroupSpec
 from lpwd_optax.models.convert import (
     Adapted,
     TimmEntry,
@@ -69,6 +70,20 @@ SWIN_VARIANTS: dict[str, dict] = {
         embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)
     ),
 }
+
+_ROOT = r"^(?:params/)?"  # linen's {"params": ...} collection, if present
+_LAST = 1_000_000  # after every stage
+
+# Group keys: the patch embedding first, then (stage, position in the stage), then the head.
+swin_rules: tuple[tuple[str, GroupSpec], ...] = (
+    (_ROOT + r"(?:patch_embed|absolute_pos_embed)(?:/|$)", 0),
+    (_ROOT + r"layers/(\d+)/downsample/", lambda m: (int(m[1]) + 1, 0)),
+    (_ROOT + r"layers/(\d+)/blocks/(\d+)/", lambda m: (int(m[1]) + 1, int(m[2]) + 1)),
+    (_ROOT + r"norm/", (_LAST, 0)),
+    (_ROOT + r"head/", (_LAST, 1)),
+)
+"""`depth_labels` rules for Swin, timm's `group_matcher` grouping: `patch_embed` -> 1, each
+stage's downsample then each block consecutive, `norm`, `head`."""
 
 Pair = tuple[int, int]
 

@@ -65,7 +65,8 @@ def test_adadecay_alpha_zero_is_l2():
 
 
 def _ghat(g):
-    return lo.adaptive._standardized(g, lo.adaptive._group_statistics([g]))
+    (layout,) = lo.LayerStructure.from_shapes(g).leaves
+    return lo.adaptive._standardized(g, lo.adaptive._layer_statistics([g], [layout], None)[0])
 
 
 @settings(max_examples=30, deadline=None)

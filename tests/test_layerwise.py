@@ -18,14 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lpwd_optax import layerwise
-from lpwd_optax.layerwise import (
-    convnext_rules,
-    depth_labels,
-    depth_table,
-    layerwise_schedule,
-    path_str,
-    swin_rules,
-)
+from lpwd_optax.layerwise import depth_labels, depth_table, layerwise_schedule, path_str
+from lpwd_optax.models import convnext_rules, swin_rules
 
 _SETTINGS = settings(max_examples=15, deadline=None, derandomize=True)
 
@@ -574,10 +568,8 @@ def test_docstring_examples():
 
 def test_public_names():
     assert set(layerwise.__all__) == {
-        "convnext_rules",
         "depth_labels",
         "depth_table",
         "layerwise_schedule",
         "path_str",
-        "swin_rules",
     }

@@ -29,29 +29,40 @@ Depth is a fact of the dataflow: each layer is one more than the deepest layer i
 depends on, so parallel projections (q, k, v) share a depth and sequential ones do not, in one
 module or several; a bias or scale takes its layer's depth.
 
+Without a trace. `LayerStructure.from_shapes(params)` reads the shapes alone, in Flax's
+layout: a leaf with two axes or more is a kernel with its output units on the last axis, each
+leaf one layer, the layers in the natural order of their module paths. Every transform and
+diagnostic that takes `layers=` uses it when none is given (`resolve_layers`); no other code
+decides what a layer is.
+
 Modules: `views` (the rule), `counters` (loop counters), `walker` (the jaxpr walk), `roles`
-(uses to roles and axes), `depth` (dataflow depth), `trace` (the one trace), `api` (the public
-`LayerStructure`, `layer_structure` and the helpers for `layers=`).
+(uses to roles and axes), `depth` (dataflow depth), `trace` (the one trace), `paths` (a leaf's
+module, natural order, the order of paths), `shapes` (the layout from a shape), `api` (the
+public `LayerStructure`, `layer_structure` and the helpers for `layers=`).
 """
 
 # The public names, and the helpers the transforms that take `layers=` share.
 from lpwd_optax.structure.api import (  # noqa: F401
+    LayerArguments,
     LayerStructure,
     analyse,
     analyse_jaxpr,
     axes_str,
+    check_depths,
     check_layers,
-    default_mask,
     depth_str,
     layer_structure,
     layouts,
-    params_check,
-    slice_axes,
+    resolve_layers,
 )
-from lpwd_optax.structure.depth import natural_path_key  # noqa: F401
+from lpwd_optax.structure.paths import module_path, natural_path_key, path_depths  # noqa: F401
 from lpwd_optax.structure.roles import ROLES, LeafLayout
 
 __all__ = ["ROLES", "LayerStructure", "LeafLayout", "layer_structure"]
 
 # The examples that live in the modules of this package run with the package's doctests.
-__test__ = {"layer_structure": layer_structure, "LayerStructure": LayerStructure}
+__test__ = {
+    "layer_structure": layer_structure,
+    "LayerStructure": LayerStructure,
+    "LayerStructure.from_shapes": LayerStructure.from_shapes,
+}

@@ -1,21 +1,23 @@
 """The public object: `LayerStructure` (one `LeafLayout` per param leaf, printable as a table),
-`layer_structure` that builds it from one trace, and the helpers the transforms that take
-`layers=` share."""
+`layer_structure` that builds it from one trace, `LayerStructure.from_shapes` that builds it
+from the shapes alone, and the helpers every transform that takes `layers=` shares."""
 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
-from lpwd_optax._common import leaves_with_paths
+from lpwd_optax._common import leaves_with_paths, path_str
 from lpwd_optax.structure import depth, roles, trace
-from lpwd_optax.structure.depth import natural_path_key
+from lpwd_optax.structure.paths import natural_path_key, path_depths
 from lpwd_optax.structure.roles import LeafLayout
+from lpwd_optax.structure.shapes import shape_layout
 from lpwd_optax.structure.walker import Walker
 
 
@@ -61,15 +63,17 @@ def analyse(
     *,
     caller: str,
     group_of: Callable[[str], Any] | None = None,
-) -> list[LeafLayout]:
-    """One trace and its walk: a `LeafLayout` per param leaf, in the params' leaf order.
+) -> LayerStructure:
+    """One trace and its walk: the `LayerStructure` of `params` (`layer_structure`'s, and
+    `depth_labels`' with `rules`).
 
     `group_of(path)`, where given, makes each group of leaves one layer (a stacked leaf's
     slices still separate layers)."""
     flat = leaves_with_paths(params)
     trace.check_params(flat, apply_fn, caller)
     closed = trace.trace_forward(params, apply_fn, example_args, example_kwargs, caller)
-    return analyse_jaxpr(closed, flat, caller=caller, group_of=group_of)
+    layouts = analyse_jaxpr(closed, flat, caller=caller, group_of=group_of)
+    return LayerStructure(tuple(layouts), jax.tree_util.tree_structure(params))
 
 
 def axes_str(axes: tuple[int, ...]) -> str:
@@ -93,7 +97,9 @@ def depth_str(depth: Any) -> str:
 class LayerStructure:
     """Every param leaf's role, stacking, kernel axes, depth and default decay, from one trace.
 
-    Build it with `layer_structure`. The params-shaped properties (`depths`, `decay_mask`,
+    Build it with `layer_structure` (from the forward pass) or `LayerStructure.from_shapes`
+    (from the shapes alone, what the transforms use without `layers=`). The params-shaped
+    properties (`depths`, `decay_mask`,
     `roles`, `stacked_axes`, `fan_in_axes`, `output_axes`) are trees with the params' structure.
     `str(structure)` is a table, one row per leaf.
 
@@ -104,6 +110,39 @@ class LayerStructure:
 
     leaves: tuple[LeafLayout, ...]
     treedef: Any = dataclasses.field(repr=False)
+
+    @classmethod
+    def from_shapes(cls, params: Any) -> LayerStructure:
+        """The layer structure the param shapes alone give: what every transform and
+        diagnostic uses without `layers=`.
+
+        No trace: every leaf with two axes or more is a kernel in Flax's layout (the output
+        units on the last axis, the input features on the one before, any axes before those a
+        window), every other leaf is "other"; each leaf is one layer, nothing is stacked; the
+        layers are numbered in the natural order of their module paths (`depth_labels(params)`)
+        and the decay mask is `default_decay_mask`'s.
+
+        Args:
+          params: a pytree of arrays or `jax.ShapeDtypeStruct`s.
+
+        Returns:
+          A `LayerStructure` of `params`.
+
+        Example:
+          >>> import jax.numpy as jnp, lpwd_optax
+          >>> params = {"conv": {"kernel": jnp.zeros((3, 3, 4, 8)), "bias": jnp.zeros(8)},
+          ...           "head": {"kernel": jnp.zeros((8, 2))}}
+          >>> print(lpwd_optax.LayerStructure.from_shapes(params))
+          depth  path         shape         role    stacked  fan-in  out  decay
+              1  conv/bias    (8,)          other   -        -       -    no
+              1  conv/kernel  (3, 3, 4, 8)  kernel  -        0,1,2   3    yes
+              2  head/kernel  (8, 2)        kernel  -        0       1    yes
+          2 layers from 3 leaves.
+        """
+        flat = leaves_with_paths(params)
+        depths = path_depths([path for path, _ in flat])
+        leaves = tuple(shape_layout(p, np.shape(x), d) for (p, x), d in zip(flat, depths))
+        return cls(leaves, jax.tree_util.tree_structure(params))
 
     def _tree(self, values: Sequence[Any]) -> Any:
         return jax.tree_util.tree_unflatten(self.treedef, list(values))
@@ -136,7 +175,7 @@ class LayerStructure:
 
     @property
     def num_layers(self) -> int:
-        return max(int(np.max(x.depth)) for x in self.leaves)
+        return max((int(np.max(x.depth)) for x in self.leaves), default=0)
 
     def mask(self, roles: Sequence[str] = ("kernel",), *, decayed: bool = True) -> Any:
         """Python bools: the leaves whose role is in `roles` (and that decay by default)."""
@@ -164,7 +203,7 @@ class LayerStructure:
         header = ("depth", "path", "shape", "role", "stacked", "fan-in", "out", "decay")
         order = sorted(
             self.leaves,
-            key=lambda x: (int(np.min(x.depth)), natural_path_key(x.path.split("/"))),
+            key=lambda x: (int(np.min(x.depth)), natural_path_key(x.path)),
         )
         body = [
             (
@@ -243,8 +282,7 @@ def layer_structure(
       >>> layers.fan_in_axes["blocks"]["Dense_0"]["kernel"], layers.decay_mask["blocks"]["Dense_0"]
       ((1,), {'bias': False, 'kernel': True})
     """
-    layouts = analyse(params, apply_fn, example_args, example_kwargs, caller="layer_structure")
-    return LayerStructure(tuple(layouts), jax.tree_util.tree_structure(params))
+    return analyse(params, apply_fn, example_args, example_kwargs, caller="layer_structure")
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,30 +297,83 @@ def check_layers(layers: Any, where: str) -> None:
         )
 
 
-def layouts(layers: LayerStructure | None, params: Any, where: str) -> list[LeafLayout | None]:
-    """One `LeafLayout` per param leaf (None everywhere without `layers`); a ValueError names
-    the first leaf that `layers` was not built for."""
+def layouts(layers: LayerStructure | None, params: Any, where: str) -> list[LeafLayout]:
+    """One `LeafLayout` per param leaf: `layers`' (a ValueError names the first leaf it was not
+    built for), or without `layers` those of `LayerStructure.from_shapes(params)`."""
     if layers is None:
-        return [None] * len(jax.tree.leaves(params))
+        return list(LayerStructure.from_shapes(params).leaves)
     check_layers(layers, where)
     return layers.layouts_for(params, where)
 
 
-def params_check(layers: LayerStructure | None, where: str) -> Callable[[Any], None] | None:
-    """A `check_params` hook: raises when the params are not those `layers` was built for."""
-    if layers is None:
-        return None
-    return lambda params: layouts(layers, params, where) and None
+class LayerArguments(NamedTuple):
+    """A transform's `layers=` and `mask=`, resolved once when the transform is built."""
+
+    mask: Any  # the mask to resolve on the params: the user's, else the structure's default
+    layouts: Callable[[Any], list[LeafLayout]]  # params -> a LeafLayout per leaf, checked
 
 
-def default_mask(layers: LayerStructure | None, mask: Any, roles: Sequence[str] | None = None):
-    """`mask` if given; else, with `layers`, its decay mask (restricted to `roles`); else None
-    (the transform's own default)."""
-    if mask is not None or layers is None:
-        return mask
-    return layers.decay_mask if roles is None else layers.mask(roles)
+def resolve_layers(
+    layers: LayerStructure | None,
+    mask: Any,
+    where: str,
+    *,
+    roles: Sequence[str] | None = None,
+) -> LayerArguments:
+    """`layers` and `mask` as every transform that takes `layers=` uses them.
+
+    The params' structure is `layers`, checked against the params each time `layouts(params)`
+    is called (at `init` and at every update), or without `layers`
+    `LayerStructure.from_shapes(params)`: no other rule decides what a layer is. The mask is
+    `mask` when given, else that structure's decay mask, restricted to the leaves whose role
+    is in `roles` where given.
+
+    Args:
+      layers: a `LayerStructure` or None; anything else is a TypeError naming `where`.
+      mask: the transform's `mask` argument (a tree, a callable or None).
+      where: the transform's name, for error messages.
+      roles: the roles the default mask selects (None: every decayed leaf).
+
+    Returns:
+      A `LayerArguments`: the mask to resolve on the params and `layouts(params)`.
+    """
+    check_layers(layers, where)
+
+    def default(structure: LayerStructure) -> Any:
+        return structure.decay_mask if roles is None else structure.mask(roles)
+
+    if mask is None and layers is not None:
+        mask = default(layers)
+    elif mask is None:
+        mask = lambda params: default(LayerStructure.from_shapes(params))
+    return LayerArguments(mask, lambda params: layouts(layers, params, where))
 
 
-def slice_axes(layout: LeafLayout | None, ndim: int) -> tuple[int, ...]:
-    """The axes of one layer of a leaf: every axis but its stacked ones (all without layers)."""
-    return tuple(range(ndim)) if layout is None else layout.slice_axes
+# --------------------------------------------------------------------------------------------
+# Depth labels given as a tree
+
+
+def check_depths(depths: Any) -> tuple[list[Any], Any]:
+    """The leaves of a tree of depth labels (ints >= 1, or int arrays over a stacked leaf's
+    slices, as `depth_labels` gives) and its tree structure; a TypeError or ValueError names
+    the first bad leaf."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(depths)
+    if not flat:
+        raise ValueError("depths has no leaves; pass the output of depth_labels.")
+    out = []
+    for path, d in flat:
+        where = f"depth at '{path_str(path)}'"
+        if isinstance(d, (np.ndarray, jax.Array)) and np.ndim(d):  # a stacked leaf's slices
+            d = np.asarray(d)
+            if not np.issubdtype(d.dtype, np.integer):
+                raise TypeError(f"{where} must hold ints (from depth_labels), got {d.dtype}.")
+            if d.min() < 1:
+                raise ValueError(f"{where} must be >= 1, got {int(d.min())}.")
+            out.append(d.astype(np.int64))
+            continue
+        if isinstance(d, bool) or not isinstance(d, numbers.Integral):
+            raise TypeError(f"{where} must be an int (from depth_labels), got {d!r}.")
+        if d < 1:
+            raise ValueError(f"{where} must be >= 1, got {d}.")
+        out.append(int(d))
+    return out, treedef

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import re
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from lpwd_optax.structure.counters import Steps
+from lpwd_optax.structure.paths import module_path, natural_path_key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,17 +58,6 @@ class Loop:
     varying: bool
 
 
-def _natural_key(name: str) -> tuple[Any, ...]:
-    parts = re.split(r"(\d+)", name)
-    return tuple(int(p) if i % 2 else p for i, p in enumerate(parts))
-
-
-def natural_path_key(path: Sequence[str]) -> tuple[Any, ...]:
-    """Sort key of a path: per component, digit runs compare as numbers (`blocks_9` <
-    `blocks_10`), and a module's children stay together."""
-    return tuple(_natural_key(name) for name in path)
-
-
 class _Run:
     """Runs a depth program; `depth[node]` for every layer read."""
 
@@ -90,7 +79,7 @@ class _Run:
         if layout.stacked_axes:
             index = np.unravel_index(int(offset), view.leaf_shape)
             key = tuple(int(index[a]) for a in layout.stacked_axes)
-        module = layout.path.rpartition("/")[0]
+        module = module_path(layout.path)
         found = self.node_of.get((view.leaf, key))
         if found is None:
             last = self.last_layer.get(module)
@@ -181,7 +170,7 @@ def depths(
         else:
             out.append(int(found))
     if unused:
-        names = sorted(unused, key=_natural_key)
+        names = sorted(unused, key=natural_path_key)
         warnings.warn(
             f"{caller}: apply_fn never used {len(names)} params (e.g. "
             f"{', '.join(names[:3])}); they get the last label {last}.",
