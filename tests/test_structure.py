@@ -21,6 +21,9 @@ from flax import nnx
 import lpwd_optax as lo
 
 L, WIDTH, HIDDEN, CLASSES, STEPS = 4, 8, 16, 3, 20
+# Blocks of the scanned models and their unrolled twins: two, the fewest whose slices are
+# layers of different depths; more only lengthen the compilation of every twin's step.
+BLOCKS = 2
 LR = 1e-2
 
 
@@ -47,7 +50,10 @@ class LinenScanned(nn.Module):
     def __call__(self, x):
         x = nn.Dense(WIDTH, name="embed")(x)
         blocks = nn.scan(
-            nn.remat(ScanCell), variable_axes={"params": 0}, split_rngs={"params": True}, length=L
+            nn.remat(ScanCell),
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            length=BLOCKS,
         )
         x, _ = blocks(name="blocks")(x, None)
         return nn.Dense(CLASSES, name="head")(nn.LayerNorm(name="final_norm")(x))
@@ -57,7 +63,7 @@ class LinenUnrolled(nn.Module):
     @nn.compact
     def __call__(self, x):
         x = nn.Dense(WIDTH, name="embed")(x)
-        for i in range(L):
+        for i in range(BLOCKS):
             x = Block(name=f"block_{i}")(x)
         return nn.Dense(CLASSES, name="head")(nn.LayerNorm(name="final_norm")(x))
 
@@ -69,7 +75,7 @@ def _linen_pair():
 
     def unroll(p):
         out = {k: v for k, v in p.items() if k != "blocks"}
-        for i in range(L):
+        for i in range(BLOCKS):
             out[f"block_{i}"] = jax.tree.map(lambda a, i=i: a[i], p["blocks"]["block"])
         return out
 
@@ -84,7 +90,7 @@ def _linen_loop_pair():
 
     def apply_loop(p, x):
         x = nn.Dense(WIDTH).apply({"params": p["embed"]}, x)
-        for i in range(L):
+        for i in range(BLOCKS):
             block = jax.tree.map(lambda a, i=i: a[i], p["blocks"]["block"])
             x = Block().apply({"params": block}, x)
         x = nn.LayerNorm().apply({"params": p["final_norm"]}, x)
@@ -105,7 +111,7 @@ def _linen_fori_pair():
             block = jax.tree.map(lambda a: a[i], p["blocks"]["block"])
             return Block().apply({"params": block}, x)
 
-        x = jax.lax.fori_loop(0, L, step, x)
+        x = jax.lax.fori_loop(0, BLOCKS, step, x)
         x = nn.LayerNorm().apply({"params": p["final_norm"]}, x)
         return nn.Dense(CLASSES).apply({"params": p["head"]}, x)
 
@@ -130,7 +136,7 @@ class NnxScanned(nnx.Module):
     def __init__(self, rngs):
         self.embed = nnx.Linear(5, WIDTH, rngs=rngs)
 
-        @nnx.split_rngs(splits=L)
+        @nnx.split_rngs(splits=BLOCKS)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def make(rngs):
             return NnxBlock(rngs)
@@ -150,7 +156,7 @@ class NnxScanned(nnx.Module):
 class NnxUnrolled(nnx.Module):
     def __init__(self, rngs):
         self.embed = nnx.Linear(5, WIDTH, rngs=rngs)
-        self.blocks = nnx.List([NnxBlock(rngs) for _ in range(L)])
+        self.blocks = nnx.List([NnxBlock(rngs) for _ in range(BLOCKS)])
         self.final_norm = nnx.LayerNorm(WIDTH, rngs=rngs)
         self.head = nnx.Linear(WIDTH, CLASSES, rngs=rngs)
 
@@ -171,7 +177,7 @@ def _nnx_pair():
     def unroll(state):
         p = state.to_pure_dict() if isinstance(state, nnx.State) else state
         out = {k: v for k, v in p.items() if k != "blocks"}
-        out["blocks"] = {i: jax.tree.map(lambda a, i=i: a[i], p["blocks"]) for i in range(L)}
+        out["blocks"] = {i: jax.tree.map(lambda a, i=i: a[i], p["blocks"]) for i in range(BLOCKS)}
         return out
 
     nnx.replace_by_pure_dict(unrolled, unroll(stacked))
@@ -218,14 +224,14 @@ class EqxNet(eqx.Module):
         else:
             arrays, static = eqx.partition(self.blocks, eqx.is_array)
             block = lambda i: eqx.combine(jax.tree.map(lambda a: a[i], arrays), static)
-            x = jax.lax.fori_loop(0, L, lambda i, x: block(i)(x), x)
+            x = jax.lax.fori_loop(0, BLOCKS, lambda i, x: block(i)(x), x)
         return self.head(self.final_norm(x))
 
 
 def _eqx_pair(loop="scan"):
     x = jax.random.normal(jax.random.key(0), (32, 5))
     k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
-    blocks = eqx.filter_vmap(EqxBlock)(jax.random.split(k2, L))
+    blocks = eqx.filter_vmap(EqxBlock)(jax.random.split(k2, BLOCKS))
     model = EqxNet(
         eqx.nn.Linear(5, WIDTH, key=k1),
         blocks,
@@ -237,7 +243,7 @@ def _eqx_pair(loop="scan"):
     scanned = jax.tree.map(lambda a: a * 1.5, scanned)
 
     def slices(p):
-        return [jax.tree.map(lambda a, i=i: a[i], p.blocks) for i in range(L)]
+        return [jax.tree.map(lambda a, i=i: a[i], p.blocks) for i in range(BLOCKS)]
 
     unrolled_model = eqx.tree_at(
         lambda m: m.blocks,
@@ -273,12 +279,12 @@ def _haiku_pair():
 
     def scanned_fn(x):
         x = hk.Linear(WIDTH, name="embed")(x)
-        x = hk.layer_stack(L, name="blocks")(_haiku_layer)(x)
+        x = hk.layer_stack(BLOCKS, name="blocks")(_haiku_layer)(x)
         return hk.Linear(CLASSES, name="head")(x)
 
     def unrolled_fn(x):
         x = hk.Linear(WIDTH, name="embed")(x)
-        for i in range(L):
+        for i in range(BLOCKS):
             x = _haiku_layer(x, f"_{i}")
         return hk.Linear(CLASSES, name="head")(x)
 
@@ -289,7 +295,7 @@ def _haiku_pair():
     def unroll(p):
         out = {k: v for k, v in p.items() if not k.startswith("blocks/")}
         for name in ("fc1", "fc2", "norm"):
-            for i in range(L):
+            for i in range(BLOCKS):
                 out[f"{name}_{i}"] = jax.tree.map(lambda a, i=i: a[i], p[f"blocks/{name}"])
         return out
 
@@ -306,6 +312,18 @@ PAIRS = {
     "haiku layer_stack": _haiku_pair,
 }
 FLAX_PAIRS = ("linen nn.scan", "linen loop over slices", "linen fori_loop over slices", "nnx.scan")
+# Pairs that share their unrolled twin (the same params, applied by the same forward pass): the
+# linen pairs all unroll into the linen twin, the Equinox pairs into one Equinox twin. The twin's
+# trajectory under each transform is computed once, for the first of its pairs.
+TWIN_OF = {
+    "linen nn.scan": "linen nn.scan",
+    "linen loop over slices": "linen nn.scan",
+    "linen fori_loop over slices": "linen nn.scan",
+    "nnx.scan": "nnx.scan",
+    "equinox lax.scan": "equinox lax.scan",
+    "equinox fori_loop": "equinox lax.scan",
+    "haiku layer_stack": "haiku layer_stack",
+}
 # Equinox's (out, in) kernels and Haiku's layout: the transforms that read kernel axes.
 LAYOUT_TRANSFORMS = ("lpwd", "wrs", "adamp", "sgdp")
 
@@ -374,11 +392,29 @@ def _trajectory(params, apply_fn, x, y, tx, init):
     for _ in range(STEPS):
         params, state = step(params, state)
         out.append(params)
-    return out
+    return jax.device_get(out)  # compared on the host, leaf slice by leaf slice
 
 
 def _pure(tree):
     return tree.to_pure_dict() if isinstance(tree, nnx.State) else tree
+
+
+@functools.cache
+def _pair(name):
+    """`PAIRS[name]()`, built once: the tests only read its params and apply its functions."""
+    return PAIRS[name]()
+
+
+@functools.cache
+def _twin_trajectory(twin, transform):
+    """The unrolled twin of pair `twin` under `transform`: its start and its params after each
+    step. Flax's twin runs on the library's Flax-layout defaults; Equinox's and Haiku's need
+    their own structure (the defaults read an Equinox (out, in) kernel the wrong way round)."""
+    x, _, (unrolled, apply_u), _, _ = _pair(twin)
+    y = jnp.arange(x.shape[0]) % CLASSES
+    layers = None if twin in FLAX_PAIRS else lo.layer_structure(unrolled, apply_u, x)
+    tx, init = TRANSFORMS[transform](layers, unrolled, apply_u, x)
+    return jax.device_get(init(unrolled)), _trajectory(unrolled, apply_u, x, y, tx, init)
 
 
 def _assert_same(scanned_tree, unrolled_tree, unroll, pure, atol):
@@ -401,18 +437,21 @@ CASES = [
 
 @pytest.mark.parametrize(("pair", "transform"), CASES)
 def test_scanned_and_unrolled_follow_one_trajectory(pair, transform):
-    x, (scanned, apply_s), (unrolled, apply_u), unroll, pure = PAIRS[pair]()
+    x, (scanned, apply_s), (unrolled, _), unroll, pure = _pair(pair)
     y = jnp.arange(x.shape[0]) % CLASSES
     layers = lo.layer_structure(scanned, apply_s, x)
-    # Flax's twin runs on the library's Flax-layout defaults; Equinox's and Haiku's need their
-    # own structure too (the defaults read an Equinox (out, in) kernel the wrong way round).
-    twin = None if pair in FLAX_PAIRS else lo.layer_structure(unrolled, apply_u, x)
     tx_s, init_s = TRANSFORMS[transform](layers, scanned, apply_s, x)
-    tx_u, init_u = TRANSFORMS[transform](twin, unrolled, apply_u, x)
     path_s = _trajectory(scanned, apply_s, x, y, tx_s, init_s)
-    path_u = _trajectory(unrolled, apply_u, x, y, tx_u, init_u)
-    start = jax.tree.leaves(init_u(unrolled))
-    moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(path_u[-1]), start))
+    # This pair's unrolled twin holds the very params of the twin whose trajectory is shared.
+    twin_params = _pair(TWIN_OF[pair])[2][0]
+    assert len(jax.tree.leaves(unrolled)) == len(jax.tree.leaves(twin_params))
+    for a, b in zip(jax.tree.leaves(unrolled), jax.tree.leaves(twin_params)):
+        np.testing.assert_array_equal(a, b)
+    start, path_u = _twin_trajectory(TWIN_OF[pair], transform)
+    moved = max(
+        float(np.max(np.abs(a - b)))
+        for a, b in zip(jax.tree.leaves(path_u[-1]), jax.tree.leaves(start))
+    )
     assert moved > 1e-2, "the transform did not move the weights"
     for t in range(STEPS):
         _assert_same(path_s[t], path_u[t], unroll, pure, atol=3e-5)
@@ -420,7 +459,7 @@ def test_scanned_and_unrolled_follow_one_trajectory(pair, transform):
 
 @pytest.mark.parametrize("pair", sorted(PAIRS))
 def test_structure_matches_the_unrolled_twin(pair):
-    x, (scanned, apply_s), (unrolled, apply_u), unroll, pure = PAIRS[pair]()
+    x, (scanned, apply_s), (unrolled, apply_u), unroll, pure = _pair(pair)
     layers = lo.layer_structure(scanned, apply_s, x)
     # Slice i of a stacked leaf has the depth of block i of the twin.
     want = lo.depth_labels(unrolled, apply_u, x)
@@ -437,7 +476,7 @@ def test_structure_matches_the_unrolled_twin(pair):
     # Kernels are read with their traced axes; stacked axis 0 is not among them.
     by_path = {x.path: x for x in layers.leaves}
     fc1 = next(x for p, x in by_path.items() if "fc1" in p)
-    fan_in, out = ((2,), (1,)) if pair.startswith("equinox") else ((1,), (2,))  # (L, out, in)
+    fan_in, out = ((2,), (1,)) if pair.startswith("equinox") else ((1,), (2,))  # (BLOCKS, out, in)
     assert (fc1.role, fc1.stacked_axes, fc1.fan_in_axes, fc1.output_axes) == (
         "kernel",
         (0,),
@@ -451,7 +490,7 @@ def test_structure_matches_the_unrolled_twin(pair):
 
 @pytest.mark.parametrize("pair", FLAX_PAIRS)
 def test_diagnostics_are_per_slice(pair):
-    x, (scanned, apply_s), (unrolled, apply_u), unroll, _ = PAIRS[pair]()
+    x, (scanned, apply_s), (unrolled, apply_u), unroll, _ = _pair(pair)
     layers = lo.layer_structure(scanned, apply_s, x)
     updates_s = jax.tree.map(lambda p: 0.01 * jnp.cos(p), scanned)
     updates_u = jax.tree.map(lambda p: 0.01 * jnp.cos(p), unrolled)
@@ -461,7 +500,7 @@ def test_diagnostics_are_per_slice(pair):
     assert len(stacked) == 3
     for key in stacked:
         module = key.split("/")[-1]
-        for i in range(L):
+        for i in range(BLOCKS):
             twin = f"blocks/{i}/{module}" if pair == "nnx.scan" else f"block_{i}/{module}"
             for stat in ("weight_norm", "update_norm", "effective_step", "effective_lr"):
                 np.testing.assert_allclose(stats_s[key][stat][i], stats_u[twin][stat], rtol=1e-5)
