@@ -118,6 +118,7 @@ def test_placement_of_each_method():
         corrected="last",
         adams="wrap",
         cpr="last",
+        decay_to_init="last",
     )
     assert [n for n in config.METHODS if build(n).has_rop] == [
         "wd",
@@ -134,6 +135,7 @@ def test_placement_of_each_method():
         "cautious",
         "corrected",
         "cpr",
+        "decay_to_init",
     ]
 
 
