@@ -1,11 +1,27 @@
-"""Test-wide JAX set-up: 8 simulated CPU devices so multi-device code is exercised on CPU."""
+"""Test-wide JAX set-up: 8 simulated CPU devices so multi-device code is exercised on CPU, and a
+compilation cache for the test session."""
 
 import os
 
 # Must happen before JAX initializes its backends.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One thread for PyTorch's reference computations (and numpy's BLAS): on the tests' tiny models
+# its OpenMP threads, spinning beside XLA's, made a conv step a hundred times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import jax
+import pytest
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_compilation_cache(tmp_path_factory):
+    """A persistent compilation cache, new and empty for each test session (one per xdist
+    worker): a program compiled again, by a fresh `jax.jit` of the same function or for the same
+    model in another test, is read back instead of compiled. Tests that run the training
+    programs point them at a cache of their own (tests/_cifar_helpers.py)."""
+    from tests import _cifar_helpers as helpers
+
+    helpers.enable_compilation_cache(tmp_path_factory.getbasetemp() / "jax_compilation_cache")
