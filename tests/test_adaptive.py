@@ -83,7 +83,8 @@ def test_coefficients_lie_in_open_interval(g, alpha):
 
 
 @settings(max_examples=25, deadline=None)
-@given(n=st.integers(2, 200), alpha=st.floats(0.1, 4.0), seed=st.integers(0, 1000))
+# A few sizes, not every one: each new size compiles the coefficients again.
+@given(n=st.sampled_from([2, 3, 16, 199]), alpha=st.floats(0.1, 4.0), seed=st.integers(0, 1000))
 def test_coefficients_average_one_for_symmetric_magnitudes(n, alpha, seed):
     """|g| symmetric about its mean => ghat symmetric => mean c = 1 (sigma(x) + sigma(-x) = 1)."""
     rng = np.random.default_rng(seed)

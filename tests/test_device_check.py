@@ -55,7 +55,7 @@ def test_device_check_quick_writes_json(tmp_path):
     cell = json.loads((out / "paper_cell.json").read_text())
     assert cell["finished"] and "--model=convnext_tiny_cifar" in cell["flags"]
     epochs = cell["epochs_compared"]
-    assert epochs == cell["runs"]["wd"]["epochs_finished"] >= 1
+    assert 2 >= epochs == cell["runs"]["wd"]["epochs_finished"] >= 1  # --quick passes --epochs 2
     for method in ("wd", "lpwd"):
         run = cell["methods"][method]
         assert len(run["epochs"]) == epochs

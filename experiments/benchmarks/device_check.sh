@@ -14,7 +14,7 @@
 # part's status (ok, failed, timed_out, skipped), exit code and wall time.
 #
 #   bash experiments/benchmarks/device_check.sh --output_dir /tmp/device_check
-#   bash experiments/benchmarks/device_check.sh --quick   # CPU, tiny sizes, about 2 minutes
+#   bash experiments/benchmarks/device_check.sh --quick   # CPU, tiny sizes, about a minute
 #
 # Without network access, install JAX's CUDA plugin from downloaded wheels:
 # PIP_NO_INDEX=1 PIP_FIND_LINKS=<folder of wheels> bash experiments/benchmarks/device_check.sh
@@ -242,7 +242,7 @@ run_part regularizers 90 "$PYTHON" -m lpwd_optax.experiments.benchmarks.bench_re
 
 CELL_ARGS=(--output_dir "$OUTPUT_DIR/paper_cell")
 if [[ $QUICK == 1 ]]; then
-  CELL_ARGS+=(--quick)
+  CELL_ARGS+=(--quick --epochs 2)
 fi
 if [[ $DATASET != digits ]]; then
   CELL_ARGS+=(--data "$DATA")
