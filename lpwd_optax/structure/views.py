@@ -41,6 +41,12 @@ def _digit_spans(leaf_shape: tuple[int, ...], size: int, stride: int) -> frozens
     )
 
 
+@functools.cache
+def _axis_spans(leaf_shape: tuple[int, ...], digits: tuple[tuple[int, int], ...]) -> frozenset[int]:
+    """The leaf axes that an axis of `digits` walks along."""
+    return frozenset().union(*(_digit_spans(leaf_shape, n, s) for n, s in digits))
+
+
 @dataclasses.dataclass(frozen=True)
 class View:
     """Value entry `i` is leaf entry `offset + sum(stride * digit)`: `axes[k]` holds value
@@ -63,7 +69,7 @@ class View:
         axis = self.axes[k]
         if isinstance(axis, frozenset):
             return axis
-        return frozenset().union(*(_digit_spans(self.leaf_shape, n, s) for n, s in axis))
+        return _axis_spans(self.leaf_shape, axis)
 
     def spanned(self, axes: Sequence[int] | None = None) -> frozenset[int]:
         ks = range(len(self.shape)) if axes is None else axes
