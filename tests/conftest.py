@@ -25,3 +25,15 @@ def _session_compilation_cache(tmp_path_factory):
     from tests import _cifar_helpers as helpers
 
     helpers.enable_compilation_cache(tmp_path_factory.getbasetemp() / "jax_compilation_cache")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory, _session_compilation_cache):
+    """The session's compilation cache, for the training programs the tests start."""
+    return str(tmp_path_factory.getbasetemp() / "jax_compilation_cache")
+
+
+@pytest.fixture
+def data_cache(tmp_path_factory, monkeypatch):
+    """The datasets the training programs decode, cached once for the test session."""
+    monkeypatch.setenv("LPWD_OPTAX_CACHE", str(tmp_path_factory.getbasetemp() / "data_cache"))

@@ -16,23 +16,14 @@ import pytest
 from lpwd_optax.experiments import cifar, data, writers
 from tests import _cifar_helpers as helpers
 
+# Each test decodes its datasets into a cache of the session (conftest.py).
+pytestmark = pytest.mark.usefixtures("data_cache")
+
 SUMMARY_LINE = re.compile(
     r"^mean \+- std of the best 10 test top-1: \d+\.\d\d \+- \d+\.\d\d$", re.M
 )
 EPOCHS = 3
 STEPS_PER_EPOCH = 4
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    path = tmp_path_factory.getbasetemp() / "jax_compilation_cache"
-    helpers.enable_compilation_cache(path)
-    return str(path)
-
-
-@pytest.fixture(autouse=True)
-def data_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("LPWD_OPTAX_CACHE", str(tmp_path_factory.getbasetemp() / "data_cache"))
 
 
 def flags(out, cache_dir, *extra):

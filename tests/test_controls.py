@@ -308,13 +308,6 @@ def test_wrs_needs_the_scale_invariant_mask():
         _build("wrs", params, apply_fn, x, scale_invariant=bad)
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    path = tmp_path_factory.getbasetemp() / "jax_compilation_cache"
-    helpers.enable_compilation_cache(path)
-    return str(path)
-
-
 @pytest.mark.slow
 def test_the_program_rescales_exactly_the_layers_layers_txt_calls_invariant(
     tmp_path, cache_dir, monkeypatch

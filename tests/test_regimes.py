@@ -14,17 +14,8 @@ from lpwd_optax.experiments.config import parse_config
 from lpwd_optax.experiments.protocols import regimes
 from tests import _cifar_helpers as helpers
 
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    path = tmp_path_factory.getbasetemp() / "jax_compilation_cache"
-    helpers.enable_compilation_cache(path)
-    return str(path)
-
-
-@pytest.fixture(autouse=True)
-def data_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("LPWD_OPTAX_CACHE", str(tmp_path_factory.getbasetemp() / "data_cache"))
+# Each test decodes its datasets into a cache of the session (conftest.py).
+pytestmark = pytest.mark.usefixtures("data_cache")
 
 
 def _dataset(labels, num_classes):

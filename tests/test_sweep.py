@@ -51,13 +51,6 @@ def test_table_picks_the_best_cell_per_method():
     assert "| lpwd | - |" in table
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    path = tmp_path_factory.getbasetemp() / "jax_compilation_cache"
-    helpers.enable_compilation_cache(path)
-    return str(path)
-
-
 @pytest.mark.slow
 def test_two_cell_sweep_resumes_and_tabulates_then_figures(tmp_path, cache_dir, capsys):
     out = tmp_path / "sweep"
