@@ -19,6 +19,10 @@ import fnmatch
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+# First: without flax, one ImportError that says which extra installs it.
+from lpwd_optax.models import _requirements  # noqa: F401
+
+# isort: split
 import jax
 from flax import nnx
 
