@@ -20,17 +20,18 @@ jax.config.update("jax_num_cpu_devices", 8)
 def _session_compilation_cache(tmp_path_factory):
     """A persistent compilation cache, new and empty for each test session (one per xdist
     worker): a program compiled again, by a fresh `jax.jit` of the same function or for the same
-    model in another test, is read back instead of compiled. Tests that run the training
-    programs point them at a cache of their own (tests/_cifar_helpers.py)."""
+    model in another test, is read back instead of compiled. Returns its directory."""
     from tests import _cifar_helpers as helpers
 
-    helpers.enable_compilation_cache(tmp_path_factory.getbasetemp() / "jax_compilation_cache")
+    path = tmp_path_factory.getbasetemp() / "jax_compilation_cache"
+    helpers.enable_compilation_cache(path)
+    return path
 
 
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory, _session_compilation_cache):
+def cache_dir(_session_compilation_cache):
     """The session's compilation cache, for the training programs the tests start."""
-    return str(tmp_path_factory.getbasetemp() / "jax_compilation_cache")
+    return str(_session_compilation_cache)
 
 
 @pytest.fixture
