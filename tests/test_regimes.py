@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from lpwd_optax.experiments import cifar, data, engine
+from lpwd_optax.experiments import cifar, data, engine, report
 from lpwd_optax.experiments.config import parse_config
 from lpwd_optax.experiments.protocols import regimes
 from tests import _cifar_helpers as helpers
@@ -272,6 +272,21 @@ def _settle_pilot(runs, dataset, gains_by_candidate):
     _finish(runs, regimes.pretrain_run(dataset, runs), 80.0)
     for (name, lam), diffs in gains_by_candidate.items():
         _gains(runs, name, lam, diffs)
+
+
+def test_the_pilot_table_marks_a_choice_only_once_every_pilot_run_has_finished(tmp_path):
+    runs, dataset = str(tmp_path), "folder:/data"
+    _settle_pilot(runs, dataset, {("r1", 5.0): [3.0, 2.2], ("r1", 0.5): [0.4, 0.3]})
+    _gains(runs, "r2", 0.05, [1.1, -1.2])
+    _gains(runs, "r2", 0.5, [-1.0, -1.9])
+    results = report.Results(regimes.PROTOCOL, dataset, runs, [], {})
+    rows = {(r["regime"], r["weight_decay"]): r for r in regimes.pilot_rows(results)}
+    # R1 at lambda 5 leads (+2.6), but R3 has not run: the rule has not chosen yet.
+    assert rows[("r1", 5.0)]["mean"] == pytest.approx(2.6) and rows[("r1", 5.0)]["complete"]
+    assert not any(r["chosen"] for r in rows.values()) and regimes.decision(runs) is None
+    _gains(runs, "r3", 0.05, [0.5])
+    rows = {(r["regime"], r["weight_decay"]): r for r in regimes.pilot_rows(results)}
+    assert [k for k, r in rows.items() if r["chosen"]] == [("r1", 5.0)]
 
 
 def test_the_protocol_follows_the_pilots_choice_and_reuses_its_runs(tmp_path):

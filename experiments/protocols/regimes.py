@@ -297,8 +297,11 @@ def plan(dataset: str, runs_dir: str) -> list[engine.Run]:
 
 
 def pilot_rows(results: report.Results) -> list[dict[str, Any]]:
-    """The rule's table: WD - baseline best-10 per candidate (regime, lambda), paired by seed."""
-    chosen, table = choose(results.runs_dir)
+    """The rule's table: WD - baseline best-10 per candidate (regime, lambda), paired by seed;
+    `chosen` marks the candidate the protocol runs in, once the whole pilot has settled."""
+    _, table = choose(results.runs_dir)
+    decided = decision(results.runs_dir)
+    chosen = decided[:2] if decided is not None else None
     return [
         dict(
             regime=name,
@@ -406,7 +409,8 @@ PROTOCOL = engine.Protocol(
             pilot_rows,
             ("regime", "weight_decay", "differences", "mean", "complete", "chosen"),
             f"The rule takes the candidate with the largest mean, if it is at least +{MIN_GAIN:.1f}"
-            "; only candidates whose every pilot seed has finished count.",
+            "; only candidates whose every pilot seed has finished count, and it chooses once"
+            " every pilot run has finished.",
         ),
         report.Table(
             "comparisons",
