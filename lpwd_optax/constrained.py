@@ -109,30 +109,7 @@ def constrained_parameter_regularization(
       Regularization", NeurIPS 2024 (arXiv:2311.09058).
     """
     name = "constrained_parameter_regularization"
-    if kappa_init not in KAPPA_INITS:
-        raise ValueError(f"{name}: kappa_init must be one of {KAPPA_INITS}, got {kappa_init!r}.")
-    if regularization not in REGULARIZATIONS:
-        raise ValueError(
-            f"{name}: regularization must be one of {REGULARIZATIONS}, got {regularization!r}."
-        )
-    if kappa_init == "warm_start":
-        if isinstance(kappa_init_param, bool) or not (
-            isinstance(kappa_init_param, numbers.Integral)
-            or (isinstance(kappa_init_param, float) and float(kappa_init_param).is_integer())
-        ):
-            raise ValueError(
-                f"{name}: with kappa_init='warm_start', kappa_init_param is the number of "
-                f"warm-up steps, an int >= 1; got {kappa_init_param!r}."
-            )
-        warm_start = int(kappa_init_param)
-        if warm_start < 1:
-            raise ValueError(
-                f"{name}: with kappa_init='warm_start', kappa_init_param is the number of "
-                f"warm-up steps, an int >= 1; got {warm_start}."
-            )
-    else:
-        warm_start = 0
-        _common.check_scalar_rate(kappa_init_param, f"{name} kappa_init_param")
+    warm_start = _warm_start_steps(name, kappa_init, kappa_init_param, regularization)
     _common.check_scalar_rate(mu_lr, f"{name} mu_lr")
     if learning_rate is not None:
         _common.check_rate(1.0, learning_rate, name, max_decay=None, strict=False)
@@ -188,19 +165,8 @@ def constrained_parameter_regularization(
             # Leaf by leaf (see `_ordering`): XLA keeps one leaf's `theta + u` in memory at a
             # time instead of every leaf's.
             u = _ordering.after(u, token)
-            acc = jnp.promote_types(p.dtype, jnp.float32)
-            theta = p.astype(acc) + u.astype(acc)
-            r = _statistic(theta, regularization)
-            step_size = mu_lr / theta.size if regularization == "l2" else mu_lr
-            new_mu = jnp.where(active, jnp.maximum(0.0, mu + step_size * (r - kappa)), mu)
-            a, b = _gradient_coefficients(theta, r, regularization)
-            k = jnp.where(active, c * new_mu, 0.0)
-            # theta' - k grad R(theta') - p, with grad R(theta') = a theta' + b. XLA writes
-            # theta' to memory once for the reduction (it never recomputes the optimizer's
-            # divide in two passes), and the last pass reads it with p.
-            ka = (k * a).astype(acc)
-            pulled = theta * (1 - ka) - (k * b).astype(acc) - p.astype(acc)
-            out.append(pulled.astype(u.dtype))
+            pulled, new_mu, r = _constrain_leaf(p, u, mu, kappa, c, active, mu_lr, regularization)
+            out.append(pulled)
             mus.append(new_mu)
             token = new_mu
             if kappa_init == "warm_start":
@@ -214,6 +180,44 @@ def constrained_parameter_regularization(
         return treedef.unflatten(out), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _constrain_leaf(p, u, mu, kappa, c, active, mu_lr: float, regularization: str):
+    """One leaf's step: (the constrained update, the new multiplier, R(theta + u))."""
+    acc = jnp.promote_types(p.dtype, jnp.float32)
+    theta = p.astype(acc) + u.astype(acc)
+    r = _statistic(theta, regularization)
+    step_size = mu_lr / theta.size if regularization == "l2" else mu_lr
+    new_mu = jnp.where(active, jnp.maximum(0.0, mu + step_size * (r - kappa)), mu)
+    a, b = _gradient_coefficients(theta, r, regularization)
+    k = jnp.where(active, c * new_mu, 0.0)
+    # theta' - k grad R(theta') - p, with grad R(theta') = a theta' + b. XLA writes theta' to
+    # memory once for the reduction (it never recomputes the optimizer's divide in two passes),
+    # and the last pass reads it with p.
+    pulled = theta * (1 - (k * a).astype(acc)) - (k * b).astype(acc) - p.astype(acc)
+    return pulled.astype(u.dtype), new_mu, r
+
+
+def _warm_start_steps(name: str, kappa_init: str, kappa_init_param, regularization: str) -> int:
+    """Checks the bound's arguments; the number of warm-up steps (0 unless 'warm_start')."""
+    if kappa_init not in KAPPA_INITS:
+        raise ValueError(f"{name}: kappa_init must be one of {KAPPA_INITS}, got {kappa_init!r}.")
+    if regularization not in REGULARIZATIONS:
+        raise ValueError(
+            f"{name}: regularization must be one of {REGULARIZATIONS}, got {regularization!r}."
+        )
+    if kappa_init != "warm_start":
+        _common.check_scalar_rate(kappa_init_param, f"{name} kappa_init_param")
+        return 0
+    whole = isinstance(kappa_init_param, numbers.Integral) or (
+        isinstance(kappa_init_param, float) and float(kappa_init_param).is_integer()
+    )
+    if isinstance(kappa_init_param, bool) or not whole or kappa_init_param < 1:
+        raise ValueError(
+            f"{name}: with kappa_init='warm_start', kappa_init_param is the number of "
+            f"warm-up steps, an int >= 1; got {kappa_init_param!r}."
+        )
+    return int(kappa_init_param)
 
 
 def cpr(
