@@ -339,7 +339,7 @@ def train_and_evaluate(config: Config) -> dict[str, Any]:
             print(done["summary_line"], flush=True)
         return done
     setup = build(config)
-    method, parallel, out = setup.method, setup.parallel, config.output_dir
+    parallel, out = setup.parallel, config.output_dir
     steps_per_epoch, total_steps = setup.steps_per_epoch, setup.steps_per_epoch * config.epochs
 
     with train_lib.OutputLock(out, enabled=is_main):
@@ -376,16 +376,7 @@ def train_and_evaluate(config: Config) -> dict[str, Any]:
                 previous = metrics
 
                 if (step + 1) % config.log_every_steps == 0:
-                    host = parallel.to_host(running)
-                    writer.write_scalars(
-                        step + 1,
-                        {
-                            "train/loss": host["loss"],
-                            "train/top1": 100.0 * host["accuracy"],
-                            "train/rop": host["rop"],
-                            "train/epoch": epoch + 1,
-                        },
-                    )
+                    _write_step(writer, step + 1, parallel.to_host(running), epoch)
                 if config.stop_after_steps and step + 1 - start_step >= config.stop_after_steps:
                     raise Preempted(
                         f"stopped after {step + 1 - start_step} steps (--stop_after_steps)"
@@ -400,48 +391,22 @@ def train_and_evaluate(config: Config) -> dict[str, Any]:
                 batches, previous = None, None
                 if (epoch + 1) % config.eval_every and epoch + 1 < config.epochs:
                     continue
-                epochs = epoch + 1 - (history[-1]["epoch"] if history else 0)
-                period_steps = epochs * steps_per_epoch
                 evaluated = parallel.eval_params(state)
-                test = _evaluate(config, setup, evaluated, progress)
-                host_sums = parallel.to_host(sums)
+                record = _evaluation_record(
+                    config, setup, evaluated, sums, history, epoch, period_start, progress
+                )
                 sums = None
-                record = dict(
-                    epoch=epoch + 1,
-                    train_loss=float(host_sums["loss"]) / period_steps,
-                    train_top1=100.0 * float(host_sums["accuracy"]) / period_steps,
-                    test_top1=test["top1"],
-                    test_loss=test["loss"],
-                    rop=float(host_sums["rop"]) / period_steps if method.has_rop else None,
-                    epoch_time_s=(time.time() - period_start) / epochs,
-                )
                 history.append(record)
-                layers = parallel.to_host(metrics["layers"])  # lo.layer_statistics, last step
-                writer.write_scalars(
+                _write_evaluation(
+                    writer,
                     step + 1,
-                    {
-                        **record,
-                        **{
-                            f"layers/{path}/{stat}": float(v)
-                            for path, stats in layers.items()
-                            for stat, v in stats.items()
-                        },
-                        **_effective_lrs(layers, invariant, config.learning_rate),
-                        **(jacobian(parallel.to_host(evaluated)) if jacobian else {}),
-                    },
+                    record,
+                    parallel.to_host(metrics["layers"]),
+                    invariant,
+                    config.learning_rate,
+                    jacobian(parallel.to_host(evaluated)) if jacobian else {},
                 )
-                writer.flush()
-                saved = parallel.checkpointable(state)
-                meta = dict(
-                    epoch=epoch + 1,
-                    step=step + 1,
-                    history=history,
-                    fingerprint=train_lib.fingerprint(saved.params),
-                )
-                exported = None
-                if method.predecayed:
-                    exported = train_lib.nested_dict(parallel.checkpointable(evaluated))
-                ckpt.save(step + 1, train_lib.nested_dict(saved), meta, exported)
+                _save(ckpt, parallel, state, evaluated, history, step + 1, setup.method)
         finally:
             _close(batches)
             progress.close()
@@ -451,14 +416,85 @@ def train_and_evaluate(config: Config) -> dict[str, Any]:
         final = parallel.to_host(parallel.eval_params(state))  # every process: a collective
         summary = _summary(config, setup, final, history, total_steps, start_time)
         if is_main:
-            np.savez(
-                os.path.join(out, "final_params.npz"),
-                **{k: np.asarray(v) for k, v in train_lib.flat_dict(final).items()},
-            )
-            with open(os.path.join(out, "summary.json"), "w") as f:
-                json.dump(summary, f, indent=2)
-            print(summary["summary_line"], flush=True)
+            _write_final(out, final, summary)
     return summary
+
+
+def _write_step(writer, step: int, host: dict[str, Any], epoch: int) -> None:
+    """The training scalars of one step (every --log_every_steps)."""
+    writer.write_scalars(
+        step,
+        {
+            "train/loss": host["loss"],
+            "train/top1": 100.0 * host["accuracy"],
+            "train/rop": host["rop"],
+            "train/epoch": epoch + 1,
+        },
+    )
+
+
+def _evaluation_record(
+    config, setup, evaluated, sums, history, epoch: int, period_start: float, progress
+) -> dict[str, Any]:
+    """The history record of an evaluation after `epoch`: the test metrics of `evaluated`, and
+    the training means over the steps since the previous record (`sums`)."""
+    epochs = epoch + 1 - (history[-1]["epoch"] if history else 0)
+    period_steps = epochs * setup.steps_per_epoch
+    test = _evaluate(config, setup, evaluated, progress)
+    host_sums = setup.parallel.to_host(sums)
+    return dict(
+        epoch=epoch + 1,
+        train_loss=float(host_sums["loss"]) / period_steps,
+        train_top1=100.0 * float(host_sums["accuracy"]) / period_steps,
+        test_top1=test["top1"],
+        test_loss=test["loss"],
+        rop=float(host_sums["rop"]) / period_steps if setup.method.has_rop else None,
+        epoch_time_s=(time.time() - period_start) / epochs,
+    )
+
+
+def _write_evaluation(
+    writer, step: int, record, layers, invariant: set[str], eta: float, jacobian
+) -> None:
+    """Writes an evaluation's record with the last step's per-layer statistics
+    (`lo.layer_statistics`), the effective learning rates and the Jacobian estimate, if any."""
+    per_layer = {
+        f"layers/{path}/{stat}": float(v)
+        for path, stats in layers.items()
+        for stat, v in stats.items()
+    }
+    writer.write_scalars(
+        step, {**record, **per_layer, **_effective_lrs(layers, invariant, eta), **jacobian}
+    )
+    writer.flush()
+
+
+def _save(ckpt, parallel, state, evaluated, history, step: int, method) -> None:
+    """Checkpoints the state after `step` with its history; a pre-decayed method also exports
+    the evaluated (pre-decayed) weights beside it."""
+    saved = parallel.checkpointable(state)
+    meta = dict(
+        epoch=history[-1]["epoch"],
+        step=step,
+        history=history,
+        fingerprint=train_lib.fingerprint(saved.params),
+    )
+    exported = None
+    if method.predecayed:
+        exported = train_lib.nested_dict(parallel.checkpointable(evaluated))
+    ckpt.save(step, train_lib.nested_dict(saved), meta, exported)
+
+
+def _write_final(out: str, final, summary: dict[str, Any]) -> None:
+    """The finished run's files: the evaluated weights and summary.json (the mark of a finished
+    run), then the summary line."""
+    np.savez(
+        os.path.join(out, "final_params.npz"),
+        **{k: np.asarray(v) for k, v in train_lib.flat_dict(final).items()},
+    )
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(summary["summary_line"], flush=True)
 
 
 def _initial_state(config: Config, setup: Setup, ckpt: train_lib.Checkpointer):
