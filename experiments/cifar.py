@@ -346,7 +346,8 @@ def train_and_evaluate(config: Config) -> dict[str, Any]:
         ckpt = train_lib.Checkpointer(
             os.path.join(out, "checkpoints"), max_to_keep=config.keep_checkpoints
         )
-        start_step, host_state, history = _initial_state(config, setup, ckpt)
+        start_step, host_state, history, earlier_s = _initial_state(config, setup, ckpt)
+        start_time -= earlier_s  # the wall time of the segments before a resume counts too
         state = parallel.put_state(host_state)
         progress = writers.Progress(
             total_steps,
@@ -406,7 +407,7 @@ def train_and_evaluate(config: Config) -> dict[str, Any]:
                     config.learning_rate,
                     jacobian(parallel.to_host(evaluated)) if jacobian else {},
                 )
-                _save(ckpt, parallel, state, evaluated, history, step + 1, setup.method)
+                _save(ckpt, parallel, state, evaluated, history, step + 1, setup.method, start_time)
         finally:
             _close(batches)
             progress.close()
@@ -469,15 +470,16 @@ def _write_evaluation(
     writer.flush()
 
 
-def _save(ckpt, parallel, state, evaluated, history, step: int, method) -> None:
-    """Checkpoints the state after `step` with its history; a pre-decayed method also exports
-    the evaluated (pre-decayed) weights beside it."""
+def _save(ckpt, parallel, state, evaluated, history, step: int, method, start_time) -> None:
+    """Checkpoints the state after `step` with its history and the wall time so far; a
+    pre-decayed method also exports the evaluated (pre-decayed) weights beside it."""
     saved = parallel.checkpointable(state)
     meta = dict(
         epoch=history[-1]["epoch"],
         step=step,
         history=history,
         fingerprint=train_lib.fingerprint(saved.params),
+        wall_time_s=time.time() - start_time,
     )
     exported = None
     if method.predecayed:
@@ -498,7 +500,8 @@ def _write_final(out: str, final, summary: dict[str, Any]) -> None:
 
 
 def _initial_state(config: Config, setup: Setup, ckpt: train_lib.Checkpointer):
-    """(step, host state, metric history): restored with --resume, else fresh."""
+    """(step, host state, metric history, wall time so far in seconds): restored with
+    --resume, else fresh."""
     host_state = train_lib.create_train_state(setup.model.params, setup.method)
     restored = _restore(ckpt, setup.parallel, host_state) if config.resume else None
     if restored is None and ckpt.all_steps():
@@ -506,7 +509,7 @@ def _initial_state(config: Config, setup: Setup, ckpt: train_lib.Checkpointer):
             f"{config.output_dir} already holds checkpoints {ckpt.all_steps()}: pass --resume "
             "to continue, or choose another --output_dir"
         )
-    return restored or (0, host_state, [])
+    return restored or (0, host_state, [], 0.0)
 
 
 def _writer(config: Config, start_step: int, progress: writers.Progress) -> writers.MultiWriter:
@@ -674,8 +677,9 @@ def _summary(config, setup, final, history, total_steps, start_time) -> dict[str
 
 def _restore(
     ckpt: train_lib.Checkpointer, parallel: train_lib.Parallel, host_state: Any
-) -> tuple[int, Any, list[dict[str, Any]]] | None:
-    """(step, state, metric history) from the newest good checkpoint, or None."""
+) -> tuple[int, Any, list[dict[str, Any]], float] | None:
+    """(step, state, metric history, wall time so far) from the newest good checkpoint, or
+    None. A checkpoint written before the wall time was saved counts as 0 s."""
 
     def verify(state_dict, meta):
         got, want = train_lib.fingerprint(state_dict["params"]), meta.get("fingerprint")
@@ -689,7 +693,8 @@ def _restore(
         print(f"no checkpoint in {ckpt.directory}: starting from scratch", flush=True)
         return None
     step, state_dict, meta = restored
-    return step, train_lib.from_nested_dict(host_state, state_dict), meta["history"]
+    state = train_lib.from_nested_dict(host_state, state_dict)
+    return step, state, meta["history"], float(meta.get("wall_time_s", 0.0))
 
 
 def _count(params: Any) -> int:

@@ -9,6 +9,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -79,7 +80,16 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(tmp_path, cache_dir, f
     assert cifar.main(flags(out, cache_dir, "--stop_after_steps=6")) == 3
     assert os.listdir(out / "checkpoints") == ["4"]
     assert not os.path.exists(out / "summary.json")
+    # The checkpoint holds the wall time so far; mark it so the resumed summary must add it.
+    meta_file = out / "checkpoints" / "4" / "meta" / "metadata"  # orbax's JsonSave
+    with open(meta_file) as f:
+        meta = json.load(f)
+    assert meta["wall_time_s"] > 0
+    with open(meta_file, "w") as f:
+        json.dump({**meta, "wall_time_s": 1e6}, f)
+    started = time.time()
     assert cifar.main(flags(out, cache_dir, "--resume")) == 0
+    second_segment_s = time.time() - started
     assert "resumed at step 4" in capsys.readouterr().out
     assert helpers.max_abs_diff(helpers.read_params(out), helpers.read_params(full_run)) == 0.0
     with open(out / "summary.json") as f, open(full_run / "summary.json") as g:
@@ -87,6 +97,7 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(tmp_path, cache_dir, f
     assert [r["test_top1"] for r in resumed["history"]] == [
         r["test_top1"] for r in reference["history"]
     ]
+    assert 1e6 < resumed["wall_time_s"] < 1e6 + second_segment_s  # both segments count
     records = writers.read_jsonl(str(out / "metrics.jsonl"))
     assert [r["epoch"] for r in records if "epoch" in r] == [1, 2, 3]
     assert [r["step"] for r in records if "train/loss" in r] == list(range(2, 13, 2))
