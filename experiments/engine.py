@@ -20,9 +20,11 @@ that it would otherwise train again, from that study's runs.jsonl.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -41,6 +43,9 @@ SUMMARY_FIELDS = (
     "wall_time_s",
 )
 HISTORY_FIELDS = ("epoch", "train_loss", "test_top1", "rop")
+# The runs directory's record of where each run trained (columns run, cpu, ...), kept by whoever
+# runs the study; --restore_from brings it back from beside the runs.jsonl it reads.
+MACHINES = "machines.csv"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -407,7 +412,8 @@ def _facts_key(facts: Mapping[str, Any], names: Sequence[str]) -> tuple:
 
 def restore(protocol: Protocol, runs_dir: str, restore_from: str) -> int:
     """Writes each trained run recorded in a report's runs.jsonl whose directory has no
-    summary.json back as its summary.json (marked `restored_from`); returns how many.
+    summary.json back as its summary.json (marked `restored_from`), and a machines.csv beside
+    the file into a runs directory that has none; returns how many runs it restored.
 
     Reused records are left to `write_reused`. A record that matches no planned run, two records of
     one run, or one with other steps than its run's is an error: the file is not this
@@ -445,7 +451,21 @@ def restore(protocol: Protocol, runs_dir: str, restore_from: str) -> int:
             result = {k: v for k, v in record.items() if k not in ("part", "reused")}
             _write_summary(runs_dir, run, {**result, "restored_from": os.path.abspath(path)})
             restored += 1
+    beside = os.path.join(os.path.dirname(path), MACHINES)
+    if os.path.exists(beside) and not os.path.exists(os.path.join(runs_dir, MACHINES)):
+        os.makedirs(runs_dir, exist_ok=True)
+        shutil.copyfile(beside, os.path.join(runs_dir, MACHINES))
     return restored
+
+
+def machines(runs_dir: str) -> dict[str, str]:
+    """{run directory: the CPU it trained on}, from the runs directory's machines.csv (empty
+    without one)."""
+    path = os.path.join(runs_dir, MACHINES)
+    if not os.path.exists(path):
+        return {}
+    with open(path, newline="") as f:
+        return {row["run"]: row["cpu"] for row in csv.DictReader(f)}
 
 
 def _fact_names(protocol: Protocol, runs_dir: str) -> tuple[str, ...]:

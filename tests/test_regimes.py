@@ -327,6 +327,54 @@ def test_r1_adds_decay_to_init_and_no_winner_runs_the_best_with_a_caveat(tmp_pat
     assert all(f"--init_from={runs}/{regimes.PRETRAIN}" in r.flags for r in main)
 
 
+def _machines_csv(directory, cpu_of_run):
+    with open(os.path.join(directory, engine.MACHINES), "w") as f:
+        f.write("run,cpu\n" + "".join(f"{run},{cpu}\n" for run, cpu in cpu_of_run.items()))
+
+
+def test_same_machine_leaves_out_the_seeds_whose_runs_trained_on_different_cpus(tmp_path):
+    runs, dataset = str(tmp_path), "folder:/data"
+    _settle_pilot(runs, dataset, {("r1", 5.0): [2.0, 2.0], ("r1", 0.5): [0.4, 0.3]})
+    _gains(runs, "r2", 0.05, [0.1, -1.2])
+    _gains(runs, "r2", 0.5, [-1.0, -1.9])
+    _gains(runs, "r3", 0.05, [0.5])
+    assert regimes.decision(runs) == ("r1", 5.0, False)
+    # WD at 60 + seed; LPWD one point above it where both ran on "b", five below where not.
+    lpwd_minus_wd = {0: -5.0, 1: -5.0, 2: 1.0, 3: 1.2, 4: 0.8, 5: 1.0}
+    cells, cpu = {}, {}
+    for r in regimes.plan(dataset, runs):
+        method, seed = r.facts.get("method"), r.facts.get("seed")
+        if method not in ("wd", "lpwd") or r.facts["weight_decay"] != 5.0:
+            continue
+        value = 60.0 + seed + (lpwd_minus_wd[seed] if method == "lpwd" else 0.0)
+        record = dict(best10_mean=value, final_top1=value, final_train_loss=0.1)
+        cells.setdefault(regimes.cell(regimes.REGIMES["r1"], method, 5.0), {})[seed] = record
+        cpu[r.name] = "a" if method == "wd" and seed < 2 else "b"  # the pilot's WD runs on "a"
+    results = report.Results(regimes.PROTOCOL, dataset, runs, [], cells)
+    assert regimes.same_machine(results) == []  # no machines.csv: no check to make
+    planned = report.compare(lambda res: regimes.comparisons(res.runs_dir), True)(results)
+    assert {r["comparison"]: r["n"] for r in planned}["LPWD - WD"] == 6
+    _machines_csv(runs, cpu)
+    [row] = regimes.same_machine(results)
+    assert row["comparison"] == "LPWD - WD" and row["n"] == 4
+    assert row["best10_mean"] == pytest.approx(1.0) and row["outcome"] == "holds"
+    del cpu["main/r1-lpwd-lr0.0001-wd5-s5"]  # a run of unknown machine drops its seed
+    _machines_csv(runs, cpu)
+    assert regimes.same_machine(results)[0]["n"] == 3
+
+
+def test_restore_brings_back_the_machines_beside_the_record(tmp_path):
+    committed, runs = tmp_path / "committed", tmp_path / "runs"
+    committed.mkdir()
+    (committed / "runs.jsonl").write_text("")
+    _machines_csv(committed, {"pilot/r1-pretrain": "a"})
+    assert engine.restore(regimes.PROTOCOL, str(runs), str(committed / "runs.jsonl")) == 0
+    assert engine.machines(str(runs)) == {"pilot/r1-pretrain": "a"}
+    _machines_csv(committed, {"pilot/r1-pretrain": "b"})  # the runs directory's own is kept
+    engine.restore(regimes.PROTOCOL, str(runs), str(committed / "runs.jsonl"))
+    assert engine.machines(str(runs)) == {"pilot/r1-pretrain": "a"}
+
+
 # ---------------------------------------------------------------------------------------------
 # The methods fine-tuning adds: decay_to_init and --layer_decay
 

@@ -348,6 +348,27 @@ def comparisons(runs_dir: str) -> list[report.Comparison]:
     return out
 
 
+def same_machine(results: report.Results) -> list[dict[str, Any]]:
+    """The named comparisons again, over the seeds whose runs all trained on one CPU model:
+    each cell's records are keyed by (seed, cpu), so a pair shares both or drops out. A run
+    repeats bit for bit only on the same CPU model, and an R1 fine-tune starts from the
+    pretraining trained on its own machine."""
+    cpu = engine.machines(results.runs_dir)
+    if not cpu:
+        return []
+    run_names = {
+        (tuple(run.facts.get(k) for k in PROTOCOL.cell), run.facts.get("seed")): run.name
+        for run in plan("", results.runs_dir)
+        if run.trains
+    }
+    cells = {}
+    for key, seeds in results.cells.items():
+        names = {seed: run_names.get((key, seed)) for seed in seeds}
+        cells[key] = {(s, cpu[names[s]]): r for s, r in seeds.items() if names[s] in cpu}
+    rows = report.compare(lambda res: comparisons(res.runs_dir), True, final="seeds")
+    return rows(dataclasses.replace(results, cells=cells))
+
+
 def notes(runs_dir: str) -> list[str]:
     decided = decision(runs_dir)
     if decided is None:
@@ -417,6 +438,16 @@ PROTOCOL = engine.Protocol(
             "Named comparisons (Holm-adjusted together; a reading is final once its seeds are in)",
             report.compare(lambda results: comparisons(results.runs_dir), True, final="seeds"),
             RULE_COLUMNS,
+        ),
+        report.Table(
+            "same_machine",
+            "The named comparisons over the seeds whose runs share a CPU model",
+            same_machine,
+            ("comparison", "claim", "best10_mean", "p", "p_holm", "outcome", "n"),
+            "A sensitivity check: a run repeats bit for bit only on the same CPU model, so a seed"
+            " is left out of a comparison when its runs trained on different ones (machines.csv"
+            " in the runs directory; an R1 fine-tune starts from the pretraining of its own"
+            " machine). Holm-adjusted together; read once every run has finished.",
         ),
     ),
     figures=figures,
