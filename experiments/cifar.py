@@ -55,6 +55,7 @@ import json
 import logging
 import math
 import os
+import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -667,12 +668,30 @@ def _summary(config, setup, final, history, total_steps, start_time) -> dict[str
         method_description=setup.method.description.splitlines()[0],
         num_params=_count(setup.model.params),
         devices=len(setup.devices),
+        machine=machine(setup.devices),
         processes=jax.process_count(),
         wall_time_s=time.time() - start_time,
         config=to_dict(config),
         method_details=setup.method.details,
         history=history,
     )
+
+
+def machine(devices: Sequence[jax.Device]) -> str:
+    """Where a run trained, e.g. "Intel(R) Xeon(R) Processor, 2 cores" or "NVIDIA H100 80GB
+    HBM3 (gpu)": a run repeats bit for bit only on the same kind of chip, whose XLA code differs
+    from another's."""
+    first = devices[0]
+    if first.platform != "cpu":
+        return f"{first.device_kind} ({first.platform})"
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        model = names[0] if names else model
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
 
 
 def _restore(

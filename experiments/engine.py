@@ -43,8 +43,9 @@ SUMMARY_FIELDS = (
     "wall_time_s",
 )
 HISTORY_FIELDS = ("epoch", "train_loss", "test_top1", "rop")
-# The runs directory's record of where each run trained (columns run, cpu, ...), kept by whoever
-# runs the study; --restore_from brings it back from beside the runs.jsonl it reads.
+# Where each run trained (columns run, cpu, ...), for runs whose summary predates its `machine`,
+# kept in the runs directory by whoever ran them; --restore_from brings it back from beside the
+# runs.jsonl it reads.
 MACHINES = "machines.csv"
 
 
@@ -343,6 +344,8 @@ def records(protocol: Protocol, runs_dir: str) -> list[dict[str, Any]]:
         if protocol.reuse is not None:
             record["reused"] = bool(done.get("reused_from"))
         record.update({k: done.get(k) for k in SUMMARY_FIELDS})
+        if "machine" in done:  # summaries written before the field have none
+            record["machine"] = done["machine"]
         record["history"] = [{k: h.get(k) for k in HISTORY_FIELDS} for h in done["history"]]
         out.append(record)
     return out
@@ -460,7 +463,7 @@ def restore(protocol: Protocol, runs_dir: str, restore_from: str) -> int:
 
 def machines(runs_dir: str) -> dict[str, str]:
     """{run directory: the CPU it trained on}, from the runs directory's machines.csv (empty
-    without one)."""
+    without one): for runs whose summary has no `machine`."""
     path = os.path.join(runs_dir, MACHINES)
     if not os.path.exists(path):
         return {}

@@ -48,6 +48,8 @@ def test_digits_run_writes_everything_and_learns(full_run, capsys):
     assert history[-1]["train_loss"] < history[0]["train_loss"]  # the loss falls
     assert all(0.0 <= r["rop"] <= 1.0 for r in history)  # defined for LPWD
     assert summary["steps"] == EPOCHS * STEPS_PER_EPOCH and summary["devices"] == 8
+    model, cores = summary["machine"].rsplit(", ", 1)  # the CPU it trained on
+    assert model and cores == f"{os.cpu_count()} cores"
     lines = writers.read_jsonl(str(full_run / "metrics.jsonl"))
     records = [r for r in lines if "epoch" in r]
     assert [r["epoch"] for r in records] == [1, 2, 3]

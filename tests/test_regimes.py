@@ -361,6 +361,23 @@ def test_same_machine_leaves_out_the_seeds_whose_runs_trained_on_different_cpus(
     del cpu["main/r1-lpwd-lr0.0001-wd5-s5"]  # a run of unknown machine drops its seed
     _machines_csv(runs, cpu)
     assert regimes.same_machine(results)[0]["n"] == 3
+    lpwd = cells[regimes.cell(regimes.REGIMES["r1"], "lpwd", 5.0)]
+    lpwd[5]["machine"] = "b"  # a record's own machine needs no row
+    assert regimes.same_machine(results)[0]["n"] == 4
+    lpwd[4]["machine"] = "c"  # and comes before the row
+    assert regimes.same_machine(results)[0]["n"] == 3
+
+
+def test_a_record_has_the_machine_of_its_summary_when_the_summary_has_one(tmp_path):
+    runs = str(tmp_path)
+    pretrain = regimes.pretrain_run("folder:/data", runs)
+    summary = dict(best10_mean=80.0, best_top1=81.0, epochs=20, steps=3900, history=[])
+    os.makedirs(os.path.join(runs, pretrain.name))
+    for machine in (None, "Intel(R) Xeon(R) Processor, 2 cores"):
+        with open(os.path.join(runs, pretrain.name, "summary.json"), "w") as f:
+            json.dump(summary if machine is None else {**summary, "machine": machine}, f)
+        [record] = engine.records(regimes.PROTOCOL, runs)
+        assert record.get("machine", None) == machine and record["best10_mean"] == 80.0
 
 
 def test_restore_brings_back_the_machines_beside_the_record(tmp_path):

@@ -350,21 +350,24 @@ def comparisons(runs_dir: str) -> list[report.Comparison]:
 
 def same_machine(results: report.Results) -> list[dict[str, Any]]:
     """The named comparisons again, over the seeds whose runs all trained on one CPU model:
-    each cell's records are keyed by (seed, cpu), so a pair shares both or drops out. A run
+    each cell's records are keyed by (seed, machine), so a pair shares both or drops out. A run
     repeats bit for bit only on the same CPU model, and an R1 fine-tune starts from the
-    pretraining trained on its own machine."""
-    cpu = engine.machines(results.runs_dir)
-    if not cpu:
-        return []
+    pretraining trained on its own machine. A record's `machine`, or for a run whose summary
+    predates it the runs directory's machines.csv; a run of unknown machine is left out."""
+    listed = engine.machines(results.runs_dir)
     run_names = {
         (tuple(run.facts.get(k) for k in PROTOCOL.cell), run.facts.get("seed")): run.name
         for run in plan("", results.runs_dir)
         if run.trains
     }
-    cells = {}
+    cells: dict[Any, dict[Any, dict[str, Any]]] = {}
     for key, seeds in results.cells.items():
-        names = {seed: run_names.get((key, seed)) for seed in seeds}
-        cells[key] = {(s, cpu[names[s]]): r for s, r in seeds.items() if names[s] in cpu}
+        for seed, record in seeds.items():
+            where = record.get("machine") or listed.get(run_names.get((key, seed)))
+            if where:
+                cells.setdefault(key, {})[(seed, where)] = record
+    if not cells:
+        return []
     rows = report.compare(lambda res: comparisons(res.runs_dir), True, final="seeds")
     return rows(dataclasses.replace(results, cells=cells))
 
