@@ -409,6 +409,10 @@ def figures(runs_dir: str) -> list[Any]:
             "lambda",
             tuple((m, tuple((x, cell(regime, m, x)) for x in lambdas)) for m in ("wd", "lpwd")),
             ("baseline (no decay)", cell(regime, "baseline", 0.0)),
+            (
+                "LPWD - WD",
+                tuple((x, cell(regime, "lpwd", x), cell(regime, "wd", x)) for x in lambdas),
+            ),
         ),
     ]
 
